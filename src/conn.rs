@@ -1,0 +1,350 @@
+//! One WebSocket connection, after the upgrade: reads client frames, answers client events, and
+//! writes whatever its [`Outbound`] queue holds.
+//!
+//! Invariants: the connection lives and dies on the core that accepted it, as one task. Its
+//! reader and writer are two futures of that task sharing the socket through a `RefCell`
+//! borrowed only inside a single poll, never across an await. Reads land in the core's scratch
+//! buffer; only bytes of an incomplete frame are kept per connection, so an idle connection
+//! holds no buffers. Queued frames are coalesced into one `send` per batch.
+
+use std::cell::RefCell;
+use std::future::poll_fn;
+use std::io;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::rc::Rc;
+use std::time::{Duration, Instant};
+
+use bytes::{Buf, BytesMut};
+use futures_lite::{AsyncRead, AsyncWrite};
+use glommio::net::TcpStream;
+use tracing::{debug, info};
+
+use crate::auth::Identity;
+use crate::limit::TokenBucket;
+use crate::outbound::{Next, Outbound};
+use crate::protocol::{parse_client_event, server_event, ClientEvent, CloseCode, ErrorCode};
+use crate::shard::{room_key, Latch, RoomKey, Shard, Verdict};
+use crate::ws;
+
+/// Most bytes coalesced into one write.
+const WRITE_BATCH_BYTES: usize = 64 * 1024;
+/// How long the server waits for the peer's close frame after sending its own.
+const CLOSE_WAIT: Duration = Duration::from_secs(1);
+/// A connection still dropping events this long after its first drop is closed with 4008.
+const RATE_LIMIT_GRACE: Duration = Duration::from_secs(5);
+/// Drops further apart than this start a new episode.
+const RATE_EPISODE_GAP: Duration = Duration::from_secs(1);
+
+/// How a connection ended, for the disconnect log line.
+enum End {
+    /// The close handshake ran; `code` is what the server sent.
+    Closed { code: CloseCode },
+    /// The peer went away without a close handshake.
+    Dropped(&'static str),
+    Io(io::Error),
+}
+
+struct Conn {
+    shard: Rc<Shard>,
+    out: Rc<Outbound>,
+    identity: Identity,
+    subscriptions: Vec<RoomKey>,
+    bucket: TokenBucket,
+    /// First and last dropped event of the current over-limit episode.
+    drops: Option<(Instant, Instant)>,
+    last_rate_error: Option<Instant>,
+    /// A fragmented message being assembled: its opcode and bytes so far.
+    fragments: Option<(u8, BytesMut)>,
+    /// The code in the peer's close frame, once it sent one.
+    peer_close: Option<Option<u16>>,
+}
+
+/// Serves one upgraded connection until it closes. `pending` holds bytes that arrived after
+/// the request head.
+pub async fn serve(shard: Rc<Shard>, stream: TcpStream, pending: BytesMut, identity: Identity, peer: SocketAddr) {
+    let started = Instant::now();
+    let config = shard.config.clone();
+    let out = Rc::new(Outbound::new(shard.next_id(), config.limits.outbound_queue_bytes, started));
+    let conn_id = format!("{:x}", out.id);
+    shard.register(out.clone());
+    shard.stats().connects_total.inc();
+    info!(conn = %conn_id, tenant = %identity.tenant, user = %identity.user, %peer, core = shard.id, "connect");
+    let ready = server_event::session_ready(&conn_id, &identity.user, &identity.tenant, config.heartbeat.interval_ms);
+    out.push(ws::text(ready.as_bytes()));
+
+    let stream = RefCell::new(stream);
+    let peer_closed = Latch::default();
+    let mut conn = Conn {
+        shard: shard.clone(),
+        out: out.clone(),
+        identity,
+        subscriptions: Vec::new(),
+        bucket: TokenBucket::full(config.limits.msg_burst, started),
+        drops: None,
+        last_rate_error: None,
+        fragments: None,
+        peer_close: None,
+    };
+    let stall = Duration::from_millis(config.heartbeat.timeout_ms);
+    let end = futures_lite::future::or(
+        conn.read_loop(&stream, pending, &peer_closed),
+        write_loop(&shard, &out, &stream, &peer_closed, stall),
+    )
+    .await;
+
+    for room in std::mem::take(&mut conn.subscriptions) {
+        shard.unsubscribe(&room, out.id).await;
+    }
+    shard.unregister(out.id);
+    let duration_ms = started.elapsed().as_millis() as u64;
+    let (tenant, user) = (&conn.identity.tenant, &conn.identity.user);
+    let peer_code = conn.peer_close.flatten();
+    match end {
+        End::Closed { code } => info!(
+            conn = %conn_id, %tenant, %user, code = code.code(), reason = code.reason(), peer_code, duration_ms, "disconnect"
+        ),
+        End::Dropped(reason) => info!(conn = %conn_id, %tenant, %user, code = 1006, reason, duration_ms, "disconnect"),
+        End::Io(e) => info!(conn = %conn_id, %tenant, %user, code = 1006, reason = %e, duration_ms, "disconnect"),
+    }
+}
+
+impl Conn {
+    async fn read_loop(&mut self, stream: &RefCell<TcpStream>, mut rbuf: BytesMut, peer_closed: &Latch) -> End {
+        let max = self.shard.config.limits.max_message_bytes;
+        // After a protocol error the byte stream cannot be framed any more: discard it.
+        let mut garbled = false;
+        loop {
+            while !garbled && self.peer_close.is_none() {
+                let head = match ws::parse_frame(&rbuf, max) {
+                    Ok(Some(h)) if rbuf.len() >= h.header_len + h.payload_len => h,
+                    Ok(_) => break,
+                    Err(e) => {
+                        debug!(conn = %format_args!("{:x}", self.out.id), error = %e, "bad frame");
+                        self.out.close(e.close_code());
+                        garbled = true;
+                        break;
+                    }
+                };
+                let mut payload = rbuf.split_to(head.header_len + head.payload_len);
+                payload.advance(head.header_len);
+                ws::unmask(&mut payload, head.mask);
+                if let Err(code) = self.on_frame(head, payload, peer_closed).await {
+                    self.out.close(code);
+                    garbled = true;
+                }
+            }
+            if garbled || self.peer_close.is_some() || rbuf.is_empty() {
+                // Nothing worth keeping: an idle connection holds no read buffer.
+                rbuf = BytesMut::new();
+            }
+            match read_some(&self.shard, stream, &mut rbuf).await {
+                Ok(0) => return End::Dropped("peer closed the TCP connection"),
+                Ok(_) => self.out.last_seen.set(Instant::now()),
+                Err(e) => return End::Io(e),
+            }
+        }
+    }
+
+    /// Handles one complete frame; `Err` is a protocol violation to close with.
+    async fn on_frame(&mut self, head: ws::FrameHead, payload: BytesMut, peer_closed: &Latch) -> Result<(), CloseCode> {
+        match head.opcode {
+            ws::OP_PING => {
+                self.out.push(ws::frame(ws::OP_PONG, &payload));
+            }
+            ws::OP_PONG => {}
+            ws::OP_CLOSE => {
+                self.peer_close = Some(ws::close_code_of(&payload));
+                peer_closed.set(Verdict::Granted);
+                self.out.close(CloseCode::Normal);
+            }
+            opcode => {
+                let (opcode, message) = match (opcode, self.fragments.take(), head.fin) {
+                    (ws::OP_CONTINUATION, None, _) => return Err(CloseCode::ProtocolError),
+                    (ws::OP_CONTINUATION, Some((first, mut sofar)), fin) => {
+                        if sofar.len() + payload.len() > self.shard.config.limits.max_message_bytes {
+                            return Err(CloseCode::TooBig);
+                        }
+                        sofar.extend_from_slice(&payload);
+                        if !fin {
+                            self.fragments = Some((first, sofar));
+                            return Ok(());
+                        }
+                        (first, sofar)
+                    }
+                    (_, Some(_), _) => return Err(CloseCode::ProtocolError),
+                    (opcode, None, false) => {
+                        self.fragments = Some((opcode, payload));
+                        return Ok(());
+                    }
+                    (opcode, None, true) => (opcode, payload),
+                };
+                if self.out.close_code().is_none() {
+                    self.on_message(opcode, message).await?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// One complete data message from the client.
+    async fn on_message(&mut self, opcode: u8, mut message: BytesMut) -> Result<(), CloseCode> {
+        if !self.within_rate() {
+            return Ok(());
+        }
+        if opcode == ws::OP_BINARY {
+            self.error(ErrorCode::InvalidMessage, "binary frames are not accepted; send JSON text", None);
+            return Ok(());
+        }
+        if std::str::from_utf8(&message).is_err() {
+            return Err(CloseCode::InvalidPayload);
+        }
+        let request = match parse_client_event(&mut message) {
+            Ok(r) => r,
+            Err(invalid) => {
+                self.error(ErrorCode::InvalidMessage, &invalid.message, invalid.id);
+                return Ok(());
+            }
+        };
+        let id = request.id;
+        match request.event {
+            ClientEvent::Ping => {
+                self.out.push(ws::text(server_event::pong(id).as_bytes()));
+            }
+            ClientEvent::Subscribe { conversation_id } => {
+                let room = room_key(&self.identity.tenant, conversation_id);
+                if !self.subscriptions.contains(&room) {
+                    let max = self.shard.config.limits.max_subscriptions;
+                    if self.subscriptions.len() >= max {
+                        let message = format!("at most {max} subscriptions per connection");
+                        self.error(ErrorCode::TooManySubscriptions, &message, id);
+                        return Ok(());
+                    }
+                    // Recorded before the await so that a connection torn down meanwhile still
+                    // leaves the room on clean-up.
+                    self.subscriptions.push(room.clone());
+                    self.shard.subscribe(&room, &self.out).await;
+                    info!(conn = %format_args!("{:x}", self.out.id), room = %room, "subscribe");
+                }
+                self.ack(id);
+            }
+            ClientEvent::Unsubscribe { conversation_id } => {
+                let room = room_key(&self.identity.tenant, conversation_id);
+                if let Some(at) = self.subscriptions.iter().position(|r| *r == room) {
+                    self.subscriptions.swap_remove(at);
+                    self.shard.unsubscribe(&room, self.out.id).await;
+                    info!(conn = %format_args!("{:x}", self.out.id), room = %room, "unsubscribe");
+                }
+                self.ack(id);
+            }
+        }
+        Ok(())
+    }
+
+    /// The per-connection event rate limit: drops over the limit, answers with at most one
+    /// `rate_limited` a second, and closes with 4008 when dropping has lasted 5 s.
+    fn within_rate(&mut self) -> bool {
+        let (limits, now) = (&self.shard.config.limits, Instant::now());
+        if self.bucket.take(limits.msg_rate, limits.msg_burst, now).is_ok() {
+            return true;
+        }
+        let first = match self.drops {
+            Some((first, last)) if now.duration_since(last) < RATE_EPISODE_GAP => first,
+            _ => now,
+        };
+        self.drops = Some((first, now));
+        if now.duration_since(first) >= RATE_LIMIT_GRACE {
+            self.shard.stats().rate_limit_closes_total.inc();
+            self.out.close(CloseCode::RateLimited);
+        } else if self.last_rate_error.is_none_or(|t| now.duration_since(t) >= Duration::from_secs(1)) {
+            self.last_rate_error = Some(now);
+            let message = format!("over {} events per second; events are being dropped", limits.msg_rate);
+            self.error(ErrorCode::RateLimited, &message, None);
+        }
+        false
+    }
+
+    fn ack(&self, id: Option<&str>) {
+        if let Some(id) = id {
+            self.out.push(ws::text(server_event::ack(id).as_bytes()));
+        }
+    }
+
+    fn error(&self, code: ErrorCode, message: &str, id: Option<&str>) {
+        self.shard.stats().client_errors_total.inc();
+        self.out.push(ws::text(server_event::error(code, message, id).as_bytes()));
+    }
+}
+
+/// Reads what the socket has into `rbuf`, through the core's scratch buffer.
+async fn read_some(shard: &Shard, stream: &RefCell<TcpStream>, rbuf: &mut BytesMut) -> io::Result<usize> {
+    poll_fn(|cx| {
+        let mut scratch = shard.scratch.borrow_mut();
+        let polled = Pin::new(&mut *stream.borrow_mut()).poll_read(cx, &mut scratch[..]);
+        if let std::task::Poll::Ready(Ok(n)) = polled {
+            rbuf.extend_from_slice(&scratch[..n]);
+        }
+        polled
+    })
+    .await
+}
+
+/// Writes queued frames until the close handshake is done.
+async fn write_loop(shard: &Shard, out: &Outbound, stream: &RefCell<TcpStream>, peer_closed: &Latch, stall: Duration) -> End {
+    loop {
+        match poll_fn(|cx| out.poll_next(cx, WRITE_BATCH_BYTES)).await {
+            Next::Frames(frames) => {
+                let written = if let [one] = frames.as_slice() {
+                    write_all(stream, one, stall).await
+                } else {
+                    let mut batch = Vec::with_capacity(frames.iter().map(|f| f.len()).sum());
+                    for f in &frames {
+                        batch.extend_from_slice(f);
+                    }
+                    write_all(stream, &batch, stall).await
+                };
+                match written {
+                    Ok(n) => shard.stats().bytes_written_total.add(n as u64),
+                    Err(e) => return End::Io(e),
+                }
+            }
+            Next::Close(code) => {
+                if let Err(e) = write_all(stream, &ws::close(code), stall).await {
+                    return End::Io(e);
+                }
+                if peer_closed.get().is_none() {
+                    let timeout = async {
+                        glommio::timer::sleep(CLOSE_WAIT).await;
+                        Verdict::Granted
+                    };
+                    futures_lite::future::or(peer_closed.wait(), timeout).await;
+                }
+                return End::Closed { code };
+            }
+        }
+    }
+}
+
+/// Writes all of `data`. A peer that accepts no byte for `stall` is given up on.
+async fn write_all(stream: &RefCell<TcpStream>, data: &[u8], stall: Duration) -> io::Result<usize> {
+    let mut at = 0;
+    while at < data.len() {
+        let mut write = poll_fn(|cx| Pin::new(&mut *stream.borrow_mut()).poll_write(cx, &data[at..]));
+        // The timer is armed only when the socket is full.
+        let n = match futures_lite::future::poll_once(&mut write).await {
+            Some(r) => r?,
+            None => {
+                let timeout = async {
+                    glommio::timer::sleep(stall).await;
+                    Err(io::Error::new(io::ErrorKind::TimedOut, "peer read nothing for heartbeat.timeout_ms"))
+                };
+                futures_lite::future::or(write, timeout).await?
+            }
+        };
+        if n == 0 {
+            return Err(io::ErrorKind::WriteZero.into());
+        }
+        at += n;
+    }
+    Ok(data.len())
+}

@@ -1,0 +1,109 @@
+//! Per-core statistics, merged when `/metrics` is scraped.
+//!
+//! Invariant: each [`CoreStats`] is written only by its own core (a plain load and store, no
+//! locked instruction, no lock) and read by any core at scrape time. Each sits on its own cache
+//! line so cores never share a written line.
+
+use std::fmt::Write;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::Arc;
+
+use crossbeam_utils::CachePadded;
+
+/// A counter with a single writer.
+#[derive(Default)]
+pub struct Counter(AtomicU64);
+
+impl Counter {
+    pub fn add(&self, n: u64) {
+        self.0.store(self.0.load(Relaxed).wrapping_add(n), Relaxed);
+    }
+    pub fn inc(&self) {
+        self.add(1);
+    }
+    /// For gauges: the single writer lowers what it raised.
+    pub fn dec(&self) {
+        self.0.store(self.0.load(Relaxed).wrapping_sub(1), Relaxed);
+    }
+    pub fn get(&self) -> u64 {
+        self.0.load(Relaxed)
+    }
+}
+
+macro_rules! core_stats {
+    ($($name:ident: $kind:literal, $help:literal;)*) => {
+        /// What one core counts.
+        #[derive(Default)]
+        pub struct CoreStats { $(pub $name: Counter,)* }
+
+        impl CoreStats {
+            fn rows(&self) -> impl Iterator<Item = (&'static str, &'static str, &'static str, u64)> + '_ {
+                [$((stringify!($name), $kind, $help, self.$name.get()),)*].into_iter()
+            }
+        }
+    };
+}
+
+core_stats! {
+    connections_open: "gauge", "WebSocket connections open now";
+    connects_total: "counter", "WebSocket connections accepted";
+    rejected_unauthorized_total: "counter", "connection attempts refused: bad token (401)";
+    rejected_rate_limited_total: "counter", "connection attempts refused: per-IP rate limit (429)";
+    rejected_origin_total: "counter", "connection attempts refused: origin not allowed (403)";
+    rejected_bad_request_total: "counter", "HTTP requests refused as malformed, too large or too slow";
+    events_published_total: "counter", "events accepted by the publish API";
+    frames_delivered_total: "counter", "event frames queued to connections";
+    bytes_written_total: "counter", "bytes written to WebSocket connections";
+    slow_consumer_closes_total: "counter", "connections closed with 1013 (outbound queue over its limit)";
+    rate_limit_closes_total: "counter", "connections closed with 4008 (message rate)";
+    heartbeat_closes_total: "counter", "connections closed with 4009 (heartbeat timeout)";
+    client_errors_total: "counter", "client events answered with an error";
+    mesh_overflow_total: "counter", "cross-core messages dropped because a ring was full";
+}
+
+/// Every core's statistics, indexed by shard.
+pub type Registry = Arc<[CachePadded<CoreStats>]>;
+
+pub fn registry(shards: usize) -> Registry {
+    (0..shards).map(|_| CachePadded::new(CoreStats::default())).collect()
+}
+
+/// Prometheus text exposition of the sums over all cores.
+pub fn render(registry: &Registry) -> String {
+    let mut totals: Vec<(&str, &str, &str, u64)> = Vec::new();
+    for (i, core) in registry.iter().enumerate() {
+        for (row, (name, kind, help, value)) in core.rows().enumerate() {
+            if i == 0 {
+                totals.push((name, kind, help, value));
+            } else {
+                totals[row].3 = totals[row].3.wrapping_add(value);
+            }
+        }
+    }
+    let mut out = String::with_capacity(4096);
+    for (name, kind, help, value) in totals {
+        // Writing into a String cannot fail.
+        let _ = write!(out, "# HELP fanfare_{name} {help}\n# TYPE fanfare_{name} {kind}\nfanfare_{name} {value}\n");
+    }
+    let _ = write!(out, "# HELP fanfare_shards executor cores\n# TYPE fanfare_shards gauge\nfanfare_shards {}\n", registry.len());
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sums_cores() {
+        let r = registry(2);
+        r[0].frames_delivered_total.add(3);
+        r[1].frames_delivered_total.add(4);
+        r[1].connections_open.inc();
+        r[1].connections_open.inc();
+        r[1].connections_open.dec();
+        let text = render(&r);
+        assert!(text.contains("\nfanfare_frames_delivered_total 7\n"), "{text}");
+        assert!(text.contains("\nfanfare_connections_open 1\n"));
+        assert!(text.contains("# TYPE fanfare_connections_open gauge"));
+    }
+}

@@ -1,0 +1,457 @@
+//! Start-up, accept and HTTP dispatch: one pinned glommio executor per core, each with its own
+//! `SO_REUSEPORT` listener, its [`Shard`], and its end of the mesh.
+//!
+//! Invariants: listeners are bound before any executor starts (so a bad address fails start-up
+//! and port 0 resolves to one port shared by every core); every request head is bounded in size
+//! and time; a connection attempt is rate-limited before any JWT work; the executors return when
+//! `shutdown` is raised and every connection has closed with `1001` (or the timeout passed).
+
+use std::net::{IpAddr, SocketAddr};
+use std::os::fd::{FromRawFd, IntoRawFd};
+use std::rc::Rc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::BytesMut;
+use futures_lite::{AsyncReadExt, AsyncWriteExt};
+use glommio::channels::channel_mesh::{Full, MeshBuilder};
+use glommio::net::{TcpListener, TcpStream};
+use glommio::{CpuSet, Latency, LocalExecutorPoolBuilder, PoolPlacement, Shares};
+use tracing::{info, warn};
+
+use crate::auth::{self, Verifier};
+use crate::config::Config;
+use crate::http::{self, Request};
+use crate::metrics::{self, Registry};
+use crate::shard::{Message, Shard, Verdict};
+use crate::{conn, publish};
+
+/// A glommio executor whose tasks all sleep may miss a cross-core wake-up at start-up
+/// (FIELD-NOTES: DataDog/glommio #261, #555); a short periodic timer on every core prevents it.
+/// The same tick polls the shutdown flag.
+const TICK: Duration = Duration::from_millis(10);
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
+    #[error("auth key: {0}")]
+    Key(#[from] auth::KeyError),
+    #[error("cannot listen on {addr}: {source}")]
+    Bind { addr: SocketAddr, source: std::io::Error },
+    #[error("executor: {0}")]
+    Executor(String),
+}
+
+/// Runs the server until `shutdown` is raised. `on_bound` is told the bound address once every
+/// listener is ready (the port is the real one when the configured port is 0).
+pub fn run(config: Config, shutdown: Arc<AtomicBool>, on_bound: impl FnOnce(SocketAddr)) -> Result<(), Error> {
+    let verifier = Arc::new(Verifier::new(&config.auth)?);
+    let cpus = CpuSet::online().ok();
+    let online = cpus.as_ref().map_or(1, |c| c.len()).max(1);
+    let shards = match config.server.shards {
+        0 => online.min(64),
+        n => n,
+    };
+    let (addr, listeners) = bind(&config, shards)?;
+    if config.uses_dev_secrets() {
+        warn!("using the built-in development HS256 secret or publish API key: set auth.hs256_secret and publish.api_keys");
+    }
+    let registry = metrics::registry(shards);
+    let config = Arc::new(config);
+    let mesh = MeshBuilder::<Message, Full>::full(shards, config.server.mesh_queue_len);
+    let listeners = Arc::new(Mutex::new(listeners));
+    info!(%addr, shards, "listening");
+    on_bound(addr);
+
+    let pool = LocalExecutorPoolBuilder::new(PoolPlacement::MaxSpread(shards, cpus))
+        .name("fanfare")
+        .io_memory(config.server.io_memory_bytes)
+        .on_all_shards(move || {
+            let (config, verifier, registry, mesh, shutdown) =
+                (config.clone(), verifier.clone(), registry.clone(), mesh.clone(), shutdown.clone());
+            // One listener per executor; each takes one at start-up, so none is left over.
+            let listener = listeners.lock().ok().and_then(|mut l| l.pop());
+            async move {
+                let Some(listener) = listener else { return Err("no listener left for this core".to_string()) };
+                run_shard(config, verifier, registry, mesh, shutdown, listener).await
+            }
+        })
+        .map_err(|e| Error::Executor(e.to_string()))?;
+    for result in pool.join_all() {
+        match result {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => return Err(Error::Executor(e)),
+            Err(e) => return Err(Error::Executor(format!("an executor panicked or failed: {e}"))),
+        }
+    }
+    info!("stopped");
+    Ok(())
+}
+
+/// Binds one `SO_REUSEPORT` listener per shard on the same address.
+fn bind(config: &Config, shards: usize) -> Result<(SocketAddr, Vec<socket2::Socket>), Error> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let mut addr = config.listen_addr()?;
+    let mut listeners = Vec::with_capacity(shards);
+    for _ in 0..shards {
+        let listen = || -> std::io::Result<Socket> {
+            let s = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+            s.set_reuse_address(true)?;
+            s.set_reuse_port(true)?;
+            s.bind(&addr.into())?;
+            s.listen(config.server.listen_backlog as i32)?;
+            s.set_nonblocking(true)?;
+            Ok(s)
+        };
+        let socket = listen().map_err(|source| Error::Bind { addr, source })?;
+        if addr.port() == 0 {
+            addr = socket.local_addr().ok().and_then(|a| a.as_socket()).ok_or_else(|| Error::Bind {
+                addr,
+                source: std::io::Error::other("no local address after bind"),
+            })?;
+        }
+        listeners.push(socket);
+    }
+    Ok((addr, listeners))
+}
+
+async fn run_shard(
+    config: Arc<Config>,
+    verifier: Arc<Verifier>,
+    registry: Registry,
+    mesh: MeshBuilder<Message, Full>,
+    shutdown: Arc<AtomicBool>,
+    listener: socket2::Socket,
+) -> Result<(), String> {
+    let ticker = glommio::spawn_local(async {
+        loop {
+            glommio::timer::sleep(TICK).await;
+        }
+    });
+    let (senders, mut receivers) = mesh.join().await.map_err(|e| format!("mesh: {e}"))?;
+    ticker.cancel().await;
+    let shard = Rc::new(Shard::new(senders, config.clone(), verifier, registry));
+
+    // Cross-core delivery must not wait behind other work: its own latency-sensitive queue.
+    let mesh_queue = glommio::executor().create_task_queue(
+        Shares::default(),
+        Latency::Matters(Duration::from_millis(1)),
+        "mesh",
+    );
+    for (_, rx) in receivers.streams() {
+        let shard = shard.clone();
+        glommio::spawn_local_into(
+            async move {
+                while let Some(msg) = rx.recv().await {
+                    shard.handle(msg);
+                }
+            },
+            mesh_queue,
+        )
+        .map_err(|e| format!("mesh task: {e}"))?
+        .detach();
+    }
+    glommio::spawn_local(housekeeping(shard.clone(), shutdown)).detach();
+
+    // SAFETY of from_raw_fd: the fd comes from a socket we own and give up here.
+    let listener = unsafe { TcpListener::from_raw_fd(listener.into_raw_fd()) };
+    loop {
+        let stopping = async {
+            shard.stopping.wait().await;
+            None
+        };
+        match futures_lite::future::or(async { Some(listener.accept().await) }, stopping).await {
+            None => break,
+            Some(Ok(stream)) => {
+                glommio::spawn_local(handle_client(shard.clone(), stream)).detach();
+            }
+            Some(Err(e)) => {
+                // Typically out of file descriptors: back off instead of spinning.
+                warn!(error = %e, "accept failed");
+                glommio::timer::sleep(TICK).await;
+            }
+        }
+    }
+    drop(listener);
+    drain(&shard).await;
+    Ok(())
+}
+
+/// Periodic per-core work: the shutdown flag, heartbeats, and pruning of idle rate buckets.
+async fn housekeeping(shard: Rc<Shard>, shutdown: Arc<AtomicBool>) {
+    let hb = &shard.config.heartbeat;
+    let (interval, timeout) = (Duration::from_millis(hb.interval_ms), Duration::from_millis(hb.timeout_ms));
+    // Fine enough that a ping or a timeout is at most a quarter of its period late.
+    let sweep_every = (interval.min(timeout - interval) / 4).clamp(TICK, Duration::from_secs(1));
+    let prune_every = Duration::from_secs(10);
+    let (mut last_sweep, mut last_prune) = (Instant::now(), Instant::now());
+    let ping = crate::ws::frame(crate::ws::OP_PING, b"");
+    loop {
+        glommio::timer::sleep(TICK).await;
+        if shutdown.load(Ordering::Relaxed) && shard.stopping.get().is_none() {
+            info!(core = shard.id, "stopping");
+            shard.stopping.set(Verdict::Granted);
+        }
+        let now = Instant::now();
+        if now.duration_since(last_sweep) >= sweep_every {
+            last_sweep = now;
+            let stats = shard.stats();
+            shard.for_each_connection(|c| {
+                if c.close_code().is_some() {
+                    return;
+                }
+                if now.saturating_duration_since(c.last_seen.get()) > timeout {
+                    stats.heartbeat_closes_total.inc();
+                    c.close(crate::protocol::CloseCode::HeartbeatTimeout);
+                } else if now.saturating_duration_since(c.last_ping.get()) >= interval {
+                    c.last_ping.set(now);
+                    if c.push(ping.clone()) == crate::outbound::Pushed::Overflowed {
+                        stats.slow_consumer_closes_total.inc();
+                    }
+                }
+            });
+        }
+        if now.duration_since(last_prune) >= prune_every {
+            last_prune = now;
+            shard.prune_buckets();
+        }
+    }
+}
+
+/// Closes every connection with 1001 and waits for them, at most `server.shutdown_timeout_ms`.
+async fn drain(shard: &Shard) {
+    shard.for_each_connection(|c| c.close(crate::protocol::CloseCode::GoingAway));
+    let deadline = Instant::now() + Duration::from_millis(shard.config.server.shutdown_timeout_ms);
+    while shard.connection_count() > 0 && Instant::now() < deadline {
+        glommio::timer::sleep(TICK).await;
+    }
+    if shard.connection_count() > 0 {
+        warn!(core = shard.id, left = shard.connection_count(), "shutdown timeout: dropping connections");
+    }
+}
+
+/// Why reading a request stopped.
+enum HeadEnd {
+    Request(Request),
+    /// Closed, timed out or stopping before a request began: nothing to answer.
+    Gone,
+    Bad(u16, String),
+}
+
+/// Serves HTTP requests on one connection until it closes or becomes a WebSocket.
+async fn handle_client(shard: Rc<Shard>, mut stream: TcpStream) {
+    let Ok(peer) = stream.peer_addr() else { return };
+    let _ = stream.set_nodelay(true);
+    let mut buf = BytesMut::new();
+    loop {
+        let req = match read_head(&shard, &mut stream, &mut buf).await {
+            HeadEnd::Request(req) => req,
+            HeadEnd::Gone => return,
+            HeadEnd::Bad(status, reason) => {
+                shard.stats().rejected_bad_request_total.inc();
+                info!(%peer, status, %reason, "bad request");
+                let body = http::error_body("bad_request", &reason);
+                let _ = stream.write_all(&http::response(status, "application/json", &body, &[], false)).await;
+                return;
+            }
+        };
+        let _ = buf.split_to(req.head_len);
+        let keep_alive = req.keep_alive();
+        let response = match (req.method.as_str(), req.path.as_str()) {
+            (_, "/ws") if req.method == "GET" => {
+                match upgrade(&shard, &mut stream, &req, peer).await {
+                    Some(identity) => conn::serve(shard, stream, buf, identity, peer).await,
+                    None => {}
+                }
+                return;
+            }
+            ("POST", "/v1/publish") => match publish_request(&shard, &mut stream, &mut buf, &req).await {
+                Some(response) => response,
+                None => return,
+            },
+            ("GET", "/healthz") => (200, "application/json", r#"{"status":"ok"}"#.to_string(), vec![]),
+            ("GET", "/readyz") if shard.stopping.get().is_none() => {
+                (200, "application/json", r#"{"status":"ready"}"#.to_string(), vec![])
+            }
+            ("GET", "/readyz") => (503, "application/json", r#"{"status":"stopping"}"#.to_string(), vec![]),
+            ("GET", "/metrics") => {
+                (200, "text/plain; version=0.0.4", metrics::render(&shard.registry), vec![])
+            }
+            (_, "/ws" | "/v1/publish" | "/healthz" | "/readyz" | "/metrics") => {
+                (405, "application/json", http::error_body("method_not_allowed", &req.method), vec![])
+            }
+            _ => (404, "application/json", http::error_body("not_found", &req.path), vec![]),
+        };
+        let (status, content_type, body, headers) = response;
+        let headers: Vec<(&str, &str)> = headers.iter().map(|(k, v): &(&str, String)| (*k, v.as_str())).collect();
+        let keep_alive = keep_alive && shard.stopping.get().is_none();
+        if stream.write_all(&http::response(status, content_type, &body, &headers, keep_alive)).await.is_err() || !keep_alive {
+            return;
+        }
+    }
+}
+
+/// Reads one request head into `buf`, bounded by `server.max_request_head_bytes` and
+/// `server.request_timeout_ms`.
+async fn read_head(shard: &Shard, stream: &mut TcpStream, buf: &mut BytesMut) -> HeadEnd {
+    let server = &shard.config.server;
+    let deadline = async {
+        glommio::timer::sleep(Duration::from_millis(server.request_timeout_ms)).await;
+        None
+    };
+    let stopping = async {
+        shard.stopping.wait().await;
+        None
+    };
+    let read = async {
+        let mut chunk = [0u8; 2048];
+        loop {
+            match http::parse_head(buf, server.max_request_head_bytes) {
+                Ok(Some(req)) => return Some(HeadEnd::Request(req)),
+                Ok(None) => {}
+                Err(http::HeadError::TooLarge(n)) => return Some(HeadEnd::Bad(431, format!("request head over {n} bytes"))),
+                Err(e) => return Some(HeadEnd::Bad(400, e.to_string())),
+            }
+            match stream.read(&mut chunk).await {
+                Ok(0) | Err(_) => return Some(HeadEnd::Gone),
+                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            }
+        }
+    };
+    let outcome = futures_lite::future::or(read, futures_lite::future::or(deadline, stopping)).await;
+    match outcome {
+        Some(end) => end,
+        // A request that had begun gets a 408; an idle keep-alive connection just closes.
+        None if !buf.is_empty() => HeadEnd::Bad(408, "request head not received in time".into()),
+        None => HeadEnd::Gone,
+    }
+}
+
+type Response = (u16, &'static str, String, Vec<(&'static str, String)>);
+
+fn json_error(status: u16, error: &str, reason: &str) -> Response {
+    (status, "application/json", http::error_body(error, reason), vec![])
+}
+
+/// Checks a `/ws` request and answers it: `101` and the identity, or an error response.
+async fn upgrade(shard: &Shard, stream: &mut TcpStream, req: &Request, peer: SocketAddr) -> Option<auth::Identity> {
+    let refused = |status: u16, error: &str, reason: &str, headers: Vec<(&'static str, String)>| {
+        let body = http::error_body(error, reason);
+        let headers: Vec<(&str, &str)> = headers.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        http::response(status, "application/json", &body, &headers, false)
+    };
+    let answer = check_upgrade(shard, req, peer.ip()).await;
+    let bytes = match &answer {
+        Ok((_, key)) => format!(
+            "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: {}\r\n\r\n",
+            tungstenite::handshake::derive_accept_key(key.as_bytes())
+        )
+        .into_bytes(),
+        Err((status, error, reason, headers)) => refused(*status, error, reason, headers.clone()),
+    };
+    let written = stream.write_all(&bytes).await;
+    match answer {
+        Ok((identity, _)) if written.is_ok() => Some(identity),
+        Ok(_) => None,
+        Err((status, _, reason, _)) => {
+            info!(%peer, target = %req.redacted_target(), status, %reason, "connection refused");
+            None
+        }
+    }
+}
+
+async fn check_upgrade(shard: &Shard, req: &Request, ip: IpAddr) -> Result<(auth::Identity, String), Response> {
+    let stats = shard.stats();
+    if !req.is_websocket_upgrade() {
+        return Err((426, "upgrade_required", "this endpoint speaks WebSocket".into(), vec![]));
+    }
+    if req.header("sec-websocket-version") != Some("13") {
+        return Err((426, "upgrade_required", "Sec-WebSocket-Version 13 is required".into(), vec![("Sec-WebSocket-Version", "13".into())]));
+    }
+    let Some(key) = req.header("sec-websocket-key").filter(|k| !k.is_empty()) else {
+        return Err((400, "bad_request", "Sec-WebSocket-Key is missing".into(), vec![]));
+    };
+    if shard.stopping.get().is_some() {
+        return Err((503, "unavailable", "server shutting down".into(), vec![]));
+    }
+    if let Verdict::RetryAfterMs(ms) = shard.admit(ip).await {
+        stats.rejected_rate_limited_total.inc();
+        let seconds = ms.div_ceil(1000).max(1);
+        return Err((429, "rate_limited", "too many connection attempts from this address".into(), vec![("Retry-After", seconds.to_string())]));
+    }
+    let origins = &shard.config.server.allowed_origins;
+    if let Some(origin) = req.header("origin") {
+        if !origins.is_empty() && !origins.iter().any(|o| o == origin) {
+            stats.rejected_origin_total.inc();
+            return Err((403, "forbidden", format!("origin {origin} is not allowed"), vec![]));
+        }
+    }
+    let token = req.query_param("token").or_else(|| req.bearer().map(str::to_string)).unwrap_or_default();
+    match shard.verifier.verify(&token, auth::now_ms()) {
+        Ok(identity) => Ok((identity, key.to_string())),
+        Err(e) => {
+            stats.rejected_unauthorized_total.inc();
+            Err((401, "unauthorized", e.to_string(), vec![]))
+        }
+    }
+}
+
+/// `POST /v1/publish`. `None` when the connection must close without an answer.
+async fn publish_request(shard: &Shard, stream: &mut TcpStream, buf: &mut BytesMut, req: &Request) -> Option<Response> {
+    let keys = &shard.config.publish.api_keys;
+    let authorized = req.bearer().is_some_and(|k| keys.iter().any(|key| constant_time_eq(key.as_bytes(), k.as_bytes())));
+    let length = match req.content_length() {
+        Ok(n) => n,
+        Err(e) => return Some(json_error(400, "bad_request", &e.to_string())),
+    };
+    // The body is read even for a refused request so that the connection stays usable.
+    let limit = shard.config.limits.max_publish_bytes;
+    if length > limit {
+        let reason = format!("body over limits.max_publish_bytes ({limit})");
+        let body = http::error_body("payload_too_large", &reason);
+        let _ = stream.write_all(&http::response(413, "application/json", &body, &[], false)).await;
+        return None;
+    }
+    let timeout = async {
+        glommio::timer::sleep(Duration::from_millis(shard.config.server.request_timeout_ms)).await;
+        false
+    };
+    let read = async {
+        let mut chunk = vec![0u8; 16 * 1024];
+        while buf.len() < length {
+            match stream.read(&mut chunk).await {
+                Ok(0) | Err(_) => return false,
+                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            }
+        }
+        true
+    };
+    let complete = futures_lite::future::or(read, timeout).await;
+    if !complete {
+        return None;
+    }
+    let body = buf.split_to(length);
+    if !authorized {
+        return Some(json_error(401, "unauthorized", "missing or unknown API key"));
+    }
+    if shard.stopping.get().is_some() {
+        return Some((503, "application/json", http::error_body("unavailable", "server shutting down"), vec![("Retry-After", "1".into())]));
+    }
+    match publish::parse(&body) {
+        Ok(events) => {
+            let accepted = events.len();
+            for event in events {
+                shard.publish(event.room, event.frame).await;
+            }
+            shard.stats().events_published_total.add(accepted as u64);
+            Some((202, "application/json", format!("{{\"accepted\":{accepted}}}"), vec![]))
+        }
+        Err(reason) => Some(json_error(400, "bad_request", &reason)),
+    }
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}

@@ -1,0 +1,367 @@
+//! One core's share of the server: the rooms it owns, its local subscriber index, its
+//! connections, and its end of the SPSC mesh to every other core.
+//!
+//! Invariants: a `Shard` lives on one executor and is reached only through `Rc`; other cores
+//! talk to it only by [`Message`]s over the mesh wired at start-up. A conversation's owner
+//! (`route::shard_for`) keeps the set of cores that have subscribers; an event is framed once
+//! and sent once to each such core, which queues the same `Bytes` to each local subscriber.
+
+use std::cell::{Cell, RefCell};
+use std::collections::HashMap;
+use std::future::Future;
+use std::net::IpAddr;
+use std::rc::Rc;
+use std::sync::Arc;
+use std::task::{Poll, Waker};
+use std::time::Instant;
+
+use bytes::Bytes;
+use glommio::channels::channel_mesh::Senders;
+use xxhash_rust::xxh3::Xxh3Builder;
+
+use crate::config::Config;
+use crate::limit::TokenBucket;
+use crate::metrics::{CoreStats, Registry};
+use crate::outbound::{Outbound, Pushed};
+use crate::route::shard_for;
+
+/// The routing key of a conversation: `<tenantId>:c:<conversationId>` (tenant IDs contain no
+/// `:`, so the key is unambiguous). It is also the Redis channel name after the prefix.
+pub type RoomKey = Arc<str>;
+
+pub fn room_key(tenant: &str, conversation: &str) -> RoomKey {
+    format!("{tenant}:c:{conversation}").into()
+}
+
+/// Messages between cores.
+pub enum Message {
+    /// Core `from` now has subscribers for `room`; answer with `Reply { req }`.
+    Subscribe { room: RoomKey, from: usize, req: u64 },
+    /// Core `from` has no subscribers for `room` any more.
+    Unsubscribe { room: RoomKey, from: usize },
+    /// An event for `room`, to its owner.
+    Publish { room: RoomKey, frame: Bytes },
+    /// An event for `room`, from its owner to a core with subscribers.
+    Deliver { room: RoomKey, frame: Bytes },
+    /// A connection attempt from `ip`, to the owner of its rate bucket.
+    Admit { ip: IpAddr, from: usize, req: u64 },
+    Reply { req: u64, verdict: Verdict },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    Granted,
+    RetryAfterMs(u64),
+}
+
+/// A one-shot value that any number of local tasks can wait for.
+#[derive(Default)]
+pub struct Latch {
+    value: Cell<Option<Verdict>>,
+    wakers: RefCell<Vec<Waker>>,
+}
+
+impl Latch {
+    pub fn set(&self, v: Verdict) {
+        self.value.set(Some(v));
+        for w in self.wakers.take() {
+            w.wake();
+        }
+    }
+
+    pub fn get(&self) -> Option<Verdict> {
+        self.value.get()
+    }
+
+    pub fn wait(&self) -> impl Future<Output = Verdict> + '_ {
+        std::future::poll_fn(move |cx| match self.value.get() {
+            Some(v) => Poll::Ready(v),
+            None => {
+                let mut wakers = self.wakers.borrow_mut();
+                if !wakers.iter().any(|w| w.will_wake(cx.waker())) {
+                    wakers.push(cx.waker().clone());
+                }
+                Poll::Pending
+            }
+        })
+    }
+}
+
+/// This core's subscribers of one room.
+struct LocalRoom {
+    conns: Vec<Rc<Outbound>>,
+    /// Set once the owner has registered this core's interest.
+    live: Rc<Latch>,
+}
+
+type Map<K, V> = HashMap<K, V, Xxh3Builder>;
+
+pub struct Shard {
+    pub id: usize,
+    pub count: usize,
+    pub config: Arc<Config>,
+    pub verifier: Arc<crate::auth::Verifier>,
+    pub registry: Registry,
+    mesh: Senders<Message>,
+    /// Rooms this core owns → bitmask of cores with subscribers.
+    owned: RefCell<Map<RoomKey, u64>>,
+    local: RefCell<Map<RoomKey, LocalRoom>>,
+    conns: RefCell<HashMap<u64, Rc<Outbound>>>,
+    pending: RefCell<HashMap<u64, Rc<Latch>>>,
+    next_id: Cell<u64>,
+    buckets: RefCell<HashMap<IpAddr, TokenBucket>>,
+    /// Set when the server is stopping.
+    pub stopping: Latch,
+    /// Every read of this core lands here first; connections keep only incomplete frames.
+    pub scratch: RefCell<Box<[u8]>>,
+}
+
+impl Shard {
+    pub fn new(
+        mesh: Senders<Message>,
+        config: Arc<Config>,
+        verifier: Arc<crate::auth::Verifier>,
+        registry: Registry,
+    ) -> Shard {
+        Shard {
+            id: mesh.peer_id(),
+            count: mesh.nr_consumers(),
+            config,
+            verifier,
+            registry,
+            mesh,
+            owned: RefCell::default(),
+            local: RefCell::default(),
+            conns: RefCell::default(),
+            pending: RefCell::default(),
+            next_id: Cell::new(0),
+            buckets: RefCell::default(),
+            stopping: Latch::default(),
+            scratch: RefCell::new(vec![0; 64 * 1024].into_boxed_slice()),
+        }
+    }
+
+    pub fn stats(&self) -> &CoreStats {
+        &self.registry[self.id]
+    }
+
+    /// A server-unique id: the core in the top bits, a counter below.
+    pub fn next_id(&self) -> u64 {
+        let n = self.next_id.get() + 1;
+        self.next_id.set(n);
+        (self.id as u64) << 48 | n
+    }
+
+    // ---- connections -------------------------------------------------------------------
+
+    pub fn register(&self, conn: Rc<Outbound>) {
+        self.stats().connections_open.inc();
+        self.conns.borrow_mut().insert(conn.id, conn);
+    }
+
+    pub fn unregister(&self, id: u64) {
+        if self.conns.borrow_mut().remove(&id).is_some() {
+            self.stats().connections_open.dec();
+        }
+    }
+
+    pub fn connection_count(&self) -> usize {
+        self.conns.borrow().len()
+    }
+
+    /// Calls `f` on every connection of this core.
+    pub fn for_each_connection(&self, mut f: impl FnMut(&Outbound)) {
+        for c in self.conns.borrow().values() {
+            f(c);
+        }
+    }
+
+    // ---- subscriptions (connection side) ---------------------------------------------
+
+    /// Adds `conn` to `room` and resolves once an event published from now on reaches it.
+    pub async fn subscribe(&self, room: &RoomKey, conn: &Rc<Outbound>) -> Verdict {
+        let live = {
+            let mut local = self.local.borrow_mut();
+            if let Some(r) = local.get_mut(room) {
+                r.conns.push(conn.clone());
+                r.live.clone()
+            } else {
+                let live = Rc::new(Latch::default());
+                local.insert(room.clone(), LocalRoom { conns: vec![conn.clone()], live: live.clone() });
+                drop(local);
+                self.announce(room, live.clone()).await;
+                live
+            }
+        };
+        live.wait().await
+    }
+
+    /// Tells the owner that this core has subscribers for `room`.
+    async fn announce(&self, room: &RoomKey, live: Rc<Latch>) {
+        let owner = self.owner_of(room);
+        if owner == self.id {
+            self.add_interest(room, self.id);
+            live.set(Verdict::Granted);
+            return;
+        }
+        let req = self.next_id();
+        self.pending.borrow_mut().insert(req, live);
+        self.send(owner, Message::Subscribe { room: room.clone(), from: self.id, req }).await;
+    }
+
+    /// Removes `conn` from `room`; the last one out tells the owner.
+    pub async fn unsubscribe(&self, room: &RoomKey, conn_id: u64) {
+        {
+            let mut local = self.local.borrow_mut();
+            let Some(r) = local.get_mut(room) else { return };
+            if let Some(at) = r.conns.iter().position(|c| c.id == conn_id) {
+                r.conns.swap_remove(at);
+            }
+            if !r.conns.is_empty() {
+                return;
+            }
+            local.remove(room);
+        }
+        let owner = self.owner_of(room);
+        if owner == self.id {
+            self.remove_interest(room, self.id);
+        } else {
+            self.send(owner, Message::Unsubscribe { room: room.clone(), from: self.id }).await;
+        }
+    }
+
+    // ---- events ------------------------------------------------------------------------
+
+    /// Routes one framed event of `room` to every subscriber, on every core.
+    pub async fn publish(&self, room: RoomKey, frame: Bytes) {
+        let owner = self.owner_of(&room);
+        if owner == self.id {
+            self.fan_out(&room, frame);
+        } else {
+            self.send(owner, Message::Publish { room, frame }).await;
+        }
+    }
+
+    /// On the owner: one message per interested core, never one per connection.
+    fn fan_out(&self, room: &RoomKey, frame: Bytes) {
+        let Some(&mask) = self.owned.borrow().get(room) else { return };
+        let mut cores = mask;
+        while cores != 0 {
+            let core = cores.trailing_zeros() as usize;
+            cores &= cores - 1;
+            if core == self.id {
+                self.deliver(room, &frame);
+            } else if self.mesh.try_send_to(core, Message::Deliver { room: room.clone(), frame: frame.clone() }).is_err() {
+                self.stats().mesh_overflow_total.inc();
+            }
+        }
+    }
+
+    /// Queues `frame` to this core's subscribers of `room`.
+    fn deliver(&self, room: &RoomKey, frame: &Bytes) {
+        let local = self.local.borrow();
+        let Some(r) = local.get(room) else { return };
+        let mut delivered = 0;
+        for conn in &r.conns {
+            match conn.push(frame.clone()) {
+                Pushed::Queued => delivered += 1,
+                Pushed::Overflowed => self.stats().slow_consumer_closes_total.inc(),
+                Pushed::Closing => {}
+            }
+        }
+        self.stats().frames_delivered_total.add(delivered);
+    }
+
+    // ---- connection-attempt rate limit ------------------------------------------------
+
+    /// Takes a token from `ip`'s bucket, on the core that owns it.
+    pub async fn admit(&self, ip: IpAddr) -> Verdict {
+        let owner = shard_for(&ip_bytes(&ip), self.count);
+        if owner == self.id {
+            return self.take_token(ip);
+        }
+        let req = self.next_id();
+        let answer = Rc::new(Latch::default());
+        self.pending.borrow_mut().insert(req, answer.clone());
+        self.send(owner, Message::Admit { ip, from: self.id, req }).await;
+        answer.wait().await
+    }
+
+    fn take_token(&self, ip: IpAddr) -> Verdict {
+        let l = &self.config.limits;
+        let now = Instant::now();
+        let mut buckets = self.buckets.borrow_mut();
+        let bucket = buckets.entry(ip).or_insert_with(|| TokenBucket::full(l.connect_burst_per_ip, now));
+        match bucket.take(l.connect_rate_per_ip, l.connect_burst_per_ip, now) {
+            Ok(()) => Verdict::Granted,
+            Err(ms) => Verdict::RetryAfterMs(ms),
+        }
+    }
+
+    /// Forgets buckets that have refilled: memory stays bounded by recent clients.
+    pub fn prune_buckets(&self) {
+        let l = &self.config.limits;
+        let now = Instant::now();
+        self.buckets.borrow_mut().retain(|_, b| !b.is_full(l.connect_rate_per_ip, l.connect_burst_per_ip, now));
+    }
+
+    // ---- the mesh ----------------------------------------------------------------------
+
+    fn owner_of(&self, room: &RoomKey) -> usize {
+        shard_for(room.as_bytes(), self.count)
+    }
+
+    fn add_interest(&self, room: &RoomKey, core: usize) {
+        *self.owned.borrow_mut().entry(room.clone()).or_insert(0) |= 1 << core;
+    }
+
+    fn remove_interest(&self, room: &RoomKey, core: usize) {
+        let mut owned = self.owned.borrow_mut();
+        if let Some(mask) = owned.get_mut(room) {
+            *mask &= !(1 << core);
+            if *mask == 0 {
+                owned.remove(room);
+            }
+        }
+    }
+
+    /// Sends with backpressure. A closed peer means the server is stopping: nothing to do.
+    async fn send(&self, to: usize, msg: Message) {
+        let _ = self.mesh.send_to(to, msg).await;
+    }
+
+    /// Handles one message from another core. Never awaits: replies go out on their own task,
+    /// so two cores' receivers can never wait on each other's full rings.
+    pub fn handle(self: &Rc<Self>, msg: Message) {
+        match msg {
+            Message::Subscribe { room, from, req } => {
+                self.add_interest(&room, from);
+                self.reply(from, req, Verdict::Granted);
+            }
+            Message::Unsubscribe { room, from } => self.remove_interest(&room, from),
+            Message::Publish { room, frame } => self.fan_out(&room, frame),
+            Message::Deliver { room, frame } => self.deliver(&room, &frame),
+            Message::Admit { ip, from, req } => {
+                let verdict = self.take_token(ip);
+                self.reply(from, req, verdict);
+            }
+            Message::Reply { req, verdict } => {
+                if let Some(latch) = self.pending.borrow_mut().remove(&req) {
+                    latch.set(verdict);
+                }
+            }
+        }
+    }
+
+    fn reply(self: &Rc<Self>, to: usize, req: u64, verdict: Verdict) {
+        let me = self.clone();
+        glommio::spawn_local(async move { me.send(to, Message::Reply { req, verdict }).await }).detach();
+    }
+}
+
+fn ip_bytes(ip: &IpAddr) -> [u8; 16] {
+    match ip {
+        IpAddr::V4(v4) => v4.to_ipv6_mapped().octets(),
+        IpAddr::V6(v6) => v6.octets(),
+    }
+}
