@@ -412,24 +412,11 @@ async fn publish_request(shard: &Shard, stream: &mut TcpStream, buf: &mut BytesM
         let reason = format!("body over limits.max_publish_bytes ({limit})");
         let body = http::error_body("payload_too_large", &reason);
         let _ = stream.write_all(&http::response(413, "application/json", &body, &[], false)).await;
+        // Swallow what the client is still sending, so that it reads the 413 instead of a reset.
+        read_body(shard, stream, buf, length, false).await;
         return None;
     }
-    let timeout = async {
-        glommio::timer::sleep(Duration::from_millis(shard.config.server.request_timeout_ms)).await;
-        false
-    };
-    let read = async {
-        let mut chunk = vec![0u8; 16 * 1024];
-        while buf.len() < length {
-            match stream.read(&mut chunk).await {
-                Ok(0) | Err(_) => return false,
-                Ok(n) => buf.extend_from_slice(&chunk[..n]),
-            }
-        }
-        true
-    };
-    let complete = futures_lite::future::or(read, timeout).await;
-    if !complete {
+    if !read_body(shard, stream, buf, length, true).await {
         return None;
     }
     let body = buf.split_to(length);
@@ -450,6 +437,35 @@ async fn publish_request(shard: &Shard, stream: &mut TcpStream, buf: &mut BytesM
         }
         Err(reason) => Some(json_error(400, "bad_request", &reason)),
     }
+}
+
+/// Reads until `length` body bytes have arrived after the head, within
+/// `server.request_timeout_ms`; with `keep` false they are discarded as they come.
+async fn read_body(shard: &Shard, stream: &mut TcpStream, buf: &mut BytesMut, length: usize, keep: bool) -> bool {
+    let timeout = async {
+        glommio::timer::sleep(Duration::from_millis(shard.config.server.request_timeout_ms)).await;
+        false
+    };
+    let read = async {
+        let mut chunk = vec![0u8; 16 * 1024];
+        let mut have = buf.len();
+        if !keep {
+            buf.clear();
+        }
+        while have < length {
+            match stream.read(&mut chunk).await {
+                Ok(0) | Err(_) => return false,
+                Ok(n) => {
+                    if keep {
+                        buf.extend_from_slice(&chunk[..n]);
+                    }
+                    have += n;
+                }
+            }
+        }
+        true
+    };
+    futures_lite::future::or(read, timeout).await
 }
 
 fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {

@@ -1,0 +1,47 @@
+//! Fan-out across cores: many connections on one conversation, spread over both executors.
+mod support;
+
+use support::*;
+
+/// The core a connection lives on: connection ids carry it in their top 16 bits.
+fn core_of(connection_id: &str) -> u64 {
+    u64::from_str_radix(connection_id, 16).expect("hex connection id") >> 48
+}
+
+#[test]
+fn every_subscriber_on_every_core_gets_every_event() {
+    let server = Server::start("[server]\nshards = 2");
+    let mut clients = Vec::new();
+    let mut cores = std::collections::HashSet::new();
+    // Open connections until both cores hold some (the kernel spreads them by hash).
+    while clients.len() < 40 || cores.len() < 2 {
+        assert!(clients.len() < 400, "all connections landed on one core");
+        let mut c = server.connect_raw(&format!("/ws?token={}", token("t1", &format!("u{}", clients.len()), 600))).unwrap();
+        let ready = c.expect("session.ready");
+        cores.insert(core_of(ready["connectionId"].as_str().unwrap()));
+        clients.push(c);
+    }
+    // Several conversations, so that both cores own some.
+    let conversations: Vec<String> = (0..6).map(|i| format!("room-{i}")).collect();
+    for c in clients.iter_mut() {
+        for conv in &conversations {
+            c.subscribe(conv);
+        }
+    }
+    let per_conversation = 25;
+    for seq in 0..per_conversation {
+        server.publish_ok("t1", conversations.iter().map(|c| updated(c, seq)).collect());
+    }
+    for (i, c) in clients.iter_mut().enumerate() {
+        let mut next = vec![0usize; conversations.len()];
+        for _ in 0..per_conversation * conversations.len() {
+            let e = c.expect("conversation.updated");
+            let conv = conversations.iter().position(|x| x == e["conversationId"].as_str().unwrap()).unwrap();
+            assert_eq!(e["seq"], next[conv], "client {i}: out of order or missing in {}", conversations[conv]);
+            next[conv] += 1;
+        }
+    }
+    let expected = (clients.len() * conversations.len() * per_conversation) as u64;
+    assert_eq!(server.metric("fanfare_frames_delivered_total"), expected);
+    assert_eq!(server.metric("fanfare_mesh_overflow_total"), 0);
+}

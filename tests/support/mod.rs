@@ -1,0 +1,366 @@
+//! Shared test helpers: start the real `fanfare` binary on a free port, talk to it as clients
+//! do (a real WebSocket client, raw HTTP), and wait for conditions with deadlines.
+#![allow(dead_code)] // each test binary uses its own subset of these helpers
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::PathBuf;
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+use tungstenite::client::IntoClientRequest;
+use tungstenite::protocol::frame::coding::CloseCode;
+use tungstenite::{Message, WebSocket};
+
+pub const SECRET: &str = "integration-test-secret";
+pub const API_KEY: &str = "test-api-key";
+/// How long any single wait in a test may take before it fails.
+pub const DEADLINE: Duration = Duration::from_secs(15);
+
+pub fn bin() -> &'static str {
+    env!("CARGO_BIN_EXE_fanfare")
+}
+
+/// Polls `check` until it returns `Some`, or panics with `what` after `DEADLINE`.
+pub fn wait_for<T>(what: &str, mut check: impl FnMut() -> Option<T>) -> T {
+    let end = Instant::now() + DEADLINE;
+    loop {
+        if let Some(v) = check() {
+            return v;
+        }
+        assert!(Instant::now() < end, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// A running `fanfare serve`, killed on drop.
+pub struct Server {
+    pub addr: SocketAddr,
+    child: Child,
+    logs: Arc<Mutex<Vec<String>>>,
+    _config: TempFile,
+}
+
+pub struct TempFile(pub PathBuf);
+
+impl TempFile {
+    pub fn new(contents: &str) -> TempFile {
+        static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let path = std::env::temp_dir().join(format!("fanfare-test-{}-{n}.toml", std::process::id()));
+        std::fs::write(&path, contents).expect("write temp config");
+        TempFile(path)
+    }
+}
+
+impl Drop for TempFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+/// The config every test starts from: a free port, test secrets, short waits. `extra` is TOML
+/// appended section by section; a section given there replaces nothing else.
+pub fn base_config(extra: &str) -> String {
+    let mut sections: Vec<(String, Vec<String>)> = vec![
+        ("server".into(), vec!["listen = \"127.0.0.1:0\"".into(), "shutdown_timeout_ms = 5000".into()]),
+        ("auth".into(), vec![format!("hs256_secret = \"{SECRET}\"")]),
+        ("publish".into(), vec![format!("api_keys = [\"{API_KEY}\"]")]),
+        ("log".into(), vec!["level = \"info\"".into()]),
+    ];
+    let mut current: Option<usize> = None;
+    for line in extra.lines().map(str::trim).filter(|l| !l.is_empty()) {
+        if let Some(name) = line.strip_prefix('[').and_then(|l| l.strip_suffix(']')) {
+            current = Some(match sections.iter().position(|(n, _)| n == name) {
+                Some(i) => i,
+                None => {
+                    sections.push((name.to_string(), vec![]));
+                    sections.len() - 1
+                }
+            });
+        } else {
+            let i = current.expect("extra config must start with a [section]");
+            let key = line.split('=').next().unwrap_or("").trim().to_string();
+            sections[i].1.retain(|l| l.split('=').next().unwrap_or("").trim() != key);
+            sections[i].1.push(line.to_string());
+        }
+    }
+    sections.iter().map(|(name, lines)| format!("[{name}]\n{}\n", lines.join("\n"))).collect()
+}
+
+impl Server {
+    /// Starts the binary with `base_config(extra)` and waits until it answers `/healthz`.
+    pub fn start(extra: &str) -> Server {
+        Self::start_with_env(extra, &[])
+    }
+
+    pub fn start_with_env(extra: &str, env: &[(&str, &str)]) -> Server {
+        let config = TempFile::new(&base_config(extra));
+        let mut child = Command::new(bin())
+            .args(["serve", "--config"])
+            .arg(&config.0)
+            .envs(env.iter().copied())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn fanfare");
+        let logs = Arc::new(Mutex::new(Vec::new()));
+        for pipe in [child.stdout.take().map(|s| Box::new(s) as Box<dyn Read + Send>), child.stderr.take().map(|s| Box::new(s) as Box<dyn Read + Send>)] {
+            let logs = logs.clone();
+            let pipe = pipe.expect("piped output");
+            std::thread::spawn(move || {
+                for line in BufReader::new(pipe).lines().map_while(Result::ok) {
+                    logs.lock().unwrap().push(line);
+                }
+            });
+        }
+        let addr = wait_for("the listening log line", || {
+            if let Ok(Some(status)) = child.try_wait() {
+                panic!("fanfare exited at start-up with {status}: {:#?}", logs.lock().unwrap());
+            }
+            logs.lock().unwrap().iter().find(|l| l.contains("listening")).and_then(|l| {
+                let at = l.find("addr=")? + 5;
+                l[at..].split_whitespace().next()?.parse().ok()
+            })
+        });
+        let server = Server { addr, child, logs, _config: config };
+        wait_for("/healthz", || (server.try_http("GET", "/healthz", &[], b"").ok()?.status == 200).then_some(()));
+        server
+    }
+
+    pub fn logs(&self) -> Vec<String> {
+        self.logs.lock().unwrap().clone()
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Sends `signal` and waits for the process to exit.
+    pub fn stop_with(&mut self, signal: i32) -> ExitStatus {
+        unsafe { libc::kill(self.child.id() as i32, signal) };
+        let child = &mut self.child;
+        wait_for("fanfare to exit", || child.try_wait().ok().flatten())
+    }
+
+    pub fn url(&self, path_and_query: &str) -> String {
+        format!("ws://{}{}", self.addr, path_and_query)
+    }
+
+    pub fn try_http(&self, method: &str, path: &str, headers: &[(&str, &str)], body: &[u8]) -> std::io::Result<HttpResponse> {
+        http(self.addr, method, path, headers, body)
+    }
+
+    pub fn http(&self, method: &str, path: &str, headers: &[(&str, &str)], body: &[u8]) -> HttpResponse {
+        self.try_http(method, path, headers, body).expect("http request")
+    }
+
+    /// POSTs a publish body with the test API key.
+    pub fn publish(&self, body: &Value) -> HttpResponse {
+        let auth = format!("Bearer {API_KEY}");
+        self.http("POST", "/v1/publish", &[("Authorization", &auth), ("Content-Type", "application/json")], body.to_string().as_bytes())
+    }
+
+    /// Publishes events of one tenant and checks they were accepted.
+    pub fn publish_ok(&self, tenant: &str, events: Vec<Value>) {
+        let n = events.len();
+        let r = self.publish(&json!({"tenantId": tenant, "events": events}));
+        assert_eq!(r.status, 202, "publish: {}", r.body);
+        assert_eq!(r.json()["accepted"], n);
+    }
+
+    /// The summed value of a metric on `/metrics`.
+    pub fn metric(&self, name: &str) -> u64 {
+        let text = self.http("GET", "/metrics", &[], b"").body;
+        text.lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+            .unwrap_or_else(|| panic!("metric {name} missing from:\n{text}"))
+    }
+
+    /// Resident set size of the server process, in KiB.
+    pub fn rss_kib(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid())).expect("proc status");
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:")?.trim().strip_suffix("kB")?.trim().parse().ok())
+            .expect("VmRSS")
+    }
+
+    /// Opens a WebSocket as `user` of `tenant` and reads `session.ready`.
+    pub fn connect(&self, tenant: &str, user: &str) -> Client {
+        let mut c = self.connect_raw(&format!("/ws?token={}", token(tenant, user, 3600))).expect("websocket upgrade");
+        let ready = c.recv();
+        assert_eq!(ready["type"], "session.ready", "first frame: {ready}");
+        c
+    }
+
+    pub fn connect_raw(&self, path_and_query: &str) -> Result<Client, tungstenite::Error> {
+        connect_at(self.addr, &self.url(path_and_query), &[])
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+pub fn connect_at(addr: SocketAddr, url: &str, headers: &[(&str, &str)]) -> Result<Client, tungstenite::Error> {
+    let stream = TcpStream::connect(addr)?;
+    stream.set_read_timeout(Some(DEADLINE))?;
+    stream.set_nodelay(true)?;
+    let mut request = url.into_client_request()?;
+    for (k, v) in headers {
+        request.headers_mut().insert(
+            tungstenite::http::HeaderName::from_bytes(k.as_bytes()).unwrap(),
+            v.parse().unwrap(),
+        );
+    }
+    match tungstenite::client::client(request, stream) {
+        Ok((ws, _)) => Ok(Client { ws }),
+        Err(tungstenite::HandshakeError::Failure(e)) => Err(e),
+        Err(tungstenite::HandshakeError::Interrupted(_)) => panic!("blocking handshake interrupted"),
+    }
+}
+
+/// Signs an HS256 token with the test secret.
+pub fn token(tenant: &str, user: &str, ttl_s: i64) -> String {
+    sign(&json!({"sub": user, "tid": tenant, "exp": now_s() + ttl_s}), SECRET)
+}
+
+pub fn sign(claims: &Value, secret: &str) -> String {
+    jsonwebtoken::encode(&jsonwebtoken::Header::default(), claims, &jsonwebtoken::EncodingKey::from_secret(secret.as_bytes()))
+        .expect("sign")
+}
+
+pub fn now_s() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() as i64
+}
+
+/// A WebSocket client with a read deadline on every receive.
+pub struct Client {
+    pub ws: WebSocket<TcpStream>,
+}
+
+/// What a close looked like from the client.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Closed {
+    pub code: u16,
+}
+
+impl Client {
+    pub fn send(&mut self, v: &Value) {
+        self.ws.send(Message::text(v.to_string())).expect("send");
+    }
+
+    pub fn send_raw(&mut self, m: Message) {
+        self.ws.send(m).expect("send");
+    }
+
+    /// The next JSON text frame; control frames are skipped (pings are answered by tungstenite).
+    pub fn recv(&mut self) -> Value {
+        loop {
+            match self.ws.read().expect("read a frame") {
+                Message::Text(t) => return serde_json::from_str(&t).expect("JSON text frame"),
+                Message::Ping(_) | Message::Pong(_) => continue,
+                other => panic!("expected a text frame, got {other:?}"),
+            }
+        }
+    }
+
+    /// The next frame of type `kind`, failing on anything else in between.
+    pub fn expect(&mut self, kind: &str) -> Value {
+        let v = self.recv();
+        assert_eq!(v["type"], kind, "unexpected frame {v}");
+        v
+    }
+
+    /// Sends a request with `id` and returns the answer carrying that id.
+    pub fn request(&mut self, mut v: Value, id: &str) -> Value {
+        v["id"] = json!(id);
+        self.send(&v);
+        let answer = self.recv();
+        assert_eq!(answer["id"], id, "answer {answer} to {v}");
+        answer
+    }
+
+    pub fn subscribe(&mut self, conversation: &str) {
+        let a = self.request(json!({"type": "subscribe", "conversationId": conversation}), &format!("sub-{conversation}"));
+        assert_eq!(a["type"], "ack", "subscribe {conversation}: {a}");
+    }
+
+    /// Reads until the server's close frame, skipping data; returns its code.
+    pub fn expect_close(&mut self) -> Closed {
+        loop {
+            match self.ws.read() {
+                Ok(Message::Close(Some(frame))) => return Closed { code: u16::from(frame.code) },
+                Ok(Message::Close(None)) => return Closed { code: u16::from(CloseCode::Status) },
+                Ok(_) => continue,
+                Err(e) => panic!("connection ended without a close frame: {e}"),
+            }
+        }
+    }
+
+    /// True once the server has ended the connection (close frame or EOF).
+    pub fn is_closed(&mut self) -> bool {
+        loop {
+            match self.ws.read() {
+                Ok(Message::Close(_)) => continue,
+                Ok(_) => continue,
+                Err(tungstenite::Error::ConnectionClosed) | Err(tungstenite::Error::AlreadyClosed) => return true,
+                Err(tungstenite::Error::Io(e)) if e.kind() == std::io::ErrorKind::WouldBlock || e.kind() == std::io::ErrorKind::TimedOut => return false,
+                Err(_) => return true,
+            }
+        }
+    }
+}
+
+pub struct HttpResponse {
+    pub status: u16,
+    pub headers: Vec<(String, String)>,
+    pub body: String,
+}
+
+impl HttpResponse {
+    pub fn json(&self) -> Value {
+        serde_json::from_str(&self.body).unwrap_or_else(|e| panic!("body {:?} is not JSON: {e}", self.body))
+    }
+
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.iter().find(|(n, _)| n.eq_ignore_ascii_case(name)).map(|(_, v)| v.as_str())
+    }
+}
+
+/// One HTTP/1.1 request on a fresh connection (`Connection: close`).
+pub fn http(addr: SocketAddr, method: &str, path: &str, headers: &[(&str, &str)], body: &[u8]) -> std::io::Result<HttpResponse> {
+    let mut s = TcpStream::connect(addr)?;
+    s.set_read_timeout(Some(DEADLINE))?;
+    let mut req = format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Length: {}\r\n", body.len());
+    for (k, v) in headers {
+        req.push_str(&format!("{k}: {v}\r\n"));
+    }
+    req.push_str("\r\n");
+    s.write_all(req.as_bytes())?;
+    s.write_all(body)?;
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw)?;
+    parse_response(&raw)
+}
+
+pub fn parse_response(raw: &[u8]) -> std::io::Result<HttpResponse> {
+    let bad = |m: &str| std::io::Error::new(std::io::ErrorKind::InvalidData, m.to_string());
+    let text = String::from_utf8_lossy(raw);
+    let (head, body) = text.split_once("\r\n\r\n").ok_or_else(|| bad("no head"))?;
+    let mut lines = head.lines();
+    let status = lines.next().and_then(|l| l.split_whitespace().nth(1)).and_then(|s| s.parse().ok()).ok_or_else(|| bad("no status"))?;
+    let headers = lines.filter_map(|l| l.split_once(':')).map(|(k, v)| (k.trim().to_string(), v.trim().to_string())).collect();
+    Ok(HttpResponse { status, headers, body: body.to_string() })
+}
+
+/// A `conversation.updated` event.
+pub fn updated(conversation: &str, seq: usize) -> Value {
+    json!({"type": "conversation.updated", "conversationId": conversation, "seq": seq})
+}
