@@ -47,10 +47,20 @@ pub enum AuthError {
 #[derive(Debug, thiserror::Error)]
 pub enum KeyError {
     #[error("cannot read {path}: {source}")]
-    Read { path: String, source: std::io::Error },
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
     #[error("{path} is not a {kind} public key in PEM: {message}")]
-    Pem { path: String, kind: &'static str, message: String },
+    Pem {
+        path: String,
+        kind: &'static str,
+        message: String,
+    },
 }
+
+/// Loads a key of type `K` from PEM.
+type PemKey<K> = fn(&[u8]) -> jsonwebtoken::errors::Result<K>;
 
 pub struct Verifier {
     keys: HashMap<Algorithm, DecodingKey>,
@@ -64,18 +74,38 @@ impl Verifier {
     pub fn new(auth: &config::Auth) -> Result<Verifier, KeyError> {
         let mut keys = HashMap::new();
         if !auth.hs256_secret.is_empty() {
-            keys.insert(Algorithm::HS256, DecodingKey::from_secret(auth.hs256_secret.as_bytes()));
+            keys.insert(
+                Algorithm::HS256,
+                DecodingKey::from_secret(auth.hs256_secret.as_bytes()),
+            );
         }
-        let pem_keys: [(&str, Algorithm, &str, fn(&[u8]) -> jsonwebtoken::errors::Result<DecodingKey>); 2] = [
-            (&auth.rs256_public_key_file, Algorithm::RS256, "RSA", DecodingKey::from_rsa_pem),
-            (&auth.es256_public_key_file, Algorithm::ES256, "EC P-256", DecodingKey::from_ec_pem),
+        let pem_keys: [(&str, Algorithm, &str, PemKey<DecodingKey>); 2] = [
+            (
+                &auth.rs256_public_key_file,
+                Algorithm::RS256,
+                "RSA",
+                DecodingKey::from_rsa_pem,
+            ),
+            (
+                &auth.es256_public_key_file,
+                Algorithm::ES256,
+                "EC P-256",
+                DecodingKey::from_ec_pem,
+            ),
         ];
         for (path, alg, kind, load) in pem_keys {
             if path.is_empty() {
                 continue;
             }
-            let pem = std::fs::read(path).map_err(|source| KeyError::Read { path: path.into(), source })?;
-            let key = load(&pem).map_err(|e| KeyError::Pem { path: path.into(), kind, message: e.to_string() })?;
+            let pem = std::fs::read(path).map_err(|source| KeyError::Read {
+                path: path.into(),
+                source,
+            })?;
+            let key = load(&pem).map_err(|e| KeyError::Pem {
+                path: path.into(),
+                kind,
+                message: e.to_string(),
+            })?;
             keys.insert(alg, key);
         }
         let non_empty = |s: &str| (!s.is_empty()).then(|| s.to_string());
@@ -95,7 +125,9 @@ impl Verifier {
             return Err(AuthError::Missing);
         }
         let header = jsonwebtoken::decode_header(token).map_err(|e| match e.kind() {
-            ErrorKind::InvalidAlgorithmName | ErrorKind::UnsupportedAlgorithm => AuthError::Algorithm,
+            ErrorKind::InvalidAlgorithmName | ErrorKind::UnsupportedAlgorithm => {
+                AuthError::Algorithm
+            }
             _ => AuthError::Malformed,
         })?;
         let key = self.keys.get(&header.alg).ok_or(AuthError::Algorithm)?;
@@ -130,9 +162,15 @@ impl Verifier {
             .claims;
         let seconds = |name: &'static str| match claims.get(name) {
             None => Ok(None),
-            Some(v) => v.as_f64().filter(|s| s.is_finite()).map(|s| Some((s * 1000.0) as u64)).ok_or(AuthError::Claim(name)),
+            Some(v) => v
+                .as_f64()
+                .filter(|s| s.is_finite())
+                .map(|s| Some((s * 1000.0) as u64))
+                .ok_or(AuthError::Claim(name)),
         };
-        let expires_at_ms = seconds("exp")?.ok_or(AuthError::Claim("exp"))?.saturating_add(self.leeway_ms);
+        let expires_at_ms = seconds("exp")?
+            .ok_or(AuthError::Claim("exp"))?
+            .saturating_add(self.leeway_ms);
         if expires_at_ms <= now_ms {
             return Err(AuthError::Expired);
         }
@@ -141,26 +179,44 @@ impl Verifier {
                 return Err(AuthError::NotYetValid);
             }
         }
-        let user = claims.get("sub").and_then(Value::as_str).filter(|s| is_entity_id(s)).ok_or(AuthError::Claim("sub"))?;
+        let user = claims
+            .get("sub")
+            .and_then(Value::as_str)
+            .filter(|s| is_entity_id(s))
+            .ok_or(AuthError::Claim("sub"))?;
         let tenant = claims
             .get(&self.tenant_claim)
             .and_then(Value::as_str)
             .filter(|s| is_tenant_id(s))
             .ok_or(AuthError::Claim("tenant"))?;
-        Ok(Identity { tenant: tenant.into(), user: user.into(), expires_at_ms })
+        Ok(Identity {
+            tenant: tenant.into(),
+            user: user.into(),
+            expires_at_ms,
+        })
     }
 }
 
 /// Signs an HS256 token, as `fanfare token` prints it.
-pub fn mint_hs256(auth: &config::Auth, tenant: &str, user: &str, ttl_s: u64, now_s: u64) -> Result<String, String> {
+pub fn mint_hs256(
+    auth: &config::Auth,
+    tenant: &str,
+    user: &str,
+    ttl_s: u64,
+    now_s: u64,
+) -> Result<String, String> {
     if auth.hs256_secret.is_empty() {
         return Err("auth.hs256_secret is empty: HS256 tokens cannot be minted".into());
     }
     if !is_tenant_id(tenant) {
-        return Err(format!("tenant `{tenant}` does not match [A-Za-z0-9._-]{{1,64}}"));
+        return Err(format!(
+            "tenant `{tenant}` does not match [A-Za-z0-9._-]{{1,64}}"
+        ));
     }
     if !is_entity_id(user) {
-        return Err(format!("user `{user}` does not match [A-Za-z0-9._~@:-]{{1,128}}"));
+        return Err(format!(
+            "user `{user}` does not match [A-Za-z0-9._~@:-]{{1,128}}"
+        ));
     }
     let mut claims = serde_json::Map::new();
     claims.insert("sub".into(), user.into());
@@ -173,13 +229,19 @@ pub fn mint_hs256(auth: &config::Auth, tenant: &str, user: &str, ttl_s: u64, now
     if !auth.issuer.is_empty() {
         claims.insert("iss".into(), auth.issuer.clone().into());
     }
-    jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, &EncodingKey::from_secret(auth.hs256_secret.as_bytes()))
-        .map_err(|e| e.to_string())
+    jsonwebtoken::encode(
+        &Header::new(Algorithm::HS256),
+        &claims,
+        &EncodingKey::from_secret(auth.hs256_secret.as_bytes()),
+    )
+    .map_err(|e| e.to_string())
 }
 
 /// Milliseconds since the Unix epoch.
 pub fn now_ms() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
 }
 
 #[cfg(test)]
@@ -212,15 +274,25 @@ mod tests {
     }
 
     fn hs(c: &Value, secret: &str) -> String {
-        jsonwebtoken::encode(&Header::new(Algorithm::HS256), c, &EncodingKey::from_secret(secret.as_bytes())).unwrap()
+        jsonwebtoken::encode(
+            &Header::new(Algorithm::HS256),
+            c,
+            &EncodingKey::from_secret(secret.as_bytes()),
+        )
+        .unwrap()
     }
 
     fn pem_signed(alg: Algorithm, c: &Value) -> String {
-        let (path, key): (&str, fn(&[u8]) -> jsonwebtoken::errors::Result<EncodingKey>) = match alg {
+        let (path, key): (&str, PemKey<EncodingKey>) = match alg {
             Algorithm::RS256 => ("tests/keys/rs256.pem", EncodingKey::from_rsa_pem),
             _ => ("tests/keys/es256.pem", EncodingKey::from_ec_pem),
         };
-        jsonwebtoken::encode(&Header::new(alg), c, &key(&std::fs::read(path).unwrap()).unwrap()).unwrap()
+        jsonwebtoken::encode(
+            &Header::new(alg),
+            c,
+            &key(&std::fs::read(path).unwrap()).unwrap(),
+        )
+        .unwrap()
     }
 
     fn verify_with(a: &config::Auth, token: &str) -> Result<Identity, AuthError> {
@@ -230,37 +302,69 @@ mod tests {
     #[test]
     fn accepts_each_configured_algorithm() {
         let c = claims(json!({}));
-        for token in [hs(&c, "unit-secret"), pem_signed(Algorithm::RS256, &c), pem_signed(Algorithm::ES256, &c)] {
+        for token in [
+            hs(&c, "unit-secret"),
+            pem_signed(Algorithm::RS256, &c),
+            pem_signed(Algorithm::ES256, &c),
+        ] {
             let id = verify_with(&cfg(), &token).unwrap();
-            assert_eq!((&*id.tenant, &*id.user, id.expires_at_ms), ("t1", "u1", NOW + 60_000));
+            assert_eq!(
+                (&*id.tenant, &*id.user, id.expires_at_ms),
+                ("t1", "u1", NOW + 60_000)
+            );
         }
     }
 
     #[test]
     fn rejects_unconfigured_algorithms_and_confusion() {
         let c = claims(json!({}));
-        let hs_only = config::Auth { hs256_secret: "unit-secret".into(), ..Default::default() };
-        assert_eq!(verify_with(&hs_only, &pem_signed(Algorithm::RS256, &c)), Err(AuthError::Algorithm));
+        let hs_only = config::Auth {
+            hs256_secret: "unit-secret".into(),
+            ..Default::default()
+        };
+        assert_eq!(
+            verify_with(&hs_only, &pem_signed(Algorithm::RS256, &c)),
+            Err(AuthError::Algorithm)
+        );
         // HS256 signed with the RSA public key as the secret: the classic confusion attack.
         let public = std::fs::read_to_string("tests/keys/rs256.pub.pem").unwrap();
-        let rs_only = config::Auth { hs256_secret: String::new(), ..cfg() };
-        assert_eq!(verify_with(&rs_only, &hs(&c, &public)), Err(AuthError::Algorithm));
+        let rs_only = config::Auth {
+            hs256_secret: String::new(),
+            ..cfg()
+        };
+        assert_eq!(
+            verify_with(&rs_only, &hs(&c, &public)),
+            Err(AuthError::Algorithm)
+        );
         // alg: none — jsonwebtoken's header type cannot even represent it, so it never parses.
         use base64_url as b64;
-        let none = format!("{}.{}.", b64::encode(r#"{"alg":"none","typ":"JWT"}"#), b64::encode(&c.to_string()));
+        let none = format!(
+            "{}.{}.",
+            b64::encode(r#"{"alg":"none","typ":"JWT"}"#),
+            b64::encode(&c.to_string())
+        );
         assert_eq!(verify_with(&cfg(), &none), Err(AuthError::Malformed));
-        let hs512 = jsonwebtoken::encode(&Header::new(Algorithm::HS512), &c, &EncodingKey::from_secret(b"unit-secret")).unwrap();
+        let hs512 = jsonwebtoken::encode(
+            &Header::new(Algorithm::HS512),
+            &c,
+            &EncodingKey::from_secret(b"unit-secret"),
+        )
+        .unwrap();
         assert_eq!(verify_with(&cfg(), &hs512), Err(AuthError::Algorithm));
     }
 
     /// Minimal base64url (no padding) for hand-built tokens.
     mod base64_url {
         pub fn encode(s: &str) -> String {
-            const T: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
+            const T: &[u8; 64] =
+                b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
             let b = s.as_bytes();
             let mut out = String::new();
             for chunk in b.chunks(3) {
-                let n = chunk.iter().enumerate().fold(0u32, |acc, (i, &x)| acc | (x as u32) << (16 - 8 * i));
+                let n = chunk
+                    .iter()
+                    .enumerate()
+                    .fold(0u32, |acc, (i, &x)| acc | (x as u32) << (16 - 8 * i));
                 for i in 0..=chunk.len() {
                     out.push(T[((n >> (18 - 6 * i)) & 63) as usize] as char);
                 }
@@ -272,17 +376,29 @@ mod tests {
     #[test]
     fn checks_signature_and_time_claims() {
         let v = |extra: Value| verify_with(&cfg(), &hs(&claims(extra), "unit-secret"));
-        assert_eq!(verify_with(&cfg(), &hs(&claims(json!({})), "other")), Err(AuthError::Signature));
+        assert_eq!(
+            verify_with(&cfg(), &hs(&claims(json!({})), "other")),
+            Err(AuthError::Signature)
+        );
         assert_eq!(v(json!({"exp": NOW_S - 1})), Err(AuthError::Expired));
         assert_eq!(v(json!({"exp": NOW_S})), Err(AuthError::Expired));
         assert_eq!(v(json!({"nbf": NOW_S + 5})), Err(AuthError::NotYetValid));
         assert!(v(json!({"nbf": NOW_S})).is_ok());
         assert_eq!(v(json!({"exp": null})), Err(AuthError::Claim("exp")));
         assert_eq!(v(json!({"exp": "soon"})), Err(AuthError::Claim("exp")));
-        let lenient = config::Auth { leeway_ms: 2000, ..cfg() };
-        let t = hs(&claims(json!({"exp": NOW_S - 1, "nbf": NOW_S + 1})), "unit-secret");
+        let lenient = config::Auth {
+            leeway_ms: 2000,
+            ..cfg()
+        };
+        let t = hs(
+            &claims(json!({"exp": NOW_S - 1, "nbf": NOW_S + 1})),
+            "unit-secret",
+        );
         assert!(verify_with(&lenient, &t).is_ok());
-        assert_eq!(verify_with(&cfg(), "not.a.token"), Err(AuthError::Malformed));
+        assert_eq!(
+            verify_with(&cfg(), "not.a.token"),
+            Err(AuthError::Malformed)
+        );
         assert_eq!(verify_with(&cfg(), ""), Err(AuthError::Missing));
     }
 
@@ -293,19 +409,32 @@ mod tests {
         assert_eq!(v(json!({"sub": "a b"})), Err(AuthError::Claim("sub")));
         assert_eq!(v(json!({"tid": null})), Err(AuthError::Claim("tenant")));
         assert_eq!(v(json!({"tid": "t:1"})), Err(AuthError::Claim("tenant")));
-        let custom = config::Auth { tenant_claim: "org".into(), ..cfg() };
+        let custom = config::Auth {
+            tenant_claim: "org".into(),
+            ..cfg()
+        };
         let t = hs(&claims(json!({"tid": null, "org": "acme"})), "unit-secret");
         assert_eq!(&*verify_with(&custom, &t).unwrap().tenant, "acme");
     }
 
     #[test]
     fn checks_audience_and_issuer_when_configured() {
-        let strict = config::Auth { audience: "app".into(), issuer: "idp".into(), ..cfg() };
+        let strict = config::Auth {
+            audience: "app".into(),
+            issuer: "idp".into(),
+            ..cfg()
+        };
         let t = |extra: Value| verify_with(&strict, &hs(&claims(extra), "unit-secret"));
         assert!(t(json!({"aud": "app", "iss": "idp"})).is_ok());
-        assert_eq!(t(json!({"aud": "other", "iss": "idp"})), Err(AuthError::Audience));
+        assert_eq!(
+            t(json!({"aud": "other", "iss": "idp"})),
+            Err(AuthError::Audience)
+        );
         assert_eq!(t(json!({"iss": "idp"})), Err(AuthError::Audience));
-        assert_eq!(t(json!({"aud": "app", "iss": "evil"})), Err(AuthError::Issuer));
+        assert_eq!(
+            t(json!({"aud": "app", "iss": "evil"})),
+            Err(AuthError::Issuer)
+        );
         assert_eq!(t(json!({"aud": "app"})), Err(AuthError::Issuer));
     }
 

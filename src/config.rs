@@ -20,7 +20,10 @@ const ENV_PREFIX: &str = "FANFARE_";
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("cannot read config file {path}: {source}")]
-    Read { path: PathBuf, source: std::io::Error },
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("config file {path} is not valid TOML: {message}")]
     Syntax { path: PathBuf, message: String },
     #[error("config key `{key}`: {message}")]
@@ -31,7 +34,10 @@ pub enum ConfigError {
 
 impl ConfigError {
     fn key(key: impl Into<String>, message: impl Into<String>) -> Self {
-        ConfigError::Key { key: key.into(), message: message.into() }
+        ConfigError::Key {
+            key: key.into(),
+            message: message.into(),
+        }
     }
 }
 
@@ -139,7 +145,10 @@ pub struct Heartbeat {
 
 impl Default for Heartbeat {
     fn default() -> Self {
-        Heartbeat { interval_ms: 30_000, timeout_ms: 60_000 }
+        Heartbeat {
+            interval_ms: 30_000,
+            timeout_ms: 60_000,
+        }
     }
 }
 
@@ -151,7 +160,9 @@ pub struct Publish {
 
 impl Default for Publish {
     fn default() -> Self {
-        Publish { api_keys: vec![DEV_API_KEY.into()] }
+        Publish {
+            api_keys: vec![DEV_API_KEY.into()],
+        }
     }
 }
 
@@ -164,7 +175,10 @@ pub struct Log {
 
 impl Default for Log {
     fn default() -> Self {
-        Log { format: LogFormat::Text, level: "info".into() }
+        Log {
+            format: LogFormat::Text,
+            level: "info".into(),
+        }
     }
 }
 
@@ -190,13 +204,19 @@ impl Config {
             .map_err(|e| ConfigError::key("<defaults>", e.to_string()))?;
         let mut overrides = toml::Table::new();
         if let Some(path) = file {
-            let text = std::fs::read_to_string(path)
-                .map_err(|source| ConfigError::Read { path: path.into(), source })?;
-            overrides = toml::from_str(&text)
-                .map_err(|e| ConfigError::Syntax { path: path.into(), message: e.to_string() })?;
+            let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+                path: path.into(),
+                source,
+            })?;
+            overrides = toml::from_str(&text).map_err(|e| ConfigError::Syntax {
+                path: path.into(),
+                message: e.to_string(),
+            })?;
         }
         for (var, value) in env {
-            let Some(name) = var.strip_prefix(ENV_PREFIX) else { continue };
+            let Some(name) = var.strip_prefix(ENV_PREFIX) else {
+                continue;
+            };
             let (section, key) = name
                 .split_once("__")
                 .map(|(s, k)| (s.to_ascii_lowercase(), k.to_ascii_lowercase()))
@@ -215,10 +235,16 @@ impl Config {
                 .insert(key, parsed);
         }
         // `heartbeat.timeout_ms` defaults to twice the interval, whatever the interval is.
-        if let Some(hb) = overrides.get_mut("heartbeat").and_then(|h| h.as_table_mut()) {
+        if let Some(hb) = overrides
+            .get_mut("heartbeat")
+            .and_then(|h| h.as_table_mut())
+        {
             if !hb.contains_key("timeout_ms") {
                 if let Some(interval) = hb.get("interval_ms").and_then(|v| v.as_integer()) {
-                    hb.insert("timeout_ms".into(), toml::Value::Integer(interval.saturating_mul(2)));
+                    hb.insert(
+                        "timeout_ms".into(),
+                        toml::Value::Integer(interval.saturating_mul(2)),
+                    );
                 }
             }
         }
@@ -235,15 +261,28 @@ impl Config {
         if self.server.shards > cores.min(64) {
             return Err(ConfigError::key(
                 "server.shards",
-                format!("{} is more than the {} usable cores (0 = all)", self.server.shards, cores.min(64)),
+                format!(
+                    "{} is more than the {} usable cores (0 = all)",
+                    self.server.shards,
+                    cores.min(64)
+                ),
             ));
         }
         let positive: [(&str, u64); 6] = [
-            ("server.shutdown_timeout_ms", self.server.shutdown_timeout_ms),
+            (
+                "server.shutdown_timeout_ms",
+                self.server.shutdown_timeout_ms,
+            ),
             ("server.request_timeout_ms", self.server.request_timeout_ms),
             ("server.mesh_queue_len", self.server.mesh_queue_len as u64),
-            ("limits.max_message_bytes", self.limits.max_message_bytes as u64),
-            ("limits.outbound_queue_bytes", self.limits.outbound_queue_bytes as u64),
+            (
+                "limits.max_message_bytes",
+                self.limits.max_message_bytes as u64,
+            ),
+            (
+                "limits.outbound_queue_bytes",
+                self.limits.outbound_queue_bytes as u64,
+            ),
             ("heartbeat.interval_ms", self.heartbeat.interval_ms),
         ];
         for (key, value) in positive {
@@ -252,7 +291,10 @@ impl Config {
             }
         }
         if self.server.max_request_head_bytes < 512 {
-            return Err(ConfigError::key("server.max_request_head_bytes", "must be at least 512"));
+            return Err(ConfigError::key(
+                "server.max_request_head_bytes",
+                "must be at least 512",
+            ));
         }
         if self.heartbeat.timeout_ms <= self.heartbeat.interval_ms {
             return Err(ConfigError::key(
@@ -261,8 +303,14 @@ impl Config {
             ));
         }
         let rates = [
-            ("limits.connect_rate_per_ip", self.limits.connect_rate_per_ip),
-            ("limits.connect_burst_per_ip", self.limits.connect_burst_per_ip),
+            (
+                "limits.connect_rate_per_ip",
+                self.limits.connect_rate_per_ip,
+            ),
+            (
+                "limits.connect_burst_per_ip",
+                self.limits.connect_burst_per_ip,
+            ),
             ("limits.msg_rate", self.limits.msg_rate),
             ("limits.msg_burst", self.limits.msg_burst),
         ];
@@ -272,28 +320,56 @@ impl Config {
             }
         }
         for (key, burst, rate) in [
-            ("limits.connect_burst_per_ip", self.limits.connect_burst_per_ip, self.limits.connect_rate_per_ip),
-            ("limits.msg_burst", self.limits.msg_burst, self.limits.msg_rate),
+            (
+                "limits.connect_burst_per_ip",
+                self.limits.connect_burst_per_ip,
+                self.limits.connect_rate_per_ip,
+            ),
+            (
+                "limits.msg_burst",
+                self.limits.msg_burst,
+                self.limits.msg_rate,
+            ),
         ] {
             if burst < 1.0 || burst < rate.min(1.0) {
-                return Err(ConfigError::key(key, format!("must be at least 1 (rate {rate})")));
+                return Err(ConfigError::key(
+                    key,
+                    format!("must be at least 1 (rate {rate})"),
+                ));
             }
         }
         if self.publish.api_keys.is_empty() || self.publish.api_keys.iter().any(|k| k.is_empty()) {
-            return Err(ConfigError::key("publish.api_keys", "needs at least one non-empty key"));
+            return Err(ConfigError::key(
+                "publish.api_keys",
+                "needs at least one non-empty key",
+            ));
         }
         let a = &self.auth;
-        if a.hs256_secret.is_empty() && a.rs256_public_key_file.is_empty() && a.es256_public_key_file.is_empty() {
+        if a.hs256_secret.is_empty()
+            && a.rs256_public_key_file.is_empty()
+            && a.es256_public_key_file.is_empty()
+        {
             return Err(ConfigError::key(
                 "auth.hs256_secret",
                 "no algorithm is enabled: set hs256_secret, rs256_public_key_file or es256_public_key_file",
             ));
         }
         if a.tenant_claim.trim().is_empty() {
-            return Err(ConfigError::key("auth.tenant_claim", "must be a non-empty claim name"));
+            return Err(ConfigError::key(
+                "auth.tenant_claim",
+                "must be a non-empty claim name",
+            ));
         }
-        if self.log.level.parse::<tracing_subscriber::filter::EnvFilter>().is_err() {
-            return Err(ConfigError::key("log.level", format!("`{}` is not a log filter", self.log.level)));
+        if self
+            .log
+            .level
+            .parse::<tracing_subscriber::filter::EnvFilter>()
+            .is_err()
+        {
+            return Err(ConfigError::key(
+                "log.level",
+                format!("`{}` is not a log filter", self.log.level),
+            ));
         }
         if self.uses_dev_secrets() && !listen.ip().is_loopback() {
             return Err(ConfigError::key(
@@ -308,15 +384,18 @@ impl Config {
     }
 
     pub fn listen_addr(&self) -> Result<SocketAddr, ConfigError> {
-        self.server
-            .listen
-            .parse()
-            .map_err(|_| ConfigError::key("server.listen", format!("`{}` is not an ip:port address", self.server.listen)))
+        self.server.listen.parse().map_err(|_| {
+            ConfigError::key(
+                "server.listen",
+                format!("`{}` is not an ip:port address", self.server.listen),
+            )
+        })
     }
 
     /// True while the built-in development secret or API key is configured.
     pub fn uses_dev_secrets(&self) -> bool {
-        self.auth.hs256_secret == DEV_SECRET || self.publish.api_keys.iter().any(|k| k == DEV_API_KEY)
+        self.auth.hs256_secret == DEV_SECRET
+            || self.publish.api_keys.iter().any(|k| k == DEV_API_KEY)
     }
 
     /// The effective configuration as TOML, as `check-config` prints it.
@@ -361,7 +440,10 @@ mod tests {
     use std::io::Write;
 
     fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
-        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
     }
 
     fn file(text: &str) -> tempfile_path::TempPath {
@@ -376,7 +458,8 @@ mod tests {
             pub fn with(text: &str) -> TempPath {
                 static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
                 let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                let p = std::env::temp_dir().join(format!("fanfare-cfg-{}-{n}.toml", std::process::id()));
+                let p = std::env::temp_dir()
+                    .join(format!("fanfare-cfg-{}-{n}.toml", std::process::id()));
                 let mut f = std::fs::File::create(&p).unwrap();
                 f.write_all(text.as_bytes()).unwrap();
                 TempPath(p)
@@ -400,7 +483,10 @@ mod tests {
         let f = file("[limits]\nmax_subscriptions = 7\n");
         let c = Config::load_from(Some(&f.0), env(&[])).unwrap();
         assert_eq!(c.limits.max_subscriptions, 7);
-        assert_eq!(c.limits.max_message_bytes, Limits::default().max_message_bytes);
+        assert_eq!(
+            c.limits.max_message_bytes,
+            Limits::default().max_message_bytes
+        );
         assert_eq!(c.server.listen, "127.0.0.1:8080");
     }
 
@@ -428,7 +514,10 @@ mod tests {
         assert_eq!(c.heartbeat.timeout_ms, 200);
         let c = Config::load_from(
             None,
-            env(&[("FANFARE_HEARTBEAT__INTERVAL_MS", "100"), ("FANFARE_HEARTBEAT__TIMEOUT_MS", "150")]),
+            env(&[
+                ("FANFARE_HEARTBEAT__INTERVAL_MS", "100"),
+                ("FANFARE_HEARTBEAT__TIMEOUT_MS", "150"),
+            ]),
         )
         .unwrap();
         assert_eq!(c.heartbeat.timeout_ms, 150);
@@ -436,15 +525,21 @@ mod tests {
 
     fn error_of(text: &str, vars: &[(&str, &str)]) -> String {
         let f = file(text);
-        Config::load_from(Some(&f.0), env(vars)).unwrap_err().to_string()
+        Config::load_from(Some(&f.0), env(vars))
+            .unwrap_err()
+            .to_string()
     }
 
     #[test]
     fn bad_input_names_the_key() {
         assert!(error_of("[server]\nlisen = \"x\"\n", &[]).contains("lisen"));
         assert!(error_of("[nope]\n", &[]).contains("nope"));
-        assert!(error_of("[limits]\nmax_message_bytes = \"big\"\n", &[]).contains("limits.max_message_bytes"));
-        assert!(error_of("[heartbeat]\ninterval_ms = 100\ntimeout_ms = 50\n", &[]).contains("heartbeat.timeout_ms"));
+        assert!(error_of("[limits]\nmax_message_bytes = \"big\"\n", &[])
+            .contains("limits.max_message_bytes"));
+        assert!(
+            error_of("[heartbeat]\ninterval_ms = 100\ntimeout_ms = 50\n", &[])
+                .contains("heartbeat.timeout_ms")
+        );
         assert!(error_of("[server]\nlisten = \"nowhere\"\n", &[]).contains("server.listen"));
         assert!(error_of("", &[("FANFARE_SERVER__LISTN", "x")]).contains("FANFARE_SERVER__LISTN"));
         assert!(error_of("", &[("FANFARE_BOGUS", "x")]).contains("FANFARE_BOGUS"));
@@ -458,7 +553,10 @@ mod tests {
     #[test]
     fn dev_secrets_refuse_non_loopback_binds() {
         let e = error_of("[server]\nlisten = \"0.0.0.0:8080\"\n", &[]);
-        assert!(e.contains("server.listen") && e.contains("development"), "{e}");
+        assert!(
+            e.contains("server.listen") && e.contains("development"),
+            "{e}"
+        );
         let ok = file("[server]\nlisten = \"0.0.0.0:8080\"\n[auth]\nhs256_secret = \"s3cret-s3cret-s3cret\"\n[publish]\napi_keys = [\"k\"]\n");
         assert!(Config::load_from(Some(&ok.0), env(&[])).is_ok());
     }

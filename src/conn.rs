@@ -39,7 +39,9 @@ const RATE_EPISODE_GAP: Duration = Duration::from_secs(1);
 /// How a connection ended, for the disconnect log line.
 enum End {
     /// The close handshake ran; `code` is what the server sent.
-    Closed { code: CloseCode },
+    Closed {
+        code: CloseCode,
+    },
     /// The peer went away without a close handshake.
     Dropped(&'static str),
     Io(io::Error),
@@ -62,15 +64,30 @@ struct Conn {
 
 /// Serves one upgraded connection until it closes. `pending` holds bytes that arrived after
 /// the request head.
-pub async fn serve(shard: Rc<Shard>, stream: TcpStream, pending: BytesMut, identity: Identity, peer: SocketAddr) {
+pub async fn serve(
+    shard: Rc<Shard>,
+    stream: TcpStream,
+    pending: BytesMut,
+    identity: Identity,
+    peer: SocketAddr,
+) {
     let started = Instant::now();
     let config = shard.config.clone();
-    let out = Rc::new(Outbound::new(shard.next_id(), config.limits.outbound_queue_bytes, started));
+    let out = Rc::new(Outbound::new(
+        shard.next_id(),
+        config.limits.outbound_queue_bytes,
+        started,
+    ));
     let conn_id = format!("{:x}", out.id);
     shard.register(out.clone());
     shard.stats().connects_total.inc();
     info!(conn = %conn_id, tenant = %identity.tenant, user = %identity.user, %peer, core = shard.id, "connect");
-    let ready = server_event::session_ready(&conn_id, &identity.user, &identity.tenant, config.heartbeat.interval_ms);
+    let ready = server_event::session_ready(
+        &conn_id,
+        &identity.user,
+        &identity.tenant,
+        config.heartbeat.interval_ms,
+    );
     out.push(ws::text(ready.as_bytes()));
 
     let stream = RefCell::new(stream);
@@ -104,13 +121,22 @@ pub async fn serve(shard: Rc<Shard>, stream: TcpStream, pending: BytesMut, ident
         End::Closed { code } => info!(
             conn = %conn_id, %tenant, %user, code = code.code(), reason = code.reason(), peer_code, duration_ms, "disconnect"
         ),
-        End::Dropped(reason) => info!(conn = %conn_id, %tenant, %user, code = 1006, reason, duration_ms, "disconnect"),
-        End::Io(e) => info!(conn = %conn_id, %tenant, %user, code = 1006, reason = %e, duration_ms, "disconnect"),
+        End::Dropped(reason) => {
+            info!(conn = %conn_id, %tenant, %user, code = 1006, reason, duration_ms, "disconnect")
+        }
+        End::Io(e) => {
+            info!(conn = %conn_id, %tenant, %user, code = 1006, reason = %e, duration_ms, "disconnect")
+        }
     }
 }
 
 impl Conn {
-    async fn read_loop(&mut self, stream: &RefCell<TcpStream>, mut rbuf: BytesMut, peer_closed: &Latch) -> End {
+    async fn read_loop(
+        &mut self,
+        stream: &RefCell<TcpStream>,
+        mut rbuf: BytesMut,
+        peer_closed: &Latch,
+    ) -> End {
         let max = self.shard.config.limits.max_message_bytes;
         // After a protocol error the byte stream cannot be framed any more: discard it.
         let mut garbled = false;
@@ -147,7 +173,12 @@ impl Conn {
     }
 
     /// Handles one complete frame; `Err` is a protocol violation to close with.
-    async fn on_frame(&mut self, head: ws::FrameHead, payload: BytesMut, peer_closed: &Latch) -> Result<(), CloseCode> {
+    async fn on_frame(
+        &mut self,
+        head: ws::FrameHead,
+        payload: BytesMut,
+        peer_closed: &Latch,
+    ) -> Result<(), CloseCode> {
         match head.opcode {
             ws::OP_PING => {
                 self.out.push(ws::frame(ws::OP_PONG, &payload));
@@ -162,7 +193,8 @@ impl Conn {
                 let (opcode, message) = match (opcode, self.fragments.take(), head.fin) {
                     (ws::OP_CONTINUATION, None, _) => return Err(CloseCode::ProtocolError),
                     (ws::OP_CONTINUATION, Some((first, mut sofar)), fin) => {
-                        if sofar.len() + payload.len() > self.shard.config.limits.max_message_bytes {
+                        if sofar.len() + payload.len() > self.shard.config.limits.max_message_bytes
+                        {
                             return Err(CloseCode::TooBig);
                         }
                         sofar.extend_from_slice(&payload);
@@ -193,7 +225,11 @@ impl Conn {
             return Ok(());
         }
         if opcode == ws::OP_BINARY {
-            self.error(ErrorCode::InvalidMessage, "binary frames are not accepted; send JSON text", None);
+            self.error(
+                ErrorCode::InvalidMessage,
+                "binary frames are not accepted; send JSON text",
+                None,
+            );
             return Ok(());
         }
         if std::str::from_utf8(&message).is_err() {
@@ -245,7 +281,11 @@ impl Conn {
     /// `rate_limited` a second, and closes with 4008 when dropping has lasted 5 s.
     fn within_rate(&mut self) -> bool {
         let (limits, now) = (&self.shard.config.limits, Instant::now());
-        if self.bucket.take(limits.msg_rate, limits.msg_burst, now).is_ok() {
+        if self
+            .bucket
+            .take(limits.msg_rate, limits.msg_burst, now)
+            .is_ok()
+        {
             return true;
         }
         let first = match self.drops {
@@ -256,9 +296,15 @@ impl Conn {
         if now.duration_since(first) >= RATE_LIMIT_GRACE {
             self.shard.stats().rate_limit_closes_total.inc();
             self.out.close(CloseCode::RateLimited);
-        } else if self.last_rate_error.is_none_or(|t| now.duration_since(t) >= Duration::from_secs(1)) {
+        } else if self
+            .last_rate_error
+            .is_none_or(|t| now.duration_since(t) >= Duration::from_secs(1))
+        {
             self.last_rate_error = Some(now);
-            let message = format!("over {} events per second; events are being dropped", limits.msg_rate);
+            let message = format!(
+                "over {} events per second; events are being dropped",
+                limits.msg_rate
+            );
             self.error(ErrorCode::RateLimited, &message, None);
         }
         false
@@ -272,12 +318,17 @@ impl Conn {
 
     fn error(&self, code: ErrorCode, message: &str, id: Option<&str>) {
         self.shard.stats().client_errors_total.inc();
-        self.out.push(ws::text(server_event::error(code, message, id).as_bytes()));
+        self.out
+            .push(ws::text(server_event::error(code, message, id).as_bytes()));
     }
 }
 
 /// Reads what the socket has into `rbuf`, through the core's scratch buffer.
-async fn read_some(shard: &Shard, stream: &RefCell<TcpStream>, rbuf: &mut BytesMut) -> io::Result<usize> {
+async fn read_some(
+    shard: &Shard,
+    stream: &RefCell<TcpStream>,
+    rbuf: &mut BytesMut,
+) -> io::Result<usize> {
     poll_fn(|cx| {
         let mut scratch = shard.scratch.borrow_mut();
         let polled = Pin::new(&mut *stream.borrow_mut()).poll_read(cx, &mut scratch[..]);
@@ -290,7 +341,13 @@ async fn read_some(shard: &Shard, stream: &RefCell<TcpStream>, rbuf: &mut BytesM
 }
 
 /// Writes queued frames until the close handshake is done.
-async fn write_loop(shard: &Shard, out: &Outbound, stream: &RefCell<TcpStream>, peer_closed: &Latch, stall: Duration) -> End {
+async fn write_loop(
+    shard: &Shard,
+    out: &Outbound,
+    stream: &RefCell<TcpStream>,
+    peer_closed: &Latch,
+    stall: Duration,
+) -> End {
     loop {
         match poll_fn(|cx| out.poll_next(cx, WRITE_BATCH_BYTES)).await {
             Next::Frames(frames) => {
@@ -329,14 +386,18 @@ async fn write_loop(shard: &Shard, out: &Outbound, stream: &RefCell<TcpStream>, 
 async fn write_all(stream: &RefCell<TcpStream>, data: &[u8], stall: Duration) -> io::Result<usize> {
     let mut at = 0;
     while at < data.len() {
-        let mut write = poll_fn(|cx| Pin::new(&mut *stream.borrow_mut()).poll_write(cx, &data[at..]));
+        let mut write =
+            poll_fn(|cx| Pin::new(&mut *stream.borrow_mut()).poll_write(cx, &data[at..]));
         // The timer is armed only when the socket is full.
         let n = match futures_lite::future::poll_once(&mut write).await {
             Some(r) => r?,
             None => {
                 let timeout = async {
                     glommio::timer::sleep(stall).await;
-                    Err(io::Error::new(io::ErrorKind::TimedOut, "peer read nothing for heartbeat.timeout_ms"))
+                    Err(io::Error::new(
+                        io::ErrorKind::TimedOut,
+                        "peer read nothing for heartbeat.timeout_ms",
+                    ))
                 };
                 futures_lite::future::or(write, timeout).await?
             }

@@ -44,7 +44,12 @@ pub fn parse_head(buf: &[u8], max_len: usize) -> Result<Option<Request>, HeadErr
                 headers: req
                     .headers
                     .iter()
-                    .map(|h| (h.name.to_ascii_lowercase(), String::from_utf8_lossy(h.value).into_owned()))
+                    .map(|h| {
+                        (
+                            h.name.to_ascii_lowercase(),
+                            String::from_utf8_lossy(h.value).into_owned(),
+                        )
+                    })
                     .collect(),
                 head_len,
             }))
@@ -55,7 +60,10 @@ pub fn parse_head(buf: &[u8], max_len: usize) -> Result<Option<Request>, HeadErr
 
 impl Request {
     pub fn header(&self, name: &str) -> Option<&str> {
-        self.headers.iter().find(|(n, _)| n == name).map(|(_, v)| v.trim())
+        self.headers
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v.trim())
     }
 
     /// True when `name`'s comma-separated value lists `token` (case-insensitive).
@@ -91,11 +99,15 @@ impl Request {
     /// `Content-Length`, 0 when absent. Chunked bodies are refused.
     pub fn content_length(&self) -> Result<usize, HeadError> {
         if self.header("transfer-encoding").is_some() {
-            return Err(HeadError::Malformed("Transfer-Encoding is not supported; send Content-Length".into()));
+            return Err(HeadError::Malformed(
+                "Transfer-Encoding is not supported; send Content-Length".into(),
+            ));
         }
         match self.header("content-length") {
             None => Ok(0),
-            Some(v) => v.parse().map_err(|_| HeadError::Malformed(format!("bad Content-Length `{v}`"))),
+            Some(v) => v
+                .parse()
+                .map_err(|_| HeadError::Malformed(format!("bad Content-Length `{v}`"))),
         }
     }
 
@@ -127,7 +139,10 @@ fn percent_decode(s: &str) -> String {
     while i < b.len() {
         let hex = |c: u8| (c as char).to_digit(16);
         match b[i] {
-            b'%' => match (b.get(i + 1).and_then(|&c| hex(c)), b.get(i + 2).and_then(|&c| hex(c))) {
+            b'%' => match (
+                b.get(i + 1).and_then(|&c| hex(c)),
+                b.get(i + 2).and_then(|&c| hex(c)),
+            ) {
                 (Some(h), Some(l)) => {
                     out.push((h * 16 + l) as u8);
                     i += 3;
@@ -164,7 +179,13 @@ pub fn reason(status: u16) -> &'static str {
 }
 
 /// A complete response with a body.
-pub fn response(status: u16, content_type: &str, body: &str, extra_headers: &[(&str, &str)], keep_alive: bool) -> Vec<u8> {
+pub fn response(
+    status: u16,
+    content_type: &str,
+    body: &str,
+    extra_headers: &[(&str, &str)],
+    keep_alive: bool,
+) -> Vec<u8> {
     let mut head = format!(
         "HTTP/1.1 {status} {}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\n",
         reason(status),
@@ -174,7 +195,11 @@ pub fn response(status: u16, content_type: &str, body: &str, extra_headers: &[(&
         // Writing into a String cannot fail.
         let _ = write!(head, "{name}: {value}\r\n");
     }
-    head.push_str(if keep_alive { "Connection: keep-alive\r\n\r\n" } else { "Connection: close\r\n\r\n" });
+    head.push_str(if keep_alive {
+        "Connection: keep-alive\r\n\r\n"
+    } else {
+        "Connection: close\r\n\r\n"
+    });
     let mut out = head.into_bytes();
     out.extend_from_slice(body.as_bytes());
     out
@@ -207,9 +232,20 @@ mod tests {
     #[test]
     fn bounds_and_rejects_heads() {
         let big = format!("GET / HTTP/1.1\r\nX: {}\r\n", "a".repeat(600));
-        assert_eq!(parse_head(big.as_bytes(), 512).err(), Some(HeadError::TooLarge(512)));
-        assert!(matches!(parse_head(b"GARBAGE\0\r\n\r\n", 512), Err(HeadError::Malformed(_))));
-        let close = parse_head(b"POST / HTTP/1.1\r\nConnection: close\r\nContent-Length: 12\r\n\r\n", 512).unwrap().unwrap();
+        assert_eq!(
+            parse_head(big.as_bytes(), 512).err(),
+            Some(HeadError::TooLarge(512))
+        );
+        assert!(matches!(
+            parse_head(b"GARBAGE\0\r\n\r\n", 512),
+            Err(HeadError::Malformed(_))
+        ));
+        let close = parse_head(
+            b"POST / HTTP/1.1\r\nConnection: close\r\nContent-Length: 12\r\n\r\n",
+            512,
+        )
+        .unwrap()
+        .unwrap();
         assert!(!close.keep_alive());
         assert_eq!(close.content_length(), Ok(12));
         let old = parse_head(b"GET / HTTP/1.0\r\n\r\n", 512).unwrap().unwrap();

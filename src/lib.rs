@@ -7,16 +7,16 @@
 //! bounded queue ([`outbound`]). Published events enter through [`publish`]. [`config`] and
 //! [`metrics`] stand beside the path.
 
+pub mod auth;
 pub mod config;
-pub mod server;
+pub mod conn;
 pub mod http;
 pub mod limit;
-pub mod auth;
-pub mod ws;
-pub mod conn;
-pub mod protocol;
-pub mod route;
-pub mod shard;
-pub mod outbound;
-pub mod publish;
 pub mod metrics;
+pub mod outbound;
+pub mod protocol;
+pub mod publish;
+pub mod route;
+pub mod server;
+pub mod shard;
+pub mod ws;

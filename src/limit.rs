@@ -10,7 +10,10 @@ pub struct TokenBucket {
 
 impl TokenBucket {
     pub fn full(burst: f64, now: Instant) -> Self {
-        TokenBucket { tokens: burst, updated: now }
+        TokenBucket {
+            tokens: burst,
+            updated: now,
+        }
     }
 
     fn refill(&mut self, rate: f64, burst: f64, now: Instant) {

@@ -65,7 +65,9 @@ core_stats! {
 pub type Registry = Arc<[CachePadded<CoreStats>]>;
 
 pub fn registry(shards: usize) -> Registry {
-    (0..shards).map(|_| CachePadded::new(CoreStats::default())).collect()
+    (0..shards)
+        .map(|_| CachePadded::new(CoreStats::default()))
+        .collect()
 }
 
 /// Prometheus text exposition of the sums over all cores.
@@ -83,9 +85,16 @@ pub fn render(registry: &Registry) -> String {
     let mut out = String::with_capacity(4096);
     for (name, kind, help, value) in totals {
         // Writing into a String cannot fail.
-        let _ = write!(out, "# HELP fanfare_{name} {help}\n# TYPE fanfare_{name} {kind}\nfanfare_{name} {value}\n");
+        let _ = write!(
+            out,
+            "# HELP fanfare_{name} {help}\n# TYPE fanfare_{name} {kind}\nfanfare_{name} {value}\n"
+        );
     }
-    let _ = write!(out, "# HELP fanfare_shards executor cores\n# TYPE fanfare_shards gauge\nfanfare_shards {}\n", registry.len());
+    let _ = write!(
+        out,
+        "# HELP fanfare_shards executor cores\n# TYPE fanfare_shards gauge\nfanfare_shards {}\n",
+        registry.len()
+    );
     out
 }
 
@@ -102,7 +111,10 @@ mod tests {
         r[1].connections_open.inc();
         r[1].connections_open.dec();
         let text = render(&r);
-        assert!(text.contains("\nfanfare_frames_delivered_total 7\n"), "{text}");
+        assert!(
+            text.contains("\nfanfare_frames_delivered_total 7\n"),
+            "{text}"
+        );
         assert!(text.contains("\nfanfare_connections_open 1\n"));
         assert!(text.contains("# TYPE fanfare_connections_open gauge"));
     }

@@ -52,7 +52,13 @@ pub enum Next {
 
 impl Outbound {
     pub fn new(id: u64, limit: usize, now: Instant) -> Self {
-        Outbound { id, limit, state: RefCell::default(), last_seen: Cell::new(now), last_ping: Cell::new(now) }
+        Outbound {
+            id,
+            limit,
+            state: RefCell::default(),
+            last_seen: Cell::new(now),
+            last_ping: Cell::new(now),
+        }
     }
 
     pub fn push(&self, frame: Bytes) -> Pushed {
@@ -140,9 +146,13 @@ mod tests {
         for i in 0..5u8 {
             assert_eq!(o.push(Bytes::from(vec![i; 10])), Pushed::Queued);
         }
-        let Some(Next::Frames(batch)) = next(&o, 25) else { panic!("expected frames") };
+        let Some(Next::Frames(batch)) = next(&o, 25) else {
+            panic!("expected frames")
+        };
         assert_eq!(batch.iter().map(|f| f[0]).collect::<Vec<_>>(), vec![0, 1]);
-        let Some(Next::Frames(batch)) = next(&o, 1000) else { panic!("expected frames") };
+        let Some(Next::Frames(batch)) = next(&o, 1000) else {
+            panic!("expected frames")
+        };
         assert_eq!(batch.len(), 3);
         assert!(next(&o, 1000).is_none());
     }
@@ -153,7 +163,10 @@ mod tests {
         assert_eq!(o.push(Bytes::from(vec![0; 20])), Pushed::Queued);
         assert_eq!(o.push(Bytes::from(vec![0; 20])), Pushed::Overflowed);
         assert_eq!(o.push(Bytes::from(vec![0; 1])), Pushed::Closing);
-        assert!(matches!(next(&o, 1000), Some(Next::Close(CloseCode::SlowConsumer))));
+        assert!(matches!(
+            next(&o, 1000),
+            Some(Next::Close(CloseCode::SlowConsumer))
+        ));
     }
 
     #[test]
@@ -163,6 +176,9 @@ mod tests {
         o.close(CloseCode::GoingAway);
         o.close(CloseCode::Normal);
         assert!(matches!(next(&o, 1000), Some(Next::Frames(_))));
-        assert!(matches!(next(&o, 1000), Some(Next::Close(CloseCode::GoingAway))));
+        assert!(matches!(
+            next(&o, 1000),
+            Some(Next::Close(CloseCode::GoingAway))
+        ));
     }
 }

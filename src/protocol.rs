@@ -8,12 +8,16 @@ use serde::Deserialize;
 
 /// `tenantId`: `[A-Za-z0-9._-]{1,64}`.
 pub fn is_tenant_id(s: &str) -> bool {
-    (1..=64).contains(&s.len()) && s.bytes().all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
+    (1..=64).contains(&s.len())
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
 }
 
 /// `userId`, `conversationId`, `messageId`: `[A-Za-z0-9._~@:-]{1,128}`.
 pub fn is_entity_id(s: &str) -> bool {
-    (1..=128).contains(&s.len()) && s.bytes().all(|b| b.is_ascii_alphanumeric() || b"._~@:-".contains(&b))
+    (1..=128).contains(&s.len())
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"._~@:-".contains(&b))
 }
 
 /// Error codes carried by `error` events.
@@ -118,18 +122,26 @@ struct Wire<'a> {
 
 /// Parses one text frame in place (simd-json rewrites `buf`).
 pub fn parse_client_event(buf: &mut [u8]) -> Result<Request<'_>, Invalid<'_>> {
-    let wire: Wire<'_> = simd_json::serde::from_slice(buf)
-        .map_err(|e| Invalid { id: None, message: format!("malformed JSON: {e}") })?;
+    let wire: Wire<'_> = simd_json::serde::from_slice(buf).map_err(|e| Invalid {
+        id: None,
+        message: format!("malformed JSON: {e}"),
+    })?;
     let id = wire.id;
     let invalid = |message: String| Invalid { id, message };
     let conversation = || match wire.conversation_id {
         Some(c) if is_entity_id(c) => Ok(c),
-        Some(_) => Err(invalid("conversationId does not match [A-Za-z0-9._~@:-]{1,128}".into())),
+        Some(_) => Err(invalid(
+            "conversationId does not match [A-Za-z0-9._~@:-]{1,128}".into(),
+        )),
         None => Err(invalid("conversationId is required".into())),
     };
     let event = match wire.kind {
-        Some("subscribe") => ClientEvent::Subscribe { conversation_id: conversation()? },
-        Some("unsubscribe") => ClientEvent::Unsubscribe { conversation_id: conversation()? },
+        Some("subscribe") => ClientEvent::Subscribe {
+            conversation_id: conversation()?,
+        },
+        Some("unsubscribe") => ClientEvent::Unsubscribe {
+            conversation_id: conversation()?,
+        },
         Some("ping") => ClientEvent::Ping,
         Some(other) => return Err(invalid(format!("unknown type `{other}`"))),
         None => return Err(invalid("type is required".into())),
@@ -165,12 +177,20 @@ pub mod server_event {
     }
 
     pub fn error(code: ErrorCode, message: &str, id: Option<&str>) -> String {
-        let mut out = format!("{{\"type\":\"error\",\"code\":\"{}\",\"message\":", code.as_str());
+        let mut out = format!(
+            "{{\"type\":\"error\",\"code\":\"{}\",\"message\":",
+            code.as_str()
+        );
         push_str(&mut out, message);
         with_id(out, id)
     }
 
-    pub fn session_ready(connection_id: &str, user: &str, tenant: &str, heartbeat_ms: u64) -> String {
+    pub fn session_ready(
+        connection_id: &str,
+        user: &str,
+        tenant: &str,
+        heartbeat_ms: u64,
+    ) -> String {
         format!(
             "{{\"type\":\"session.ready\",\"connectionId\":\"{connection_id}\",\"userId\":\"{user}\",\
              \"tenantId\":\"{tenant}\",\"heartbeatMs\":{heartbeat_ms}}}"
@@ -195,7 +215,12 @@ mod tests {
         assert!(is_tenant_id("acme.io_1-x"));
         assert!(!is_tenant_id("a:b") && !is_tenant_id("") && !is_tenant_id(&"a".repeat(65)));
         assert!(is_entity_id("user@x.io:1~a") && is_entity_id(&"a".repeat(128)));
-        assert!(!is_entity_id("a b") && !is_entity_id("") && !is_entity_id(&"a".repeat(129)) && !is_entity_id("é"));
+        assert!(
+            !is_entity_id("a b")
+                && !is_entity_id("")
+                && !is_entity_id(&"a".repeat(129))
+                && !is_entity_id("é")
+        );
     }
 
     #[test]
@@ -204,19 +229,37 @@ mod tests {
             parse(r#"{"type":"subscribe","conversationId":"c1","id":"r1","extra":[1]}"#).unwrap(),
             r#"Request { id: Some("r1"), event: Subscribe { conversation_id: "c1" } }"#
         );
-        assert!(parse(r#"{"type":"unsubscribe","conversationId":"c\u0031"}"#).unwrap().contains("\"c1\""));
-        assert_eq!(parse(r#"{"type":"ping"}"#).unwrap(), "Request { id: None, event: Ping }");
+        assert!(
+            parse(r#"{"type":"unsubscribe","conversationId":"c\u0031"}"#)
+                .unwrap()
+                .contains("\"c1\"")
+        );
+        assert_eq!(
+            parse(r#"{"type":"ping"}"#).unwrap(),
+            "Request { id: None, event: Ping }"
+        );
     }
 
     #[test]
     fn rejects_bad_events_keeping_the_id() {
         assert!(parse("{not json").unwrap_err().contains("malformed JSON"));
         assert!(parse("[1,2]").unwrap_err().contains("malformed JSON"));
-        assert_eq!(parse(r#"{"type":"dance","id":"7"}"#).unwrap_err(), "Some(\"7\") unknown type `dance`");
-        assert!(parse(r#"{"type":"subscribe","id":"8"}"#).unwrap_err().starts_with("Some(\"8\") conversationId is required"));
-        assert!(parse(r#"{"type":"subscribe","conversationId":"a b"}"#).unwrap_err().contains("does not match"));
-        assert!(parse(r#"{"id":"9"}"#).unwrap_err().contains("type is required"));
-        assert!(parse(r#"{"type":5}"#).unwrap_err().contains("malformed JSON"));
+        assert_eq!(
+            parse(r#"{"type":"dance","id":"7"}"#).unwrap_err(),
+            "Some(\"7\") unknown type `dance`"
+        );
+        assert!(parse(r#"{"type":"subscribe","id":"8"}"#)
+            .unwrap_err()
+            .starts_with("Some(\"8\") conversationId is required"));
+        assert!(parse(r#"{"type":"subscribe","conversationId":"a b"}"#)
+            .unwrap_err()
+            .contains("does not match"));
+        assert!(parse(r#"{"id":"9"}"#)
+            .unwrap_err()
+            .contains("type is required"));
+        assert!(parse(r#"{"type":5}"#)
+            .unwrap_err()
+            .contains("malformed JSON"));
     }
 
     #[test]
@@ -228,7 +271,8 @@ mod tests {
         assert_eq!(v["message"], "bad \"x\"");
         let v: serde_json::Value = serde_json::from_str(&server_event::pong(None)).unwrap();
         assert_eq!(v, serde_json::json!({"type":"pong"}));
-        let v: serde_json::Value = serde_json::from_str(&server_event::session_ready("c-1", "u", "t", 5)).unwrap();
+        let v: serde_json::Value =
+            serde_json::from_str(&server_event::session_ready("c-1", "u", "t", 5)).unwrap();
         assert_eq!(v["heartbeatMs"], 5);
         assert_eq!(v["type"], "session.ready");
     }

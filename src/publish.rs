@@ -59,15 +59,18 @@ pub fn parse(body: &[u8]) -> Result<Vec<Routed>, String> {
         .enumerate()
         .map(|(i, raw)| {
             let conversation = validate(raw).map_err(|e| format!("event {i}: {e}"))?;
-            Ok(Routed { room: room_key(&body.tenant_id, &conversation), frame: ws::text(raw.get().as_bytes()) })
+            Ok(Routed {
+                room: room_key(&body.tenant_id, &conversation),
+                frame: ws::text(raw.get().as_bytes()),
+            })
         })
         .collect()
 }
 
 /// Checks one event and returns its conversation.
 fn validate(raw: &RawValue) -> Result<String, String> {
-    let head: EventHead<'_> =
-        serde_json::from_str(raw.get()).map_err(|e| format!("not an event object with a string type: {e}"))?;
+    let head: EventHead<'_> = serde_json::from_str(raw.get())
+        .map_err(|e| format!("not an event object with a string type: {e}"))?;
     let required = |name: &str, value: &Option<Cow<'_, str>>| match value {
         Some(v) if is_entity_id(v) => Ok(()),
         Some(_) => Err(format!("{name} does not match [A-Za-z0-9._~@:-]{{1,128}}")),
@@ -97,13 +100,20 @@ mod tests {
         let routed = parse(body).unwrap();
         assert_eq!(routed.len(), 1);
         assert_eq!(&*routed[0].room, "t1:c:c1");
-        assert_eq!(&routed[0].frame[2..], br#"{ "type" : "message.received","conversationId":"c1","messageId":"m1","x":[1, 2]}"#);
+        assert_eq!(
+            &routed[0].frame[2..],
+            br#"{ "type" : "message.received","conversationId":"c1","messageId":"m1","x":[1, 2]}"#
+        );
     }
 
     #[test]
     fn accepts_batches_in_order() {
         let body = br#"{"tenantId":"t1","events":[{"type":"conversation.updated","conversationId":"a"},{"type":"draft.locked","conversationId":"b","userId":"u"}]}"#;
-        let rooms: Vec<String> = parse(body).unwrap().iter().map(|r| r.room.to_string()).collect();
+        let rooms: Vec<String> = parse(body)
+            .unwrap()
+            .iter()
+            .map(|r| r.room.to_string())
+            .collect();
         assert_eq!(rooms, ["t1:c:a", "t1:c:b"]);
     }
 
@@ -111,19 +121,39 @@ mod tests {
     fn rejects_bad_bodies_with_a_reason() {
         let bad = [
             (r#"{"tenantId":"t1","events":[]}"#, "empty"),
-            (r#"{"tenantId":"t 1","event":{"type":"conversation.updated","conversationId":"a"}}"#, "tenantId"),
+            (
+                r#"{"tenantId":"t 1","event":{"type":"conversation.updated","conversationId":"a"}}"#,
+                "tenantId",
+            ),
             (r#"{"tenantId":"t1"}"#, "exactly one"),
-            (r#"{"tenantId":"t1","event":{"type":"presence.online","conversationId":"a"}}"#, "cannot be published"),
-            (r#"{"tenantId":"t1","event":{"type":"message.received","conversationId":"a"}}"#, "messageId"),
-            (r#"{"tenantId":"t1","event":{"type":"draft.locked","conversationId":"a"}}"#, "userId"),
-            (r#"{"tenantId":"t1","event":{"type":"conversation.updated"}}"#, "conversationId"),
-            (r#"{"tenantId":"t1","event":{"type":"conversation.updated","conversationId":"a b"}}"#, "conversationId"),
+            (
+                r#"{"tenantId":"t1","event":{"type":"presence.online","conversationId":"a"}}"#,
+                "cannot be published",
+            ),
+            (
+                r#"{"tenantId":"t1","event":{"type":"message.received","conversationId":"a"}}"#,
+                "messageId",
+            ),
+            (
+                r#"{"tenantId":"t1","event":{"type":"draft.locked","conversationId":"a"}}"#,
+                "userId",
+            ),
+            (
+                r#"{"tenantId":"t1","event":{"type":"conversation.updated"}}"#,
+                "conversationId",
+            ),
+            (
+                r#"{"tenantId":"t1","event":{"type":"conversation.updated","conversationId":"a b"}}"#,
+                "conversationId",
+            ),
             (r#"{"tenantId":"t1","event":[1]}"#, "event 0"),
             (r#"{"tenantId":"t1","event":{},"extra":1}"#, "unknown field"),
             ("not json", "bad body"),
         ];
         for (body, reason) in bad {
-            let e = parse(body.as_bytes()).err().unwrap_or_else(|| panic!("{body} was accepted"));
+            let e = parse(body.as_bytes())
+                .err()
+                .unwrap_or_else(|| panic!("{body} was accepted"));
             assert!(e.contains(reason), "{body}: {e}");
         }
     }

@@ -17,7 +17,8 @@ fn jump_hash(mut key: u64, buckets: i64) -> i64 {
     while j < buckets {
         b = j;
         key = key.wrapping_mul(2_862_933_555_777_941_757).wrapping_add(1);
-        j = ((b.wrapping_add(1) as f64) * ((1u64 << 31) as f64 / ((key >> 33).wrapping_add(1) as f64))) as i64;
+        j = ((b.wrapping_add(1) as f64)
+            * ((1u64 << 31) as f64 / ((key >> 33).wrapping_add(1) as f64))) as i64;
     }
     b
 }
@@ -27,7 +28,9 @@ mod tests {
     use super::*;
 
     fn keys(count: usize) -> Vec<Vec<u8>> {
-        (0..count).map(|i| format!("tenant-{}:c:conv-{i}", i % 7).into_bytes()).collect()
+        (0..count)
+            .map(|i| format!("tenant-{}:c:conv-{i}", i % 7).into_bytes())
+            .collect()
     }
 
     #[test]
@@ -52,7 +55,10 @@ mod tests {
             for (shard, &c) in counts.iter().enumerate() {
                 // Five standard deviations of a fair multinomial: fails only on real skew.
                 let off = (c as f64 - expected).abs();
-                assert!(off < 5.0 * expected.sqrt(), "n={n} shard {shard} has {c}, expected about {expected}");
+                assert!(
+                    off < 5.0 * expected.sqrt(),
+                    "n={n} shard {shard} has {c}, expected about {expected}"
+                );
             }
         }
     }
@@ -61,11 +67,19 @@ mod tests {
     fn growing_moves_only_a_fair_share() {
         let all = keys(50_000);
         for n in [2usize, 4, 7] {
-            let moved = all.iter().filter(|k| shard_for(k, n) != shard_for(k, n + 1)).count();
+            let moved = all
+                .iter()
+                .filter(|k| shard_for(k, n) != shard_for(k, n + 1))
+                .count();
             let fair = all.len() / (n + 1);
-            assert!(moved < fair * 11 / 10, "n={n}: {moved} moved, fair share {fair}");
+            assert!(
+                moved < fair * 11 / 10,
+                "n={n}: {moved} moved, fair share {fair}"
+            );
             // Keys that move go to the new shard only.
-            assert!(all.iter().all(|k| shard_for(k, n) == shard_for(k, n + 1) || shard_for(k, n + 1) == n));
+            assert!(all
+                .iter()
+                .all(|k| shard_for(k, n) == shard_for(k, n + 1) || shard_for(k, n + 1) == n));
         }
     }
 }

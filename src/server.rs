@@ -39,14 +39,21 @@ pub enum Error {
     #[error("auth key: {0}")]
     Key(#[from] auth::KeyError),
     #[error("cannot listen on {addr}: {source}")]
-    Bind { addr: SocketAddr, source: std::io::Error },
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
     #[error("executor: {0}")]
     Executor(String),
 }
 
 /// Runs the server until `shutdown` is raised. `on_bound` is told the bound address once every
 /// listener is ready (the port is the real one when the configured port is 0).
-pub fn run(config: Config, shutdown: Arc<AtomicBool>, on_bound: impl FnOnce(SocketAddr)) -> Result<(), Error> {
+pub fn run(
+    config: Config,
+    shutdown: Arc<AtomicBool>,
+    on_bound: impl FnOnce(SocketAddr),
+) -> Result<(), Error> {
     let verifier = Arc::new(Verifier::new(&config.auth)?);
     let cpus = CpuSet::online().ok();
     let online = cpus.as_ref().map_or(1, |c| c.len()).max(1);
@@ -69,12 +76,19 @@ pub fn run(config: Config, shutdown: Arc<AtomicBool>, on_bound: impl FnOnce(Sock
         .name("fanfare")
         .io_memory(config.server.io_memory_bytes)
         .on_all_shards(move || {
-            let (config, verifier, registry, mesh, shutdown) =
-                (config.clone(), verifier.clone(), registry.clone(), mesh.clone(), shutdown.clone());
+            let (config, verifier, registry, mesh, shutdown) = (
+                config.clone(),
+                verifier.clone(),
+                registry.clone(),
+                mesh.clone(),
+                shutdown.clone(),
+            );
             // One listener per executor; each takes one at start-up, so none is left over.
             let listener = listeners.lock().ok().and_then(|mut l| l.pop());
             async move {
-                let Some(listener) = listener else { return Err("no listener left for this core".to_string()) };
+                let Some(listener) = listener else {
+                    return Err("no listener left for this core".to_string());
+                };
                 run_shard(config, verifier, registry, mesh, shutdown, listener).await
             }
         })
@@ -83,7 +97,11 @@ pub fn run(config: Config, shutdown: Arc<AtomicBool>, on_bound: impl FnOnce(Sock
         match result {
             Ok(Ok(())) => {}
             Ok(Err(e)) => return Err(Error::Executor(e)),
-            Err(e) => return Err(Error::Executor(format!("an executor panicked or failed: {e}"))),
+            Err(e) => {
+                return Err(Error::Executor(format!(
+                    "an executor panicked or failed: {e}"
+                )))
+            }
         }
     }
     info!("stopped");
@@ -107,10 +125,14 @@ fn bind(config: &Config, shards: usize) -> Result<(SocketAddr, Vec<socket2::Sock
         };
         let socket = listen().map_err(|source| Error::Bind { addr, source })?;
         if addr.port() == 0 {
-            addr = socket.local_addr().ok().and_then(|a| a.as_socket()).ok_or_else(|| Error::Bind {
-                addr,
-                source: std::io::Error::other("no local address after bind"),
-            })?;
+            addr = socket
+                .local_addr()
+                .ok()
+                .and_then(|a| a.as_socket())
+                .ok_or_else(|| Error::Bind {
+                    addr,
+                    source: std::io::Error::other("no local address after bind"),
+                })?;
         }
         listeners.push(socket);
     }
@@ -182,7 +204,10 @@ async fn run_shard(
 /// Periodic per-core work: the shutdown flag, heartbeats, and pruning of idle rate buckets.
 async fn housekeeping(shard: Rc<Shard>, shutdown: Arc<AtomicBool>) {
     let hb = &shard.config.heartbeat;
-    let (interval, timeout) = (Duration::from_millis(hb.interval_ms), Duration::from_millis(hb.timeout_ms));
+    let (interval, timeout) = (
+        Duration::from_millis(hb.interval_ms),
+        Duration::from_millis(hb.timeout_ms),
+    );
     // Fine enough that a ping or a timeout is at most a quarter of its period late.
     let sweep_every = (interval.min(timeout - interval) / 4).clamp(TICK, Duration::from_secs(1));
     let prune_every = Duration::from_secs(10);
@@ -228,7 +253,11 @@ async fn drain(shard: &Shard) {
         glommio::timer::sleep(TICK).await;
     }
     if shard.connection_count() > 0 {
-        warn!(core = shard.id, left = shard.connection_count(), "shutdown timeout: dropping connections");
+        warn!(
+            core = shard.id,
+            left = shard.connection_count(),
+            "shutdown timeout: dropping connections"
+        );
     }
 }
 
@@ -253,7 +282,15 @@ async fn handle_client(shard: Rc<Shard>, mut stream: TcpStream) {
                 shard.stats().rejected_bad_request_total.inc();
                 info!(%peer, status, %reason, "bad request");
                 let body = http::error_body("bad_request", &reason);
-                let _ = stream.write_all(&http::response(status, "application/json", &body, &[], false)).await;
+                let _ = stream
+                    .write_all(&http::response(
+                        status,
+                        "application/json",
+                        &body,
+                        &[],
+                        false,
+                    ))
+                    .await;
                 return;
             }
         };
@@ -261,33 +298,72 @@ async fn handle_client(shard: Rc<Shard>, mut stream: TcpStream) {
         let keep_alive = req.keep_alive();
         let response = match (req.method.as_str(), req.path.as_str()) {
             (_, "/ws") if req.method == "GET" => {
-                match upgrade(&shard, &mut stream, &req, peer).await {
-                    Some(identity) => conn::serve(shard, stream, buf, identity, peer).await,
-                    None => {}
+                if let Some(identity) = upgrade(&shard, &mut stream, &req, peer).await {
+                    conn::serve(shard, stream, buf, identity, peer).await;
                 }
                 return;
             }
-            ("POST", "/v1/publish") => match publish_request(&shard, &mut stream, &mut buf, &req).await {
-                Some(response) => response,
-                None => return,
-            },
-            ("GET", "/healthz") => (200, "application/json", r#"{"status":"ok"}"#.to_string(), vec![]),
-            ("GET", "/readyz") if shard.stopping.get().is_none() => {
-                (200, "application/json", r#"{"status":"ready"}"#.to_string(), vec![])
+            ("POST", "/v1/publish") => {
+                match publish_request(&shard, &mut stream, &mut buf, &req).await {
+                    Some(response) => response,
+                    None => return,
+                }
             }
-            ("GET", "/readyz") => (503, "application/json", r#"{"status":"stopping"}"#.to_string(), vec![]),
-            ("GET", "/metrics") => {
-                (200, "text/plain; version=0.0.4", metrics::render(&shard.registry), vec![])
-            }
-            (_, "/ws" | "/v1/publish" | "/healthz" | "/readyz" | "/metrics") => {
-                (405, "application/json", http::error_body("method_not_allowed", &req.method), vec![])
-            }
-            _ => (404, "application/json", http::error_body("not_found", &req.path), vec![]),
+            ("GET", "/healthz") => (
+                200,
+                "application/json",
+                r#"{"status":"ok"}"#.to_string(),
+                vec![],
+            ),
+            ("GET", "/readyz") if shard.stopping.get().is_none() => (
+                200,
+                "application/json",
+                r#"{"status":"ready"}"#.to_string(),
+                vec![],
+            ),
+            ("GET", "/readyz") => (
+                503,
+                "application/json",
+                r#"{"status":"stopping"}"#.to_string(),
+                vec![],
+            ),
+            ("GET", "/metrics") => (
+                200,
+                "text/plain; version=0.0.4",
+                metrics::render(&shard.registry),
+                vec![],
+            ),
+            (_, "/ws" | "/v1/publish" | "/healthz" | "/readyz" | "/metrics") => (
+                405,
+                "application/json",
+                http::error_body("method_not_allowed", &req.method),
+                vec![],
+            ),
+            _ => (
+                404,
+                "application/json",
+                http::error_body("not_found", &req.path),
+                vec![],
+            ),
         };
         let (status, content_type, body, headers) = response;
-        let headers: Vec<(&str, &str)> = headers.iter().map(|(k, v): &(&str, String)| (*k, v.as_str())).collect();
+        let headers: Vec<(&str, &str)> = headers
+            .iter()
+            .map(|(k, v): &(&str, String)| (*k, v.as_str()))
+            .collect();
         let keep_alive = keep_alive && shard.stopping.get().is_none();
-        if stream.write_all(&http::response(status, content_type, &body, &headers, keep_alive)).await.is_err() || !keep_alive {
+        if stream
+            .write_all(&http::response(
+                status,
+                content_type,
+                &body,
+                &headers,
+                keep_alive,
+            ))
+            .await
+            .is_err()
+            || !keep_alive
+        {
             return;
         }
     }
@@ -311,7 +387,9 @@ async fn read_head(shard: &Shard, stream: &mut TcpStream, buf: &mut BytesMut) ->
             match http::parse_head(buf, server.max_request_head_bytes) {
                 Ok(Some(req)) => return Some(HeadEnd::Request(req)),
                 Ok(None) => {}
-                Err(http::HeadError::TooLarge(n)) => return Some(HeadEnd::Bad(431, format!("request head over {n} bytes"))),
+                Err(http::HeadError::TooLarge(n)) => {
+                    return Some(HeadEnd::Bad(431, format!("request head over {n} bytes")))
+                }
                 Err(e) => return Some(HeadEnd::Bad(400, e.to_string())),
             }
             match stream.read(&mut chunk).await {
@@ -320,7 +398,8 @@ async fn read_head(shard: &Shard, stream: &mut TcpStream, buf: &mut BytesMut) ->
             }
         }
     };
-    let outcome = futures_lite::future::or(read, futures_lite::future::or(deadline, stopping)).await;
+    let outcome =
+        futures_lite::future::or(read, futures_lite::future::or(deadline, stopping)).await;
     match outcome {
         Some(end) => end,
         // A request that had begun gets a 408; an idle keep-alive connection just closes.
@@ -332,11 +411,21 @@ async fn read_head(shard: &Shard, stream: &mut TcpStream, buf: &mut BytesMut) ->
 type Response = (u16, &'static str, String, Vec<(&'static str, String)>);
 
 fn json_error(status: u16, error: &str, reason: &str) -> Response {
-    (status, "application/json", http::error_body(error, reason), vec![])
+    (
+        status,
+        "application/json",
+        http::error_body(error, reason),
+        vec![],
+    )
 }
 
 /// Checks a `/ws` request and answers it: `101` and the identity, or an error response.
-async fn upgrade(shard: &Shard, stream: &mut TcpStream, req: &Request, peer: SocketAddr) -> Option<auth::Identity> {
+async fn upgrade(
+    shard: &Shard,
+    stream: &mut TcpStream,
+    req: &Request,
+    peer: SocketAddr,
+) -> Option<auth::Identity> {
     let refused = |status: u16, error: &str, reason: &str, headers: Vec<(&'static str, String)>| {
         let body = http::error_body(error, reason);
         let headers: Vec<(&str, &str)> = headers.iter().map(|(k, v)| (*k, v.as_str())).collect();
@@ -362,16 +451,35 @@ async fn upgrade(shard: &Shard, stream: &mut TcpStream, req: &Request, peer: Soc
     }
 }
 
-async fn check_upgrade(shard: &Shard, req: &Request, ip: IpAddr) -> Result<(auth::Identity, String), Response> {
+async fn check_upgrade(
+    shard: &Shard,
+    req: &Request,
+    ip: IpAddr,
+) -> Result<(auth::Identity, String), Response> {
     let stats = shard.stats();
     if !req.is_websocket_upgrade() {
-        return Err((426, "upgrade_required", "this endpoint speaks WebSocket".into(), vec![]));
+        return Err((
+            426,
+            "upgrade_required",
+            "this endpoint speaks WebSocket".into(),
+            vec![],
+        ));
     }
     if req.header("sec-websocket-version") != Some("13") {
-        return Err((426, "upgrade_required", "Sec-WebSocket-Version 13 is required".into(), vec![("Sec-WebSocket-Version", "13".into())]));
+        return Err((
+            426,
+            "upgrade_required",
+            "Sec-WebSocket-Version 13 is required".into(),
+            vec![("Sec-WebSocket-Version", "13".into())],
+        ));
     }
     let Some(key) = req.header("sec-websocket-key").filter(|k| !k.is_empty()) else {
-        return Err((400, "bad_request", "Sec-WebSocket-Key is missing".into(), vec![]));
+        return Err((
+            400,
+            "bad_request",
+            "Sec-WebSocket-Key is missing".into(),
+            vec![],
+        ));
     };
     if shard.stopping.get().is_some() {
         return Err((503, "unavailable", "server shutting down".into(), vec![]));
@@ -379,16 +487,29 @@ async fn check_upgrade(shard: &Shard, req: &Request, ip: IpAddr) -> Result<(auth
     if let Verdict::RetryAfterMs(ms) = shard.admit(ip).await {
         stats.rejected_rate_limited_total.inc();
         let seconds = ms.div_ceil(1000).max(1);
-        return Err((429, "rate_limited", "too many connection attempts from this address".into(), vec![("Retry-After", seconds.to_string())]));
+        return Err((
+            429,
+            "rate_limited",
+            "too many connection attempts from this address".into(),
+            vec![("Retry-After", seconds.to_string())],
+        ));
     }
     let origins = &shard.config.server.allowed_origins;
     if let Some(origin) = req.header("origin") {
         if !origins.is_empty() && !origins.iter().any(|o| o == origin) {
             stats.rejected_origin_total.inc();
-            return Err((403, "forbidden", format!("origin {origin} is not allowed"), vec![]));
+            return Err((
+                403,
+                "forbidden",
+                format!("origin {origin} is not allowed"),
+                vec![],
+            ));
         }
     }
-    let token = req.query_param("token").or_else(|| req.bearer().map(str::to_string)).unwrap_or_default();
+    let token = req
+        .query_param("token")
+        .or_else(|| req.bearer().map(str::to_string))
+        .unwrap_or_default();
     match shard.verifier.verify(&token, auth::now_ms()) {
         Ok(identity) => Ok((identity, key.to_string())),
         Err(e) => {
@@ -399,9 +520,17 @@ async fn check_upgrade(shard: &Shard, req: &Request, ip: IpAddr) -> Result<(auth
 }
 
 /// `POST /v1/publish`. `None` when the connection must close without an answer.
-async fn publish_request(shard: &Shard, stream: &mut TcpStream, buf: &mut BytesMut, req: &Request) -> Option<Response> {
+async fn publish_request(
+    shard: &Shard,
+    stream: &mut TcpStream,
+    buf: &mut BytesMut,
+    req: &Request,
+) -> Option<Response> {
     let keys = &shard.config.publish.api_keys;
-    let authorized = req.bearer().is_some_and(|k| keys.iter().any(|key| constant_time_eq(key.as_bytes(), k.as_bytes())));
+    let authorized = req.bearer().is_some_and(|k| {
+        keys.iter()
+            .any(|key| constant_time_eq(key.as_bytes(), k.as_bytes()))
+    });
     let length = match req.content_length() {
         Ok(n) => n,
         Err(e) => return Some(json_error(400, "bad_request", &e.to_string())),
@@ -411,7 +540,9 @@ async fn publish_request(shard: &Shard, stream: &mut TcpStream, buf: &mut BytesM
     if length > limit {
         let reason = format!("body over limits.max_publish_bytes ({limit})");
         let body = http::error_body("payload_too_large", &reason);
-        let _ = stream.write_all(&http::response(413, "application/json", &body, &[], false)).await;
+        let _ = stream
+            .write_all(&http::response(413, "application/json", &body, &[], false))
+            .await;
         // Swallow what the client is still sending, so that it reads the 413 instead of a reset.
         read_body(shard, stream, buf, length, false).await;
         return None;
@@ -421,10 +552,19 @@ async fn publish_request(shard: &Shard, stream: &mut TcpStream, buf: &mut BytesM
     }
     let body = buf.split_to(length);
     if !authorized {
-        return Some(json_error(401, "unauthorized", "missing or unknown API key"));
+        return Some(json_error(
+            401,
+            "unauthorized",
+            "missing or unknown API key",
+        ));
     }
     if shard.stopping.get().is_some() {
-        return Some((503, "application/json", http::error_body("unavailable", "server shutting down"), vec![("Retry-After", "1".into())]));
+        return Some((
+            503,
+            "application/json",
+            http::error_body("unavailable", "server shutting down"),
+            vec![("Retry-After", "1".into())],
+        ));
     }
     match publish::parse(&body) {
         Ok(events) => {
@@ -433,7 +573,12 @@ async fn publish_request(shard: &Shard, stream: &mut TcpStream, buf: &mut BytesM
                 shard.publish(event.room, event.frame).await;
             }
             shard.stats().events_published_total.add(accepted as u64);
-            Some((202, "application/json", format!("{{\"accepted\":{accepted}}}"), vec![]))
+            Some((
+                202,
+                "application/json",
+                format!("{{\"accepted\":{accepted}}}"),
+                vec![],
+            ))
         }
         Err(reason) => Some(json_error(400, "bad_request", &reason)),
     }
@@ -441,9 +586,18 @@ async fn publish_request(shard: &Shard, stream: &mut TcpStream, buf: &mut BytesM
 
 /// Reads until `length` body bytes have arrived after the head, within
 /// `server.request_timeout_ms`; with `keep` false they are discarded as they come.
-async fn read_body(shard: &Shard, stream: &mut TcpStream, buf: &mut BytesMut, length: usize, keep: bool) -> bool {
+async fn read_body(
+    shard: &Shard,
+    stream: &mut TcpStream,
+    buf: &mut BytesMut,
+    length: usize,
+    keep: bool,
+) -> bool {
     let timeout = async {
-        glommio::timer::sleep(Duration::from_millis(shard.config.server.request_timeout_ms)).await;
+        glommio::timer::sleep(Duration::from_millis(
+            shard.config.server.request_timeout_ms,
+        ))
+        .await;
         false
     };
     let read = async {

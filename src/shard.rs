@@ -36,16 +36,36 @@ pub fn room_key(tenant: &str, conversation: &str) -> RoomKey {
 /// Messages between cores.
 pub enum Message {
     /// Core `from` now has subscribers for `room`; answer with `Reply { req }`.
-    Subscribe { room: RoomKey, from: usize, req: u64 },
+    Subscribe {
+        room: RoomKey,
+        from: usize,
+        req: u64,
+    },
     /// Core `from` has no subscribers for `room` any more.
-    Unsubscribe { room: RoomKey, from: usize },
+    Unsubscribe {
+        room: RoomKey,
+        from: usize,
+    },
     /// An event for `room`, to its owner.
-    Publish { room: RoomKey, frame: Bytes },
+    Publish {
+        room: RoomKey,
+        frame: Bytes,
+    },
     /// An event for `room`, from its owner to a core with subscribers.
-    Deliver { room: RoomKey, frame: Bytes },
+    Deliver {
+        room: RoomKey,
+        frame: Bytes,
+    },
     /// A connection attempt from `ip`, to the owner of its rate bucket.
-    Admit { ip: IpAddr, from: usize, req: u64 },
-    Reply { req: u64, verdict: Verdict },
+    Admit {
+        ip: IpAddr,
+        from: usize,
+        req: u64,
+    },
+    Reply {
+        req: u64,
+        verdict: Verdict,
+    },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -180,15 +200,19 @@ impl Shard {
 
     /// Adds `conn` to `room` and resolves once an event published from now on reaches it.
     pub async fn subscribe(&self, room: &RoomKey, conn: &Rc<Outbound>) -> Verdict {
-        let live = {
-            let mut local = self.local.borrow_mut();
-            if let Some(r) = local.get_mut(room) {
-                r.conns.push(conn.clone());
-                r.live.clone()
-            } else {
+        let joined = self.local.borrow_mut().get_mut(room).map(|r| {
+            r.conns.push(conn.clone());
+            r.live.clone()
+        });
+        let live = match joined {
+            Some(live) => live,
+            None => {
                 let live = Rc::new(Latch::default());
-                local.insert(room.clone(), LocalRoom { conns: vec![conn.clone()], live: live.clone() });
-                drop(local);
+                let first = LocalRoom {
+                    conns: vec![conn.clone()],
+                    live: live.clone(),
+                };
+                self.local.borrow_mut().insert(room.clone(), first);
                 self.announce(room, live.clone()).await;
                 live
             }
@@ -206,7 +230,15 @@ impl Shard {
         }
         let req = self.next_id();
         self.pending.borrow_mut().insert(req, live);
-        self.send(owner, Message::Subscribe { room: room.clone(), from: self.id, req }).await;
+        self.send(
+            owner,
+            Message::Subscribe {
+                room: room.clone(),
+                from: self.id,
+                req,
+            },
+        )
+        .await;
     }
 
     /// Removes `conn` from `room`; the last one out tells the owner.
@@ -226,7 +258,14 @@ impl Shard {
         if owner == self.id {
             self.remove_interest(room, self.id);
         } else {
-            self.send(owner, Message::Unsubscribe { room: room.clone(), from: self.id }).await;
+            self.send(
+                owner,
+                Message::Unsubscribe {
+                    room: room.clone(),
+                    from: self.id,
+                },
+            )
+            .await;
         }
     }
 
@@ -244,14 +283,26 @@ impl Shard {
 
     /// On the owner: one message per interested core, never one per connection.
     fn fan_out(&self, room: &RoomKey, frame: Bytes) {
-        let Some(&mask) = self.owned.borrow().get(room) else { return };
+        let Some(&mask) = self.owned.borrow().get(room) else {
+            return;
+        };
         let mut cores = mask;
         while cores != 0 {
             let core = cores.trailing_zeros() as usize;
             cores &= cores - 1;
             if core == self.id {
                 self.deliver(room, &frame);
-            } else if self.mesh.try_send_to(core, Message::Deliver { room: room.clone(), frame: frame.clone() }).is_err() {
+            } else if self
+                .mesh
+                .try_send_to(
+                    core,
+                    Message::Deliver {
+                        room: room.clone(),
+                        frame: frame.clone(),
+                    },
+                )
+                .is_err()
+            {
                 self.stats().mesh_overflow_total.inc();
             }
         }
@@ -283,7 +334,15 @@ impl Shard {
         let req = self.next_id();
         let answer = Rc::new(Latch::default());
         self.pending.borrow_mut().insert(req, answer.clone());
-        self.send(owner, Message::Admit { ip, from: self.id, req }).await;
+        self.send(
+            owner,
+            Message::Admit {
+                ip,
+                from: self.id,
+                req,
+            },
+        )
+        .await;
         answer.wait().await
     }
 
@@ -291,7 +350,9 @@ impl Shard {
         let l = &self.config.limits;
         let now = Instant::now();
         let mut buckets = self.buckets.borrow_mut();
-        let bucket = buckets.entry(ip).or_insert_with(|| TokenBucket::full(l.connect_burst_per_ip, now));
+        let bucket = buckets
+            .entry(ip)
+            .or_insert_with(|| TokenBucket::full(l.connect_burst_per_ip, now));
         match bucket.take(l.connect_rate_per_ip, l.connect_burst_per_ip, now) {
             Ok(()) => Verdict::Granted,
             Err(ms) => Verdict::RetryAfterMs(ms),
@@ -302,7 +363,9 @@ impl Shard {
     pub fn prune_buckets(&self) {
         let l = &self.config.limits;
         let now = Instant::now();
-        self.buckets.borrow_mut().retain(|_, b| !b.is_full(l.connect_rate_per_ip, l.connect_burst_per_ip, now));
+        self.buckets
+            .borrow_mut()
+            .retain(|_, b| !b.is_full(l.connect_rate_per_ip, l.connect_burst_per_ip, now));
     }
 
     // ---- the mesh ----------------------------------------------------------------------
@@ -355,7 +418,8 @@ impl Shard {
 
     fn reply(self: &Rc<Self>, to: usize, req: u64, verdict: Verdict) {
         let me = self.clone();
-        glommio::spawn_local(async move { me.send(to, Message::Reply { req, verdict }).await }).detach();
+        glommio::spawn_local(async move { me.send(to, Message::Reply { req, verdict }).await })
+            .detach();
     }
 }
 

@@ -106,7 +106,10 @@ pub fn parse_frame(buf: &[u8], max_payload: usize) -> Result<Option<FrameHead>, 
     let fin = b0 & 0x80 != 0;
     let (len, at) = match b1 & 0x7F {
         126 if buf.len() >= 4 => (u16::from_be_bytes([buf[2], buf[3]]) as u64, 4),
-        127 if buf.len() >= 10 => (u64::from_be_bytes(buf[2..10].try_into().unwrap_or_default()), 10),
+        127 if buf.len() >= 10 => (
+            u64::from_be_bytes(buf[2..10].try_into().unwrap_or_default()),
+            10,
+        ),
         126 | 127 => return Ok(None),
         n => (n as u64, 2),
     };
@@ -120,12 +123,20 @@ pub fn parse_frame(buf: &[u8], max_payload: usize) -> Result<Option<FrameHead>, 
         return Ok(None);
     }
     let mask = [buf[at], buf[at + 1], buf[at + 2], buf[at + 3]];
-    Ok(Some(FrameHead { fin, opcode, mask, header_len: at + 4, payload_len: len as usize }))
+    Ok(Some(FrameHead {
+        fin,
+        opcode,
+        mask,
+        header_len: at + 4,
+        payload_len: len as usize,
+    }))
 }
 
 /// XORs `data` with the mask, eight bytes at a time.
 pub fn unmask(data: &mut [u8], mask: [u8; 4]) {
-    let wide = u64::from_ne_bytes([mask[0], mask[1], mask[2], mask[3], mask[0], mask[1], mask[2], mask[3]]);
+    let wide = u64::from_ne_bytes([
+        mask[0], mask[1], mask[2], mask[3], mask[0], mask[1], mask[2], mask[3],
+    ]);
     let mut chunks = data.chunks_exact_mut(8);
     for chunk in &mut chunks {
         let word = u64::from_ne_bytes(chunk.try_into().unwrap_or_default()) ^ wide;
@@ -168,10 +179,14 @@ mod tests {
             let f = frame(OP_TEXT, &payload);
             assert_eq!(f.len(), header_len(len) + len);
             assert_eq!(f[0], 0x81);
-            let mut reader = tungstenite::protocol::frame::FrameHeader::parse(&mut std::io::Cursor::new(&f[..]))
-                .unwrap()
-                .unwrap();
-            assert_eq!(reader.1 as usize, len, "tungstenite reads our length for {len}");
+            let mut reader =
+                tungstenite::protocol::frame::FrameHeader::parse(&mut std::io::Cursor::new(&f[..]))
+                    .unwrap()
+                    .unwrap();
+            assert_eq!(
+                reader.1 as usize, len,
+                "tungstenite reads our length for {len}"
+            );
             assert!(reader.0.is_final);
             reader.0.mask = None;
         }
@@ -193,7 +208,10 @@ mod tests {
             assert_eq!(parse_frame(&bytes[..cut], 1024), Ok(None));
         }
         let head = parse_frame(&bytes, 1024).unwrap().unwrap();
-        assert_eq!((head.fin, head.opcode, head.payload_len, head.header_len), (true, OP_TEXT, payload.len(), 6));
+        assert_eq!(
+            (head.fin, head.opcode, head.payload_len, head.header_len),
+            (true, OP_TEXT, payload.len(), 6)
+        );
         let mut body = bytes[head.header_len..].to_vec();
         unmask(&mut body, head.mask);
         assert_eq!(body, payload);
@@ -206,7 +224,11 @@ mod tests {
             let mask = [0xA1, 0x02, 0xF3, 0x44];
             let mut fast = data.clone();
             unmask(&mut fast, mask);
-            let slow: Vec<u8> = data.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]).collect();
+            let slow: Vec<u8> = data
+                .iter()
+                .enumerate()
+                .map(|(i, b)| b ^ mask[i % 4])
+                .collect();
             assert_eq!(fast, slow);
         }
     }
@@ -221,7 +243,10 @@ mod tests {
         assert_eq!(parse_frame(&big, 299), Err(FrameError::TooBig));
         assert_eq!(FrameError::TooBig.close_code().code(), 1009);
         let fragmented_ping = client_frame(false, OP_PING, b"x", [0; 4]);
-        assert_eq!(parse_frame(&fragmented_ping, 10), Err(FrameError::BadControl));
+        assert_eq!(
+            parse_frame(&fragmented_ping, 10),
+            Err(FrameError::BadControl)
+        );
         let bad_opcode = client_frame(true, 0x3, b"x", [0; 4]);
         assert_eq!(parse_frame(&bad_opcode, 10), Err(FrameError::Reserved));
     }

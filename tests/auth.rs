@@ -5,7 +5,12 @@ use serde_json::{json, Value};
 use support::*;
 
 fn refused(server: &Server, query: &str, headers: &[(&str, &str)]) -> HttpResponse {
-    let mut all = vec![("Connection", "Upgrade"), ("Upgrade", "websocket"), ("Sec-WebSocket-Version", "13"), ("Sec-WebSocket-Key", "dGhlIHNhbXBsZSBub25jZQ==")];
+    let mut all = vec![
+        ("Connection", "Upgrade"),
+        ("Upgrade", "websocket"),
+        ("Sec-WebSocket-Version", "13"),
+        ("Sec-WebSocket-Key", "dGhlIHNhbXBsZSBub25jZQ=="),
+    ];
     all.extend_from_slice(headers);
     server.http("GET", &format!("/ws{query}"), &all, b"")
 }
@@ -15,7 +20,10 @@ fn assert_401(server: &Server, token: &str, why: &str) {
     assert_eq!(r.status, 401, "{why}: {}", r.body);
     let body = r.json();
     assert_eq!(body["error"], "unauthorized", "{why}");
-    assert!(body["reason"].as_str().is_some_and(|s| !s.is_empty()), "{why}: {body}");
+    assert!(
+        body["reason"].as_str().is_some_and(|s| !s.is_empty()),
+        "{why}: {body}"
+    );
 }
 
 #[test]
@@ -25,7 +33,11 @@ fn every_bad_token_gets_401_with_a_reason() {
     let claims = |extra: Value| {
         let mut c = json!({"sub": "u1", "tid": "t1", "exp": now + 60});
         for (k, v) in extra.as_object().unwrap() {
-            if v.is_null() { c.as_object_mut().unwrap().remove(k); } else { c[k] = v.clone(); }
+            if v.is_null() {
+                c.as_object_mut().unwrap().remove(k);
+            } else {
+                c[k] = v.clone();
+            }
         }
         c
     };
@@ -46,8 +58,14 @@ fn every_bad_token_gets_401_with_a_reason() {
         assert_401(&server, token, why);
     }
     let r = refused(&server, "", &[]);
-    assert_eq!((r.status, r.json()["reason"].as_str()), (401, Some("missing token")));
-    assert_eq!(server.metric("fanfare_rejected_unauthorized_total"), cases.len() as u64 + 1);
+    assert_eq!(
+        (r.status, r.json()["reason"].as_str()),
+        (401, Some("missing token"))
+    );
+    assert_eq!(
+        server.metric("fanfare_rejected_unauthorized_total"),
+        cases.len() as u64 + 1
+    );
     assert_eq!(server.metric("fanfare_connections_open"), 0);
 }
 
@@ -55,7 +73,12 @@ fn every_bad_token_gets_401_with_a_reason() {
 fn bearer_header_works_for_non_browser_clients() {
     let server = Server::start("");
     let bearer = format!("Bearer {}", token("t1", "u1", 60));
-    let mut c = connect_at(server.addr, &server.url("/ws"), &[("Authorization", &bearer)]).expect("upgrade with bearer");
+    let mut c = connect_at(
+        server.addr,
+        &server.url("/ws"),
+        &[("Authorization", &bearer)],
+    )
+    .expect("upgrade with bearer");
     assert_eq!(c.recv()["userId"], "u1");
 }
 
@@ -64,15 +87,29 @@ fn tokens_never_reach_the_logs() {
     let server = Server::start("");
     let good = token("t1", "u1", 60);
     let _c = server.connect_raw(&format!("/ws?token={good}")).unwrap();
-    let expired = sign(&json!({"sub": "u1", "tid": "t1", "exp": now_s() - 5}), SECRET);
+    let expired = sign(
+        &json!({"sub": "u1", "tid": "t1", "exp": now_s() - 5}),
+        SECRET,
+    );
     assert_401(&server, &expired, "expired");
     let logs = wait_for("the auth failure log line", || {
         let logs = server.logs();
-        logs.iter().any(|l| l.contains("connection refused") && l.contains("token expired") && l.contains("token=[redacted]")).then_some(logs)
+        logs.iter()
+            .any(|l| {
+                l.contains("connection refused")
+                    && l.contains("token expired")
+                    && l.contains("token=[redacted]")
+            })
+            .then_some(logs)
     });
-    assert!(logs.iter().any(|l| l.contains("connect") && l.contains("user=u1")));
+    assert!(logs
+        .iter()
+        .any(|l| l.contains("connect") && l.contains("user=u1")));
     for line in &logs {
-        assert!(!line.contains(&good) && !line.contains(&expired), "token leaked into: {line}");
+        assert!(
+            !line.contains(&good) && !line.contains(&expired),
+            "token leaked into: {line}"
+        );
     }
 }
 
@@ -81,19 +118,39 @@ fn origin_allow_list() {
     let server = Server::start("[server]\nallowed_origins = [\"https://app.example\"]");
     let t = format!("?token={}", token("t1", "u1", 60));
     let r = refused(&server, &t, &[("Origin", "https://evil.example")]);
-    assert_eq!((r.status, r.json()["error"].as_str()), (403, Some("forbidden")));
+    assert_eq!(
+        (r.status, r.json()["error"].as_str()),
+        (403, Some("forbidden"))
+    );
     let url = server.url(&format!("/ws{t}"));
     assert!(connect_at(server.addr, &url, &[("Origin", "https://app.example")]).is_ok());
-    assert!(connect_at(server.addr, &url, &[]).is_ok(), "no Origin: not a browser, passes");
+    assert!(
+        connect_at(server.addr, &url, &[]).is_ok(),
+        "no Origin: not a browser, passes"
+    );
 }
 
 #[test]
 fn configured_audience_and_issuer_are_required() {
     let server = Server::start("[auth]\naudience = \"chat\"\nissuer = \"idp\"");
     let exp = now_s() + 60;
-    assert_401(&server, &sign(&json!({"sub": "u", "tid": "t", "exp": exp}), SECRET), "no aud/iss");
-    assert_401(&server, &sign(&json!({"sub": "u", "tid": "t", "exp": exp, "aud": "other", "iss": "idp"}), SECRET), "wrong aud");
-    let good = sign(&json!({"sub": "u", "tid": "t", "exp": exp, "aud": "chat", "iss": "idp"}), SECRET);
+    assert_401(
+        &server,
+        &sign(&json!({"sub": "u", "tid": "t", "exp": exp}), SECRET),
+        "no aud/iss",
+    );
+    assert_401(
+        &server,
+        &sign(
+            &json!({"sub": "u", "tid": "t", "exp": exp, "aud": "other", "iss": "idp"}),
+            SECRET,
+        ),
+        "wrong aud",
+    );
+    let good = sign(
+        &json!({"sub": "u", "tid": "t", "exp": exp, "aud": "chat", "iss": "idp"}),
+        SECRET,
+    );
     assert!(server.connect_raw(&format!("/ws?token={good}")).is_ok());
 }
 
@@ -105,10 +162,24 @@ fn rs256_and_es256_with_pem_keys_and_no_confusion() {
     ));
     let claims = json!({"sub": "u1", "tid": "t1", "exp": now_s() + 60});
     use jsonwebtoken::{Algorithm, EncodingKey, Header};
-    let rs = jsonwebtoken::encode(&Header::new(Algorithm::RS256), &claims, &EncodingKey::from_rsa_pem(&std::fs::read(format!("{dir}/tests/keys/rs256.pem")).unwrap()).unwrap()).unwrap();
-    let es = jsonwebtoken::encode(&Header::new(Algorithm::ES256), &claims, &EncodingKey::from_ec_pem(&std::fs::read(format!("{dir}/tests/keys/es256.pem")).unwrap()).unwrap()).unwrap();
+    let rs = jsonwebtoken::encode(
+        &Header::new(Algorithm::RS256),
+        &claims,
+        &EncodingKey::from_rsa_pem(&std::fs::read(format!("{dir}/tests/keys/rs256.pem")).unwrap())
+            .unwrap(),
+    )
+    .unwrap();
+    let es = jsonwebtoken::encode(
+        &Header::new(Algorithm::ES256),
+        &claims,
+        &EncodingKey::from_ec_pem(&std::fs::read(format!("{dir}/tests/keys/es256.pem")).unwrap())
+            .unwrap(),
+    )
+    .unwrap();
     for t in [rs, es] {
-        let mut c = server.connect_raw(&format!("/ws?token={t}")).expect("PEM-signed token");
+        let mut c = server
+            .connect_raw(&format!("/ws?token={t}"))
+            .expect("PEM-signed token");
         assert_eq!(c.recv()["userId"], "u1");
     }
     // HS256 is not configured here; signing with the public key as an HMAC secret must fail.

@@ -14,9 +14,18 @@ fn malformed_events_get_invalid_message_and_the_connection_keeps_serving() {
         (Message::text("{not json"), None),
         (Message::text("[1,2,3]"), None),
         (Message::text(r#"{"type":"fly","id":"r1"}"#), Some("r1")),
-        (Message::text(r#"{"type":"subscribe","id":"r2"}"#), Some("r2")),
-        (Message::text(r#"{"type":"subscribe","conversationId":"has space","id":"r3"}"#), Some("r3")),
-        (Message::text(r#"{"type":"subscribe","conversationId":"x","id":7}"#), None),
+        (
+            Message::text(r#"{"type":"subscribe","id":"r2"}"#),
+            Some("r2"),
+        ),
+        (
+            Message::text(r#"{"type":"subscribe","conversationId":"has space","id":"r3"}"#),
+            Some("r3"),
+        ),
+        (
+            Message::text(r#"{"type":"subscribe","conversationId":"x","id":7}"#),
+            None,
+        ),
         (Message::text(r#"{"id":"r4"}"#), Some("r4")),
         (Message::binary(vec![1u8, 2, 3]), None),
     ];
@@ -38,13 +47,21 @@ fn malformed_events_get_invalid_message_and_the_connection_keeps_serving() {
 fn fragmented_messages_are_reassembled() {
     let server = Server::start("");
     let mut c = server.connect("t1", "alice");
-    use tungstenite::protocol::frame::{coding::{Data, OpCode}, Frame};
+    use tungstenite::protocol::frame::{
+        coding::{Data, OpCode},
+        Frame,
+    };
     let text = r#"{"type":"ping","id":"frag"}"#.as_bytes();
     let (first, rest) = text.split_at(10);
     let mut f1 = Frame::message(first.to_vec(), OpCode::Data(Data::Text), false);
     f1.header_mut().is_final = false;
     c.ws.write(Message::Frame(f1)).unwrap();
-    c.ws.write(Message::Frame(Frame::message(rest.to_vec(), OpCode::Data(Data::Continue), true))).unwrap();
+    c.ws.write(Message::Frame(Frame::message(
+        rest.to_vec(),
+        OpCode::Data(Data::Continue),
+        true,
+    )))
+    .unwrap();
     c.ws.flush().unwrap();
     assert_eq!(c.recv(), json!({"type": "pong", "id": "frag"}));
 }
@@ -59,7 +76,8 @@ fn invalid_utf8_text_closes_with_1007_and_others_are_unaffected() {
     use std::io::{Read, Write};
     write!(raw, "GET /ws?token={t} HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n").unwrap();
     // A masked text frame (mask of zeros) holding invalid UTF-8.
-    raw.write_all(&[0x81, 0x80 | 2, 0, 0, 0, 0, 0xC3, 0x28]).unwrap();
+    raw.write_all(&[0x81, 0x80 | 2, 0, 0, 0, 0, 0xC3, 0x28])
+        .unwrap();
     let mut seen = Vec::new();
     let mut buf = [0u8; 4096];
     let close_at = wait_for("a close frame", || {
@@ -69,7 +87,10 @@ fn invalid_utf8_text_closes_with_1007_and_others_are_unaffected() {
     });
     let code = u16::from_be_bytes([seen[close_at + 2], seen[close_at + 3]]);
     assert_eq!(code, 1007);
-    assert_eq!(other.request(json!({"type": "ping"}), "still")["type"], "pong");
+    assert_eq!(
+        other.request(json!({"type": "ping"}), "still")["type"],
+        "pong"
+    );
 }
 
 #[test]
@@ -88,7 +109,10 @@ fn unmasked_client_frames_close_with_1002() {
         seen.extend_from_slice(&buf[..n]);
         seen.windows(2).position(|w| w[0] == 0x88)
     });
-    assert_eq!(u16::from_be_bytes([seen[close_at + 2], seen[close_at + 3]]), 1002);
+    assert_eq!(
+        u16::from_be_bytes([seen[close_at + 2], seen[close_at + 3]]),
+        1002
+    );
 }
 
 #[test]
@@ -104,12 +128,25 @@ fn malformed_http_requests_get_400_and_oversized_heads_431() {
         parse_response(&out).unwrap().status
     };
     assert_eq!(send(b"NOT HTTP AT ALL\0\r\n\r\n"), 400);
-    let big = format!("GET /healthz HTTP/1.1\r\nX-Pad: {}\r\n\r\n", "a".repeat(2000));
+    let big = format!(
+        "GET /healthz HTTP/1.1\r\nX-Pad: {}\r\n\r\n",
+        "a".repeat(2000)
+    );
     assert_eq!(send(big.as_bytes()), 431);
-    assert_eq!(send(b"GET /nowhere HTTP/1.1\r\nConnection: close\r\n\r\n"), 404);
-    assert_eq!(send(b"DELETE /v1/publish HTTP/1.1\r\nConnection: close\r\n\r\n"), 405);
+    assert_eq!(
+        send(b"GET /nowhere HTTP/1.1\r\nConnection: close\r\n\r\n"),
+        404
+    );
+    assert_eq!(
+        send(b"DELETE /v1/publish HTTP/1.1\r\nConnection: close\r\n\r\n"),
+        405
+    );
     assert_eq!(send(b"GET /ws HTTP/1.1\r\n\r\n"), 426);
-    assert_eq!(server.http("GET", "/healthz", &[], b"").status, 200, "the server keeps serving");
+    assert_eq!(
+        server.http("GET", "/healthz", &[], b"").status,
+        200,
+        "the server keeps serving"
+    );
 }
 
 #[test]

@@ -16,7 +16,12 @@ fn every_subscriber_on_every_core_gets_every_event() {
     // Open connections until both cores hold some (the kernel spreads them by hash).
     while clients.len() < 40 || cores.len() < 2 {
         assert!(clients.len() < 400, "all connections landed on one core");
-        let mut c = server.connect_raw(&format!("/ws?token={}", token("t1", &format!("u{}", clients.len()), 600))).unwrap();
+        let mut c = server
+            .connect_raw(&format!(
+                "/ws?token={}",
+                token("t1", &format!("u{}", clients.len()), 600)
+            ))
+            .unwrap();
         let ready = c.expect("session.ready");
         cores.insert(core_of(ready["connectionId"].as_str().unwrap()));
         clients.push(c);
@@ -30,14 +35,24 @@ fn every_subscriber_on_every_core_gets_every_event() {
     }
     let per_conversation = 25;
     for seq in 0..per_conversation {
-        server.publish_ok("t1", conversations.iter().map(|c| updated(c, seq)).collect());
+        server.publish_ok(
+            "t1",
+            conversations.iter().map(|c| updated(c, seq)).collect(),
+        );
     }
     for (i, c) in clients.iter_mut().enumerate() {
         let mut next = vec![0usize; conversations.len()];
         for _ in 0..per_conversation * conversations.len() {
             let e = c.expect("conversation.updated");
-            let conv = conversations.iter().position(|x| x == e["conversationId"].as_str().unwrap()).unwrap();
-            assert_eq!(e["seq"], next[conv], "client {i}: out of order or missing in {}", conversations[conv]);
+            let conv = conversations
+                .iter()
+                .position(|x| x == e["conversationId"].as_str().unwrap())
+                .unwrap();
+            assert_eq!(
+                e["seq"], next[conv],
+                "client {i}: out of order or missing in {}",
+                conversations[conv]
+            );
             next[conv] += 1;
         }
     }

@@ -49,7 +49,8 @@ impl TempFile {
     pub fn new(contents: &str) -> TempFile {
         static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
         let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let path = std::env::temp_dir().join(format!("fanfare-test-{}-{n}.toml", std::process::id()));
+        let path =
+            std::env::temp_dir().join(format!("fanfare-test-{}-{n}.toml", std::process::id()));
         std::fs::write(&path, contents).expect("write temp config");
         TempFile(path)
     }
@@ -65,9 +66,18 @@ impl Drop for TempFile {
 /// appended section by section; a section given there replaces nothing else.
 pub fn base_config(extra: &str) -> String {
     let mut sections: Vec<(String, Vec<String>)> = vec![
-        ("server".into(), vec!["listen = \"127.0.0.1:0\"".into(), "shutdown_timeout_ms = 5000".into()]),
+        (
+            "server".into(),
+            vec![
+                "listen = \"127.0.0.1:0\"".into(),
+                "shutdown_timeout_ms = 5000".into(),
+            ],
+        ),
         ("auth".into(), vec![format!("hs256_secret = \"{SECRET}\"")]),
-        ("publish".into(), vec![format!("api_keys = [\"{API_KEY}\"]")]),
+        (
+            "publish".into(),
+            vec![format!("api_keys = [\"{API_KEY}\"]")],
+        ),
         ("log".into(), vec!["level = \"info\"".into()]),
     ];
     let mut current: Option<usize> = None;
@@ -83,11 +93,16 @@ pub fn base_config(extra: &str) -> String {
         } else {
             let i = current.expect("extra config must start with a [section]");
             let key = line.split('=').next().unwrap_or("").trim().to_string();
-            sections[i].1.retain(|l| l.split('=').next().unwrap_or("").trim() != key);
+            sections[i]
+                .1
+                .retain(|l| l.split('=').next().unwrap_or("").trim() != key);
             sections[i].1.push(line.to_string());
         }
     }
-    sections.iter().map(|(name, lines)| format!("[{name}]\n{}\n", lines.join("\n"))).collect()
+    sections
+        .iter()
+        .map(|(name, lines)| format!("[{name}]\n{}\n", lines.join("\n")))
+        .collect()
 }
 
 impl Server {
@@ -107,7 +122,16 @@ impl Server {
             .spawn()
             .expect("spawn fanfare");
         let logs = Arc::new(Mutex::new(Vec::new()));
-        for pipe in [child.stdout.take().map(|s| Box::new(s) as Box<dyn Read + Send>), child.stderr.take().map(|s| Box::new(s) as Box<dyn Read + Send>)] {
+        for pipe in [
+            child
+                .stdout
+                .take()
+                .map(|s| Box::new(s) as Box<dyn Read + Send>),
+            child
+                .stderr
+                .take()
+                .map(|s| Box::new(s) as Box<dyn Read + Send>),
+        ] {
             let logs = logs.clone();
             let pipe = pipe.expect("piped output");
             std::thread::spawn(move || {
@@ -118,15 +142,29 @@ impl Server {
         }
         let addr = wait_for("the listening log line", || {
             if let Ok(Some(status)) = child.try_wait() {
-                panic!("fanfare exited at start-up with {status}: {:#?}", logs.lock().unwrap());
+                panic!(
+                    "fanfare exited at start-up with {status}: {:#?}",
+                    logs.lock().unwrap()
+                );
             }
-            logs.lock().unwrap().iter().find(|l| l.contains("listening")).and_then(|l| {
-                let at = l.find("addr=")? + 5;
-                l[at..].split_whitespace().next()?.parse().ok()
-            })
+            logs.lock()
+                .unwrap()
+                .iter()
+                .find(|l| l.contains("listening"))
+                .and_then(|l| {
+                    let at = l.find("addr=")? + 5;
+                    l[at..].split_whitespace().next()?.parse().ok()
+                })
         });
-        let server = Server { addr, child, logs, _config: config };
-        wait_for("/healthz", || (server.try_http("GET", "/healthz", &[], b"").ok()?.status == 200).then_some(()));
+        let server = Server {
+            addr,
+            child,
+            logs,
+            _config: config,
+        };
+        wait_for("/healthz", || {
+            (server.try_http("GET", "/healthz", &[], b"").ok()?.status == 200).then_some(())
+        });
         server
     }
 
@@ -138,9 +176,12 @@ impl Server {
         self.child.id()
     }
 
-    /// Sends `signal` and waits for the process to exit.
-    pub fn stop_with(&mut self, signal: i32) -> ExitStatus {
+    pub fn signal(&self, signal: i32) {
+        // SAFETY: kill(2) on our own child's pid has no memory effects.
         unsafe { libc::kill(self.child.id() as i32, signal) };
+    }
+
+    pub fn wait_exit(&mut self) -> ExitStatus {
         let child = &mut self.child;
         wait_for("fanfare to exit", || child.try_wait().ok().flatten())
     }
@@ -149,18 +190,39 @@ impl Server {
         format!("ws://{}{}", self.addr, path_and_query)
     }
 
-    pub fn try_http(&self, method: &str, path: &str, headers: &[(&str, &str)], body: &[u8]) -> std::io::Result<HttpResponse> {
+    pub fn try_http(
+        &self,
+        method: &str,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: &[u8],
+    ) -> std::io::Result<HttpResponse> {
         http(self.addr, method, path, headers, body)
     }
 
-    pub fn http(&self, method: &str, path: &str, headers: &[(&str, &str)], body: &[u8]) -> HttpResponse {
-        self.try_http(method, path, headers, body).expect("http request")
+    pub fn http(
+        &self,
+        method: &str,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: &[u8],
+    ) -> HttpResponse {
+        self.try_http(method, path, headers, body)
+            .expect("http request")
     }
 
     /// POSTs a publish body with the test API key.
     pub fn publish(&self, body: &Value) -> HttpResponse {
         let auth = format!("Bearer {API_KEY}");
-        self.http("POST", "/v1/publish", &[("Authorization", &auth), ("Content-Type", "application/json")], body.to_string().as_bytes())
+        self.http(
+            "POST",
+            "/v1/publish",
+            &[
+                ("Authorization", &auth),
+                ("Content-Type", "application/json"),
+            ],
+            body.to_string().as_bytes(),
+        )
     }
 
     /// Publishes events of one tenant and checks they were accepted.
@@ -181,16 +243,26 @@ impl Server {
 
     /// Resident set size of the server process, in KiB.
     pub fn rss_kib(&self) -> u64 {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid())).expect("proc status");
+        let status =
+            std::fs::read_to_string(format!("/proc/{}/status", self.pid())).expect("proc status");
         status
             .lines()
-            .find_map(|l| l.strip_prefix("VmRSS:")?.trim().strip_suffix("kB")?.trim().parse().ok())
+            .find_map(|l| {
+                l.strip_prefix("VmRSS:")?
+                    .trim()
+                    .strip_suffix("kB")?
+                    .trim()
+                    .parse()
+                    .ok()
+            })
             .expect("VmRSS")
     }
 
     /// Opens a WebSocket as `user` of `tenant` and reads `session.ready`.
     pub fn connect(&self, tenant: &str, user: &str) -> Client {
-        let mut c = self.connect_raw(&format!("/ws?token={}", token(tenant, user, 3600))).expect("websocket upgrade");
+        let mut c = self
+            .connect_raw(&format!("/ws?token={}", token(tenant, user, 3600)))
+            .expect("websocket upgrade");
         let ready = c.recv();
         assert_eq!(ready["type"], "session.ready", "first frame: {ready}");
         c
@@ -208,7 +280,11 @@ impl Drop for Server {
     }
 }
 
-pub fn connect_at(addr: SocketAddr, url: &str, headers: &[(&str, &str)]) -> Result<Client, tungstenite::Error> {
+pub fn connect_at(
+    addr: SocketAddr,
+    url: &str,
+    headers: &[(&str, &str)],
+) -> Result<Client, tungstenite::Error> {
     let stream = TcpStream::connect(addr)?;
     stream.set_read_timeout(Some(DEADLINE))?;
     stream.set_nodelay(true)?;
@@ -222,22 +298,34 @@ pub fn connect_at(addr: SocketAddr, url: &str, headers: &[(&str, &str)]) -> Resu
     match tungstenite::client::client(request, stream) {
         Ok((ws, _)) => Ok(Client { ws }),
         Err(tungstenite::HandshakeError::Failure(e)) => Err(e),
-        Err(tungstenite::HandshakeError::Interrupted(_)) => panic!("blocking handshake interrupted"),
+        Err(tungstenite::HandshakeError::Interrupted(_)) => {
+            panic!("blocking handshake interrupted")
+        }
     }
 }
 
 /// Signs an HS256 token with the test secret.
 pub fn token(tenant: &str, user: &str, ttl_s: i64) -> String {
-    sign(&json!({"sub": user, "tid": tenant, "exp": now_s() + ttl_s}), SECRET)
+    sign(
+        &json!({"sub": user, "tid": tenant, "exp": now_s() + ttl_s}),
+        SECRET,
+    )
 }
 
 pub fn sign(claims: &Value, secret: &str) -> String {
-    jsonwebtoken::encode(&jsonwebtoken::Header::default(), claims, &jsonwebtoken::EncodingKey::from_secret(secret.as_bytes()))
-        .expect("sign")
+    jsonwebtoken::encode(
+        &jsonwebtoken::Header::default(),
+        claims,
+        &jsonwebtoken::EncodingKey::from_secret(secret.as_bytes()),
+    )
+    .expect("sign")
 }
 
 pub fn now_s() -> i64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() as i64
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64
 }
 
 /// A WebSocket client with a read deadline on every receive.
@@ -288,19 +376,25 @@ impl Client {
     }
 
     pub fn subscribe(&mut self, conversation: &str) {
-        let a = self.request(json!({"type": "subscribe", "conversationId": conversation}), &format!("sub-{conversation}"));
+        let a = self.request(
+            json!({"type": "subscribe", "conversationId": conversation}),
+            &format!("sub-{conversation}"),
+        );
         assert_eq!(a["type"], "ack", "subscribe {conversation}: {a}");
     }
 
-    /// Reads until the server's close frame, skipping data; returns its code.
+    /// Reads until the server's close frame, skipping data, and answers it; returns its code.
     pub fn expect_close(&mut self) -> Closed {
         loop {
-            match self.ws.read() {
-                Ok(Message::Close(Some(frame))) => return Closed { code: u16::from(frame.code) },
-                Ok(Message::Close(None)) => return Closed { code: u16::from(CloseCode::Status) },
+            let code = match self.ws.read() {
+                Ok(Message::Close(Some(frame))) => u16::from(frame.code),
+                Ok(Message::Close(None)) => u16::from(CloseCode::Status),
                 Ok(_) => continue,
                 Err(e) => panic!("connection ended without a close frame: {e}"),
-            }
+            };
+            // Sends tungstenite's queued close reply, completing the handshake.
+            let _ = self.ws.flush();
+            return Closed { code };
         }
     }
 
@@ -310,8 +404,14 @@ impl Client {
             match self.ws.read() {
                 Ok(Message::Close(_)) => continue,
                 Ok(_) => continue,
-                Err(tungstenite::Error::ConnectionClosed) | Err(tungstenite::Error::AlreadyClosed) => return true,
-                Err(tungstenite::Error::Io(e)) if e.kind() == std::io::ErrorKind::WouldBlock || e.kind() == std::io::ErrorKind::TimedOut => return false,
+                Err(tungstenite::Error::ConnectionClosed)
+                | Err(tungstenite::Error::AlreadyClosed) => return true,
+                Err(tungstenite::Error::Io(e))
+                    if e.kind() == std::io::ErrorKind::WouldBlock
+                        || e.kind() == std::io::ErrorKind::TimedOut =>
+                {
+                    return false
+                }
                 Err(_) => return true,
             }
         }
@@ -326,28 +426,60 @@ pub struct HttpResponse {
 
 impl HttpResponse {
     pub fn json(&self) -> Value {
-        serde_json::from_str(&self.body).unwrap_or_else(|e| panic!("body {:?} is not JSON: {e}", self.body))
+        serde_json::from_str(&self.body)
+            .unwrap_or_else(|e| panic!("body {:?} is not JSON: {e}", self.body))
     }
 
     pub fn header(&self, name: &str) -> Option<&str> {
-        self.headers.iter().find(|(n, _)| n.eq_ignore_ascii_case(name)).map(|(_, v)| v.as_str())
+        self.headers
+            .iter()
+            .find(|(n, _)| n.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
     }
 }
 
 /// One HTTP/1.1 request on a fresh connection (`Connection: close`).
-pub fn http(addr: SocketAddr, method: &str, path: &str, headers: &[(&str, &str)], body: &[u8]) -> std::io::Result<HttpResponse> {
+pub fn http(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &[u8],
+) -> std::io::Result<HttpResponse> {
     let mut s = TcpStream::connect(addr)?;
     s.set_read_timeout(Some(DEADLINE))?;
-    let mut req = format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Length: {}\r\n", body.len());
+    let mut req = format!(
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Length: {}\r\n",
+        body.len()
+    );
     for (k, v) in headers {
         req.push_str(&format!("{k}: {v}\r\n"));
     }
     req.push_str("\r\n");
     s.write_all(req.as_bytes())?;
     s.write_all(body)?;
+    read_response(&mut s)
+}
+
+/// Reads one response: the head, then `Content-Length` bytes of body (a `101` has none).
+pub fn read_response(s: &mut TcpStream) -> std::io::Result<HttpResponse> {
     let mut raw = Vec::new();
-    s.read_to_end(&mut raw)?;
-    parse_response(&raw)
+    let mut byte = [0u8; 1];
+    while !raw.ends_with(b"\r\n\r\n") {
+        if s.read(&mut byte)? == 0 {
+            break;
+        }
+        raw.push(byte[0]);
+    }
+    let mut response = parse_response(&raw)?;
+    let length: usize = response
+        .header("Content-Length")
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    let mut body = vec![0u8; length];
+    s.read_exact(&mut body)?;
+    response.body = String::from_utf8_lossy(&body).into_owned();
+    Ok(response)
 }
 
 pub fn parse_response(raw: &[u8]) -> std::io::Result<HttpResponse> {
@@ -355,9 +487,20 @@ pub fn parse_response(raw: &[u8]) -> std::io::Result<HttpResponse> {
     let text = String::from_utf8_lossy(raw);
     let (head, body) = text.split_once("\r\n\r\n").ok_or_else(|| bad("no head"))?;
     let mut lines = head.lines();
-    let status = lines.next().and_then(|l| l.split_whitespace().nth(1)).and_then(|s| s.parse().ok()).ok_or_else(|| bad("no status"))?;
-    let headers = lines.filter_map(|l| l.split_once(':')).map(|(k, v)| (k.trim().to_string(), v.trim().to_string())).collect();
-    Ok(HttpResponse { status, headers, body: body.to_string() })
+    let status = lines
+        .next()
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| bad("no status"))?;
+    let headers = lines
+        .filter_map(|l| l.split_once(':'))
+        .map(|(k, v)| (k.trim().to_string(), v.trim().to_string()))
+        .collect();
+    Ok(HttpResponse {
+        status,
+        headers,
+        body: body.to_string(),
+    })
 }
 
 /// A `conversation.updated` event.

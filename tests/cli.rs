@@ -1,0 +1,156 @@
+//! The command line and configuration: serve on defaults, env overrides, check-config, token,
+//! and loud failures on bad configuration.
+mod support;
+
+use std::process::Command;
+
+use support::*;
+
+fn run(args: &[&str], env: &[(&str, &str)]) -> (i32, String, String) {
+    let out = Command::new(bin())
+        .args(args)
+        .envs(env.iter().copied())
+        .output()
+        .expect("run fanfare");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn check_config_prints_effective_values() {
+    let f = TempFile::new("[limits]\nmax_subscriptions = 9\n");
+    let (code, out, err) = run(
+        &["check-config", "--config", f.0.to_str().unwrap()],
+        &[("FANFARE_SERVER__LISTEN", "127.0.0.1:9999")],
+    );
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("max_subscriptions = 9"), "{out}");
+    assert!(
+        out.contains("listen = \"127.0.0.1:9999\""),
+        "env override applies: {out}"
+    );
+    assert!(
+        out.contains("max_message_bytes = 65536"),
+        "defaults fill the rest: {out}"
+    );
+}
+
+#[test]
+fn bad_configuration_stops_start_up_naming_the_key() {
+    type Case<'a> = (&'a str, &'a [(&'a str, &'a str)], &'a str);
+    let cases: [Case; 5] = [
+        ("[server]\nlisen = \"127.0.0.1:0\"\n", &[], "lisen"),
+        ("[limits]\nmsg_rate = \"fast\"\n", &[], "limits.msg_rate"),
+        (
+            "[heartbeat]\ninterval_ms = 1000\ntimeout_ms = 500\n",
+            &[],
+            "heartbeat.timeout_ms",
+        ),
+        ("", &[("FANFARE_SERVER__NOPE", "1")], "FANFARE_SERVER__NOPE"),
+        (
+            "",
+            &[("FANFARE_SERVER__LISTEN", "0.0.0.0:0")],
+            "server.listen",
+        ),
+    ];
+    for (text, env, key) in cases {
+        let f = TempFile::new(text);
+        for command in ["serve", "check-config"] {
+            let (code, _, err) = run(&[command, "--config", f.0.to_str().unwrap()], env);
+            assert_ne!(code, 0, "{command} accepted {text:?} {env:?}");
+            assert!(
+                err.contains(key),
+                "{command}: error does not name {key}: {err}"
+            );
+        }
+    }
+}
+
+#[test]
+fn serve_runs_on_embedded_defaults_and_token_mints_for_it() {
+    // No --config: built-in defaults, with only the port moved off 8080 for the test.
+    let mut child = Command::new(bin())
+        .arg("serve")
+        .env("FANFARE_SERVER__LISTEN", "127.0.0.1:0")
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let lines = std::sync::Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+    {
+        let lines = lines.clone();
+        std::thread::spawn(move || {
+            use std::io::BufRead;
+            for l in std::io::BufReader::new(stdout)
+                .lines()
+                .map_while(Result::ok)
+            {
+                lines.lock().unwrap().push(l);
+            }
+        });
+    }
+    let addr: std::net::SocketAddr = wait_for("listening", || {
+        lines
+            .lock()
+            .unwrap()
+            .iter()
+            .find(|l| l.contains("listening"))
+            .and_then(|l| {
+                l.split("addr=")
+                    .nth(1)?
+                    .split_whitespace()
+                    .next()?
+                    .parse()
+                    .ok()
+            })
+    });
+    assert!(
+        lines
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|l| l.contains("WARN") && l.contains("development")),
+        "dev secret warning"
+    );
+    let (code, token, err) = run(
+        &["token", "--tenant", "t1", "--user", "dev", "--ttl", "60"],
+        &[],
+    );
+    assert_eq!(code, 0, "{err}");
+    let mut c = connect_at(addr, &format!("ws://{addr}/ws?token={}", token.trim()), &[])
+        .expect("dev token accepted");
+    assert_eq!(c.recv()["userId"], "dev");
+    // The dev publish key works too.
+    let r = http(
+        addr,
+        "POST",
+        "/v1/publish",
+        &[("Authorization", "Bearer fanfare-dev-key")],
+        br#"{"tenantId":"t1","event":{"type":"conversation.updated","conversationId":"c"}}"#,
+    )
+    .unwrap();
+    assert_eq!(r.status, 202);
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let status = wait_for("exit", || child.try_wait().ok().flatten());
+    assert!(status.success());
+}
+
+#[test]
+fn env_overrides_reach_the_running_server() {
+    let server = Server::start_with_env("", &[("FANFARE_HEARTBEAT__INTERVAL_MS", "1234")]);
+    let mut c = server
+        .connect_raw(&format!("/ws?token={}", token("t1", "u1", 60)))
+        .unwrap();
+    let ready = c.recv();
+    assert_eq!(ready["heartbeatMs"], 1234);
+}
+
+#[test]
+fn token_refuses_bad_ids() {
+    let (code, _, err) = run(&["token", "--tenant", "bad tenant", "--user", "u"], &[]);
+    assert_ne!(code, 0);
+    assert!(err.contains("tenant"), "{err}");
+}

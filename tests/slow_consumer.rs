@@ -1,0 +1,85 @@
+//! Backpressure: a client that stops reading is closed with 1013 once its queue passes
+//! `limits.outbound_queue_bytes`; everyone else keeps receiving and memory stays bounded.
+mod support;
+
+use serde_json::json;
+use support::*;
+
+#[test]
+fn a_client_that_never_reads_is_closed_with_1013_and_memory_stays_bounded() {
+    let server = Server::start("[server]\nshards = 2\n[limits]\noutbound_queue_bytes = 1048576");
+    // The slow client: a tiny receive buffer, and it stops reading after subscribing.
+    let sock = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    sock.set_recv_buffer_size(4096).unwrap();
+    sock.connect(&server.addr.into()).unwrap();
+    let stream: std::net::TcpStream = sock.into();
+    stream.set_read_timeout(Some(DEADLINE)).unwrap();
+    let request = tungstenite::client::IntoClientRequest::into_client_request(
+        server.url(&format!("/ws?token={}", token("t1", "slow", 600))),
+    )
+    .unwrap();
+    let (ws, _) = tungstenite::client::client(request, stream).unwrap();
+    let mut slow = Client { ws };
+    slow.expect("session.ready");
+    slow.subscribe("c1");
+
+    let mut fast = server.connect("t1", "fast");
+    fast.subscribe("c1");
+    let total = 2000;
+    let progress = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let reader = {
+        let progress = progress.clone();
+        std::thread::spawn(move || {
+            for seq in 0..total {
+                let e = fast.expect("conversation.updated");
+                assert_eq!(e["seq"], seq, "the fast client misses nothing");
+                progress.store(seq + 1, std::sync::atomic::Ordering::Relaxed);
+            }
+            fast
+        })
+    };
+
+    let rss_before = server.rss_kib();
+    // 2000 events of ~10 KB: 20 MB that an unbounded queue for the slow client would keep.
+    let pad = "x".repeat(10_000);
+    for batch in 0..(total / 50) {
+        // The fast client keeps up: at most one batch (500 KB) in flight to it.
+        wait_for("the fast client to keep up", || {
+            (progress.load(std::sync::atomic::Ordering::Relaxed) + 50 >= batch * 50).then_some(())
+        });
+        let events = (batch * 50..batch * 50 + 50).map(|seq| json!({"type": "conversation.updated", "conversationId": "c1", "seq": seq, "pad": pad})).collect();
+        server.publish_ok("t1", events);
+    }
+    let mut fast = reader.join().expect("fast reader");
+    wait_for("the slow consumer to be closed", || {
+        (server.metric("fanfare_slow_consumer_closes_total") == 1).then_some(())
+    });
+    let grown_kib = server.rss_kib().saturating_sub(rss_before);
+    assert!(
+        grown_kib < 12 * 1024,
+        "RSS grew by {grown_kib} KiB while 20 MB were published"
+    );
+
+    // The slow client, reading at last, finds a prefix of the events and then the 1013 close.
+    let mut seen = 0;
+    let closed = loop {
+        match slow.ws.read().expect("frames, then the close") {
+            tungstenite::Message::Text(t) => {
+                let v: serde_json::Value = serde_json::from_str(&t).unwrap();
+                assert_eq!(v["seq"], seen, "a gap-free prefix");
+                seen += 1;
+            }
+            tungstenite::Message::Close(Some(f)) => break u16::from(f.code),
+            _ => {}
+        }
+    };
+    assert_eq!(closed, 1013);
+    assert!(
+        seen < total,
+        "the slow client cannot have received everything"
+    );
+    assert_eq!(
+        fast.request(json!({"type": "ping"}), "alive")["type"],
+        "pong"
+    );
+}
