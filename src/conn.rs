@@ -110,9 +110,13 @@ pub async fn serve(
     )
     .await;
 
-    for room in std::mem::take(&mut conn.subscriptions) {
-        shard.unsubscribe(&room, out.id).await;
-    }
+    // Boxed, like every rarely taken await of this task: see `read_loop`.
+    Box::pin(async {
+        for room in std::mem::take(&mut conn.subscriptions) {
+            shard.unsubscribe(&room, out.id).await;
+        }
+    })
+    .await;
     shard.unregister(out.id);
     let duration_ms = started.elapsed().as_millis() as u64;
     let (tenant, user) = (&conn.identity.tenant, &conn.identity.user);
@@ -155,7 +159,9 @@ impl Conn {
                 let mut payload = rbuf.split_to(head.header_len + head.payload_len);
                 payload.advance(head.header_len);
                 ws::unmask(&mut payload, head.mask);
-                if let Err(code) = self.on_frame(head, payload, peer_closed).await {
+                // Boxed: handling a frame is rare next to waiting, and an idle connection's
+                // future should not carry the largest state it ever passes through.
+                if let Err(code) = Box::pin(self.on_frame(head, payload, peer_closed)).await {
                     self.out.close(code);
                     garbled = true;
                 }
@@ -352,34 +358,42 @@ async fn write_loop(
         match poll_fn(|cx| out.poll_next(cx, WRITE_BATCH_BYTES)).await {
             Next::Frames(frames) => {
                 let written = if let [one] = frames.as_slice() {
-                    write_all(stream, one, stall).await
+                    Box::pin(write_all(stream, one, stall)).await
                 } else {
                     let mut batch = Vec::with_capacity(frames.iter().map(|f| f.len()).sum());
                     for f in &frames {
                         batch.extend_from_slice(f);
                     }
-                    write_all(stream, &batch, stall).await
+                    Box::pin(write_all(stream, &batch, stall)).await
                 };
                 match written {
                     Ok(n) => shard.stats().bytes_written_total.add(n as u64),
                     Err(e) => return End::Io(e),
                 }
             }
-            Next::Close(code) => {
-                if let Err(e) = write_all(stream, &ws::close(code), stall).await {
-                    return End::Io(e);
-                }
-                if peer_closed.get().is_none() {
-                    let timeout = async {
-                        glommio::timer::sleep(CLOSE_WAIT).await;
-                        Verdict::Granted
-                    };
-                    futures_lite::future::or(peer_closed.wait(), timeout).await;
-                }
-                return End::Closed { code };
-            }
+            Next::Close(code) => return Box::pin(close(stream, code, peer_closed, stall)).await,
         }
     }
+}
+
+/// Sends the close frame and waits, at most `CLOSE_WAIT`, for the peer's.
+async fn close(
+    stream: &RefCell<TcpStream>,
+    code: CloseCode,
+    peer_closed: &Latch,
+    stall: Duration,
+) -> End {
+    if let Err(e) = write_all(stream, &ws::close(code), stall).await {
+        return End::Io(e);
+    }
+    if peer_closed.get().is_none() {
+        let timeout = async {
+            glommio::timer::sleep(CLOSE_WAIT).await;
+            Verdict::Granted
+        };
+        futures_lite::future::or(peer_closed.wait(), timeout).await;
+    }
+    End::Closed { code }
 }
 
 /// Writes all of `data`. A peer that accepts no byte for `stall` is given up on.

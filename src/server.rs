@@ -55,6 +55,7 @@ pub fn run(
     on_bound: impl FnOnce(SocketAddr),
 ) -> Result<(), Error> {
     let verifier = Arc::new(Verifier::new(&config.auth)?);
+    raise_fd_limit();
     let cpus = CpuSet::online().ok();
     let online = cpus.as_ref().map_or(1, |c| c.len()).max(1);
     let shards = match config.server.shards {
@@ -299,7 +300,8 @@ async fn handle_client(shard: Rc<Shard>, mut stream: TcpStream) {
         let response = match (req.method.as_str(), req.path.as_str()) {
             (_, "/ws") if req.method == "GET" => {
                 if let Some(identity) = upgrade(&shard, &mut stream, &req, peer).await {
-                    conn::serve(shard, stream, buf, identity, peer).await;
+                    // Its own task: the connection's future carries none of the HTTP state.
+                    glommio::spawn_local(conn::serve(shard, stream, buf, identity, peer)).detach();
                 }
                 return;
             }
@@ -382,7 +384,6 @@ async fn read_head(shard: &Shard, stream: &mut TcpStream, buf: &mut BytesMut) ->
         None
     };
     let read = async {
-        let mut chunk = [0u8; 2048];
         loop {
             match http::parse_head(buf, server.max_request_head_bytes) {
                 Ok(Some(req)) => return Some(HeadEnd::Request(req)),
@@ -392,9 +393,12 @@ async fn read_head(shard: &Shard, stream: &mut TcpStream, buf: &mut BytesMut) ->
                 }
                 Err(e) => return Some(HeadEnd::Bad(400, e.to_string())),
             }
-            match stream.read(&mut chunk).await {
+            // Read straight into the request buffer: no scratch array in this future.
+            let filled = buf.len();
+            buf.resize(filled + 1024, 0);
+            match stream.read(&mut buf[filled..]).await {
                 Ok(0) | Err(_) => return Some(HeadEnd::Gone),
-                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                Ok(n) => buf.truncate(filled + n),
             }
         }
     };
@@ -620,6 +624,21 @@ async fn read_body(
         true
     };
     futures_lite::future::or(read, timeout).await
+}
+
+/// Raises the soft open-files limit to the hard one: every connection is a descriptor.
+pub fn raise_fd_limit() {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: plain libc calls on a local struct.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur < lim.rlim_max {
+            lim.rlim_cur = lim.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
+        }
+    }
 }
 
 fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {

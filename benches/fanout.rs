@@ -1,0 +1,54 @@
+//! Fan-out of one published event to N local subscribers, up to the point of the write: the
+//! owner's lookup, one `Bytes` refcount bump and queue push per subscriber, and each writer
+//! taking its frame off its queue.
+use std::rc::Rc;
+use std::sync::Arc;
+use std::task::{Context, Waker};
+use std::time::Instant;
+
+use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
+use fanfare::outbound::Outbound;
+use fanfare::shard::{room_key, Message, Shard};
+use futures_lite::future::block_on;
+use glommio::channels::channel_mesh::{Full, MeshBuilder};
+
+fn fanout(c: &mut Criterion) {
+    let executor = glommio::LocalExecutorBuilder::default()
+        .make()
+        .expect("executor");
+    executor.run(async {
+        let (senders, _receivers) = MeshBuilder::<Message, Full>::full(1, 16)
+            .join()
+            .await
+            .expect("mesh");
+        let config = Arc::new(fanfare::config::Config::default());
+        let verifier = Arc::new(fanfare::auth::Verifier::new(&config.auth).expect("verifier"));
+        let shard = Shard::new(senders, config, verifier, fanfare::metrics::registry(1));
+        let frame = fanfare::ws::text(&[b'x'; 100]);
+        let mut cx = Context::from_waker(Waker::noop());
+        let mut g = c.benchmark_group("fanout");
+        for n in [10u64, 1_000, 10_000] {
+            let room = room_key("tenant", &format!("room-{n}"));
+            let conns: Vec<Rc<Outbound>> = (0..n)
+                .map(|i| Rc::new(Outbound::new(i, 1 << 20, Instant::now())))
+                .collect();
+            for conn in &conns {
+                block_on(shard.subscribe(&room, conn));
+            }
+            g.throughput(Throughput::Elements(n));
+            g.bench_function(BenchmarkId::new("deliver_100B", n), |b| {
+                b.iter(|| {
+                    // The owner is this core, so publishing completes without awaiting.
+                    block_on(shard.publish(room.clone(), frame.clone()));
+                    for conn in &conns {
+                        let _ = conn.poll_next(&mut cx, 64 * 1024);
+                    }
+                })
+            });
+        }
+        g.finish();
+    });
+}
+
+criterion_group!(benches, fanout);
+criterion_main!(benches);

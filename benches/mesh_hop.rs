@@ -1,0 +1,80 @@
+//! One cross-core hop: a `Deliver` message over the SPSC mesh from one executor to another,
+//! measured as half of a round trip.
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use criterion::{criterion_group, criterion_main, Criterion, Throughput};
+use fanfare::shard::{room_key, Message};
+use glommio::channels::channel_mesh::{Full, MeshBuilder};
+use glommio::{LocalExecutorPoolBuilder, PoolPlacement};
+
+fn mesh_hop(c: &mut Criterion) {
+    let mesh = MeshBuilder::<Message, Full>::full(2, 1024);
+    let (ask_tx, ask_rx) = mpsc::channel::<u64>();
+    let (done_tx, done_rx) = mpsc::channel::<Duration>();
+    let ask_rx = std::sync::Arc::new(std::sync::Mutex::new(Some(ask_rx)));
+    let pool =
+        LocalExecutorPoolBuilder::new(PoolPlacement::MaxSpread(2, glommio::CpuSet::online().ok()))
+            .on_all_shards(move || {
+                let (mesh, ask_rx, done_tx) = (mesh.clone(), ask_rx.clone(), done_tx.clone());
+                async move {
+                    let (tx, rx) = mesh.join().await.expect("mesh");
+                    let peer = 1 - tx.peer_id();
+                    let ask = ask_rx.lock().ok().and_then(|mut a| {
+                        if tx.peer_id() == 0 {
+                            a.take()
+                        } else {
+                            None
+                        }
+                    });
+                    let room = room_key("tenant", "room");
+                    let frame = fanfare::ws::text(&[b'x'; 100]);
+                    match ask {
+                        // The driver: N round trips per request from criterion.
+                        Some(ask) => {
+                            while let Ok(n) = ask.recv() {
+                                let start = Instant::now();
+                                for _ in 0..n {
+                                    let _ = tx
+                                        .send_to(
+                                            peer,
+                                            Message::Deliver {
+                                                room: room.clone(),
+                                                frame: frame.clone(),
+                                            },
+                                        )
+                                        .await;
+                                    let _ = rx.recv_from(peer).await;
+                                }
+                                let _ = done_tx.send(start.elapsed());
+                            }
+                            tx.close();
+                        }
+                        // The echo: sends every message back.
+                        None => {
+                            while let Ok(Some(msg)) = rx.recv_from(peer).await {
+                                if tx.send_to(peer, msg).await.is_err() {
+                                    break;
+                                }
+                            }
+                        }
+                    }
+                }
+            })
+            .expect("executors");
+    let mut g = c.benchmark_group("mesh");
+    g.throughput(Throughput::Elements(1));
+    g.bench_function("hop", |b| {
+        b.iter_custom(|iters| {
+            ask_tx.send(iters).expect("driver alive");
+            // Two hops per round trip.
+            done_rx.recv().expect("driver answers") / 2
+        })
+    });
+    g.finish();
+    drop(ask_tx);
+    let _ = pool.join_all();
+}
+
+criterion_group!(benches, mesh_hop);
+criterion_main!(benches);

@@ -1,0 +1,674 @@
+//! `fanfare-bench`: drives a running Fanfare the way users do and measures it against this
+//! machine's raw-send floor in the same run.
+//!
+//! - `fanout`: N WebSocket connections (source addresses 127.0.0.2…127.0.0.250) over R
+//!   conversations, an open-loop publisher at a fixed rate through `/v1/publish` (latency counted
+//!   from each event's scheduled send time), then the floor: the same number of frames written
+//!   by this tool to N loopback sockets, one frame per send and 16 per send.
+//! - `idle`: N idle subscribed connections; the server's RSS per connection and the accept rate.
+//!
+//! Every loop is bounded in count and time, and only loopback addresses are ever targeted.
+
+use std::cell::{Cell, RefCell};
+use std::io::{Read, Write};
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpListener, TcpStream};
+use std::os::fd::{FromRawFd, IntoRawFd};
+use std::rc::Rc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use clap::{Parser, Subcommand};
+use futures_lite::{AsyncReadExt, AsyncWriteExt};
+use hdrhistogram::Histogram;
+
+#[derive(Parser)]
+#[command(
+    name = "fanfare-bench",
+    about = "Load tool for Fanfare (loopback only)"
+)]
+struct Cli {
+    /// The server's address (must be a loopback address).
+    #[arg(long, default_value = "127.0.0.1:8080", global = true)]
+    addr: SocketAddr,
+    /// The server's pid, for its CPU time and RSS (from /proc).
+    #[arg(long, global = true)]
+    pid: Option<u32>,
+    /// HS256 secret to mint client tokens with.
+    #[arg(long, default_value = fanfare::config::DEV_SECRET, global = true)]
+    secret: String,
+    /// Publish API key.
+    #[arg(long, default_value = fanfare::config::DEV_API_KEY, global = true)]
+    api_key: String,
+    #[command(subcommand)]
+    mode: Mode,
+}
+
+#[derive(Subcommand)]
+enum Mode {
+    /// Fan-out: publish at a fixed rate to subscribed connections; then the raw-send floor.
+    Fanout {
+        #[arg(long, default_value_t = 2000)]
+        connections: usize,
+        #[arg(long, default_value_t = 20)]
+        conversations: usize,
+        /// Events per second (open loop). 0 = as fast as the server accepts (saturation).
+        #[arg(long, default_value_t = 1000)]
+        rate: u64,
+        /// Seconds of publishing (at most 120).
+        #[arg(long, default_value_t = 10)]
+        seconds: u64,
+        /// Bytes per event.
+        #[arg(long, default_value_t = 100)]
+        payload: usize,
+    },
+    /// Idle: open N subscribed connections and report RSS per connection and accept rate.
+    Idle {
+        #[arg(long, default_value_t = 10_000)]
+        connections: usize,
+    },
+}
+
+const TENANT: &str = "bench";
+/// Publishing stops by itself after this, whatever was asked.
+const MAX_SECONDS: u64 = 120;
+
+fn main() {
+    let cli = Cli::parse();
+    if !cli.addr.ip().is_loopback() {
+        eprintln!("fanfare-bench targets loopback addresses only");
+        std::process::exit(2);
+    }
+    fanfare::server::raise_fd_limit();
+    match cli.mode {
+        Mode::Fanout {
+            connections,
+            conversations,
+            rate,
+            seconds,
+            payload,
+        } => fanout(
+            &cli,
+            connections,
+            conversations.max(1),
+            rate,
+            seconds.min(MAX_SECONDS),
+            payload,
+        ),
+        Mode::Idle { connections } => idle(&cli, connections),
+    }
+}
+
+// ---- what the server used ---------------------------------------------------------------
+
+#[derive(Clone, Copy)]
+struct Usage {
+    cpu_s: f64,
+    rss_kib: u64,
+}
+
+fn server_usage(pid: Option<u32>) -> Option<Usage> {
+    let pid = pid?;
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the command name, which may hold spaces: utime and stime are 14th and 15th.
+    let rest = &stat[stat.rfind(')')? + 2..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    // SAFETY: sysconf has no memory effects.
+    let tick = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    let cpu_s = (f.get(11)?.parse::<f64>().ok()? + f.get(12)?.parse::<f64>().ok()?) / tick;
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let rss_kib = status.lines().find_map(|l| {
+        l.strip_prefix("VmRSS:")?
+            .trim()
+            .strip_suffix("kB")?
+            .trim()
+            .parse()
+            .ok()
+    })?;
+    Some(Usage { cpu_s, rss_kib })
+}
+
+fn thread_cpu_s() -> f64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: writes into a local timespec.
+    unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
+    ts.tv_sec as f64 + ts.tv_nsec as f64 / 1e9
+}
+
+// ---- client connections -------------------------------------------------------------------
+
+/// Source address for connection `i`: 127.0.0.2 … 127.0.0.250, so ephemeral ports last.
+fn source_ip(i: usize) -> Ipv4Addr {
+    Ipv4Addr::new(127, 0, 0, 2 + (i % 249) as u8)
+}
+
+/// Connects from `source_ip(i)`, upgrades, subscribes to `conversation`, and returns the
+/// stream once the subscribe is acked.
+async fn open_subscribed(
+    addr: SocketAddr,
+    i: usize,
+    token: &str,
+    conversation: &str,
+) -> std::io::Result<glommio::net::TcpStream> {
+    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
+    socket.bind(&SocketAddr::V4(SocketAddrV4::new(source_ip(i), 0)).into())?;
+    // Loopback connects complete at once; the executor blocks for microseconds.
+    socket.connect(&addr.into())?;
+    socket.set_nonblocking(true)?;
+    socket.set_nodelay(true)?;
+    // SAFETY: we own the fd and give it up here.
+    let mut stream = unsafe { glommio::net::TcpStream::from_raw_fd(socket.into_raw_fd()) };
+    let request = format!(
+        "GET /ws?token={token} HTTP/1.1\r\nHost: {addr}\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\
+         Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: ZmFuZmFyZS1iZW5jaC1rZXk=\r\n\r\n"
+    );
+    stream.write_all(request.as_bytes()).await?;
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        if stream.read(&mut byte).await? == 0 {
+            return Err(std::io::ErrorKind::UnexpectedEof.into());
+        }
+        head.push(byte[0]);
+    }
+    if !head.starts_with(b"HTTP/1.1 101") {
+        return Err(std::io::Error::other(
+            String::from_utf8_lossy(&head).into_owned(),
+        ));
+    }
+    let subscribe = format!(r#"{{"type":"subscribe","conversationId":"{conversation}","id":"s"}}"#);
+    stream.write_all(&masked_text(subscribe.as_bytes())).await?;
+    // Read frames until the ack (session.ready comes first).
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 1024];
+    loop {
+        let n = stream.read(&mut chunk).await?;
+        if n == 0 {
+            return Err(std::io::ErrorKind::UnexpectedEof.into());
+        }
+        buf.extend_from_slice(&chunk[..n]);
+        while let Some((payload, used)) = server_frame(&buf) {
+            let acked = payload.windows(12).any(|w| w == br#""type":"ack""#);
+            buf.drain(..used);
+            if acked {
+                return Ok(stream);
+            }
+        }
+    }
+}
+
+/// A masked client text frame (mask of zeros: the XOR is the identity).
+fn masked_text(payload: &[u8]) -> Vec<u8> {
+    let mut out = vec![0x81];
+    match payload.len() {
+        n @ 0..=125 => out.push(0x80 | n as u8),
+        n => {
+            out.push(0x80 | 126);
+            out.extend_from_slice(&(n as u16).to_be_bytes());
+        }
+    }
+    out.extend_from_slice(&[0, 0, 0, 0]);
+    out.extend_from_slice(payload);
+    out
+}
+
+/// One unmasked server frame at the front of `buf`: its payload and total length.
+fn server_frame(buf: &[u8]) -> Option<(&[u8], usize)> {
+    if buf.len() < 2 {
+        return None;
+    }
+    let (len, at) = match buf[1] & 0x7F {
+        126 => (
+            u16::from_be_bytes(buf.get(2..4)?.try_into().ok()?) as usize,
+            4,
+        ),
+        127 => (
+            u64::from_be_bytes(buf.get(2..10)?.try_into().ok()?) as usize,
+            10,
+        ),
+        n => (n as usize, 2),
+    };
+    let end = at + len;
+    (buf.len() >= end).then(|| (&buf[at..end], end))
+}
+
+/// Reads frames until `stop`; counts text frames and records latency from their `"t":` field
+/// (nanoseconds after `epoch` at which the event was scheduled).
+async fn drain(
+    mut stream: glommio::net::TcpStream,
+    epoch: Instant,
+    shared: Rc<Tally>,
+    stop: Arc<AtomicBool>,
+) {
+    let mut buf = Vec::with_capacity(4096);
+    let mut chunk = vec![0u8; 16 * 1024];
+    while !stop.load(Ordering::Relaxed) {
+        let read = futures_lite::future::or(async { Some(stream.read(&mut chunk).await) }, async {
+            glommio::timer::sleep(Duration::from_millis(200)).await;
+            None
+        })
+        .await;
+        let n = match read {
+            None => continue,
+            Some(Ok(0)) | Some(Err(_)) => return,
+            Some(Ok(n)) => n,
+        };
+        buf.extend_from_slice(&chunk[..n]);
+        let now = epoch.elapsed().as_nanos() as u64;
+        let mut used = 0;
+        while let Some((payload, len)) = server_frame(&buf[used..]) {
+            if let Some(t) = field_t(payload) {
+                shared.received.set(shared.received.get() + 1);
+                let _ = shared
+                    .latency
+                    .borrow_mut()
+                    .record(now.saturating_sub(t).max(1));
+            }
+            used += len;
+        }
+        buf.drain(..used);
+    }
+}
+
+fn field_t(payload: &[u8]) -> Option<u64> {
+    let at = payload.windows(4).position(|w| w == br#""t":"#)? + 4;
+    let digits = payload[at..]
+        .iter()
+        .take_while(|b| b.is_ascii_digit())
+        .count();
+    std::str::from_utf8(&payload[at..at + digits])
+        .ok()?
+        .parse()
+        .ok()
+}
+
+/// What one receiving executor counted.
+struct Tally {
+    received: Cell<u64>,
+    latency: RefCell<Histogram<u64>>,
+}
+
+// ---- fanout -------------------------------------------------------------------------------
+
+fn fanout(
+    cli: &Cli,
+    connections: usize,
+    conversations: usize,
+    rate: u64,
+    seconds: u64,
+    payload: usize,
+) {
+    let epoch = Instant::now();
+    let stop = Arc::new(AtomicBool::new(false));
+    let opened = Arc::new(AtomicU64::new(0));
+    let auth = fanfare::config::Auth {
+        hs256_secret: cli.secret.clone(),
+        ..Default::default()
+    };
+    let now_s = fanfare::auth::now_ms() / 1000;
+    let tokens: Vec<String> = (0..connections)
+        .map(|i| {
+            fanfare::auth::mint_hs256(&auth, TENANT, &format!("u{i}"), 3600, now_s).expect("token")
+        })
+        .collect();
+    let receiver = {
+        let (stop, opened, addr) = (stop.clone(), opened.clone(), cli.addr);
+        std::thread::spawn(move || {
+            let ex = glommio::LocalExecutorBuilder::new(glommio::Placement::Unbound)
+                .make()
+                .expect("executor");
+            ex.run(async move {
+                let tally = Rc::new(Tally {
+                    received: Cell::new(0),
+                    latency: RefCell::new(Histogram::new(3).expect("histogram")),
+                });
+                let mut tasks = Vec::new();
+                for (i, token) in tokens.iter().enumerate() {
+                    let conversation = format!("c{}", i % conversations);
+                    match open_subscribed(addr, i, token, &conversation).await {
+                        Ok(stream) => {
+                            opened.fetch_add(1, Ordering::Relaxed);
+                            tasks.push(glommio::spawn_local(drain(
+                                stream,
+                                epoch,
+                                tally.clone(),
+                                stop.clone(),
+                            )));
+                        }
+                        Err(e) => eprintln!("connection {i}: {e}"),
+                    }
+                }
+                for t in tasks {
+                    t.await;
+                }
+                let latency = tally.latency.borrow().clone();
+                (tally.received.get(), latency)
+            })
+        })
+    };
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while opened.load(Ordering::Relaxed) < connections as u64
+        && Instant::now() < deadline
+        && !receiver.is_finished()
+    {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let live = opened.load(Ordering::Relaxed) as usize;
+    println!("connections: {live}/{connections} subscribed, {conversations} conversations, {payload} B events");
+    let before = server_usage(cli.pid);
+    let started = Instant::now();
+    let published = publish(cli, conversations, rate, seconds, payload, epoch);
+    let publish_s = started.elapsed().as_secs_f64();
+    // Subscribers per conversation, as connections were spread.
+    let expected: u64 = (0..published)
+        .map(|e| subscribers(live, conversations, (e % conversations as u64) as usize))
+        .sum();
+    // Let the last deliveries land (bounded).
+    let settle = Instant::now();
+    std::thread::sleep(Duration::from_millis(500));
+    let after = server_usage(cli.pid);
+    stop.store(true, Ordering::Relaxed);
+    let (received, latency) = receiver
+        .join()
+        .unwrap_or_else(|_| (0, Histogram::new(3).expect("histogram")));
+    let window = publish_s + settle.elapsed().as_secs_f64();
+    println!(
+        "published: {published} events in {publish_s:.2}s ({:.0}/s)",
+        published as f64 / publish_s
+    );
+    println!(
+        "deliveries: {received} ({:.0}/s), lost: {}",
+        received as f64 / window,
+        expected.saturating_sub(received)
+    );
+    let us = |q: f64| latency.value_at_quantile(q) as f64 / 1000.0;
+    println!(
+        "publish->deliver latency: p50 {:.0}us p99 {:.0}us p999 {:.0}us max {:.0}us",
+        us(0.5),
+        us(0.99),
+        us(0.999),
+        latency.max() as f64 / 1000.0
+    );
+    let per_delivery = match (before, after) {
+        (Some(b), Some(a)) if received > 0 => {
+            let cpu = a.cpu_s - b.cpu_s;
+            let per = cpu * 1e6 / received as f64;
+            println!(
+                "server: {cpu:.2} CPU s, RSS {} KiB, {per:.3} CPU us per delivery",
+                a.rss_kib
+            );
+            Some(per)
+        }
+        _ => None,
+    };
+    let frames = received.max(1);
+    for batch in [1usize, 16] {
+        let floor = raw_floor(live.max(1), frames, payload, batch);
+        match per_delivery {
+            Some(per) => println!(
+                "floor ({batch} frame/send): {floor:.3} CPU us per frame; server/floor = {:.2}",
+                per / floor
+            ),
+            None => println!("floor ({batch} frame/send): {floor:.3} CPU us per frame"),
+        }
+    }
+}
+
+fn subscribers(connections: usize, conversations: usize, k: usize) -> u64 {
+    (connections / conversations + usize::from(k < connections % conversations)) as u64
+}
+
+/// Publishes for `seconds` at `rate` events/s (0: as fast as acknowledged), in batches of the
+/// events due; returns how many were accepted.
+fn publish(
+    cli: &Cli,
+    conversations: usize,
+    rate: u64,
+    seconds: u64,
+    payload: usize,
+    epoch: Instant,
+) -> u64 {
+    let mut http = TcpStream::connect(cli.addr).expect("publish connection");
+    http.set_nodelay(true).ok();
+    http.set_read_timeout(Some(Duration::from_secs(10))).ok();
+    let start = Instant::now();
+    let end = start + Duration::from_secs(seconds);
+    let pad = "x".repeat(payload.saturating_sub(80));
+    let mut sent = 0u64;
+    let mut response = vec![0u8; 4096];
+    while Instant::now() < end {
+        let elapsed = start.elapsed();
+        // Event e is scheduled at e/rate: it is due once that time has come.
+        let due = if rate == 0 {
+            sent + 100
+        } else {
+            (elapsed.as_secs_f64() * rate as f64) as u64 + 1
+        };
+        if due <= sent {
+            std::thread::sleep(Duration::from_micros(200));
+            continue;
+        }
+        let mut body = format!(r#"{{"tenantId":"{TENANT}","events":["#);
+        for e in sent..due.min(sent + 2000) {
+            // The scheduled send time: when an open-loop client should have sent it.
+            let scheduled = if rate == 0 {
+                epoch.elapsed()
+            } else {
+                start.duration_since(epoch) + Duration::from_secs_f64(e as f64 / rate as f64)
+            };
+            if e > sent {
+                body.push(',');
+            }
+            body.push_str(&format!(
+                r#"{{"type":"conversation.updated","conversationId":"c{}","t":{},"pad":"{pad}"}}"#,
+                e % conversations as u64,
+                scheduled.as_nanos()
+            ));
+        }
+        body.push_str("]}");
+        let batch = due.min(sent + 2000) - sent;
+        let request = format!(
+            "POST /v1/publish HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {}\r\nContent-Length: {}\r\n\r\n{body}",
+            cli.api_key,
+            body.len()
+        );
+        if http.write_all(request.as_bytes()).is_err() {
+            break;
+        }
+        let n = http.read(&mut response).unwrap_or(0);
+        if !response[..n].starts_with(b"HTTP/1.1 202") {
+            eprintln!(
+                "publish refused: {}",
+                String::from_utf8_lossy(&response[..n])
+            );
+            break;
+        }
+        sent += batch;
+    }
+    sent
+}
+
+/// CPU microseconds this machine spends per frame written to loopback sockets: `frames` frames
+/// of `payload` bytes over `sockets` connections, `batch` frames per send.
+fn raw_floor(sockets: usize, frames: u64, payload: usize, batch: usize) -> f64 {
+    let listener = TcpListener::bind("127.0.0.1:0").expect("floor listener");
+    let addr = listener.local_addr().expect("addr");
+    let sockets = sockets.min(15_000);
+    let mut receivers = Vec::with_capacity(sockets);
+    let mut senders = Vec::with_capacity(sockets);
+    for i in 0..sockets {
+        let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)
+            .expect("socket");
+        s.bind(&SocketAddr::V4(SocketAddrV4::new(source_ip(i), 0)).into())
+            .expect("bind");
+        s.connect(&addr.into()).expect("connect");
+        receivers.push(TcpStream::from(s));
+        let (accepted, _) = listener.accept().expect("accept");
+        accepted.set_nodelay(true).ok();
+        senders.push(accepted);
+    }
+    let frame = fanfare::ws::text(&vec![b'x'; payload]);
+    let chunk: Vec<u8> = frame
+        .iter()
+        .copied()
+        .cycle()
+        .take(frame.len() * batch)
+        .collect();
+    let per_socket_sends = (frames / sockets as u64 / batch as u64).max(1);
+    let stop = Arc::new(AtomicBool::new(false));
+    // Receivers drain on their own glommio executor, as the clients of the fanout run do.
+    let drainer = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            let ex = glommio::LocalExecutorBuilder::new(glommio::Placement::Unbound)
+                .make()
+                .expect("executor");
+            ex.run(async move {
+                let tasks: Vec<_> = receivers
+                    .into_iter()
+                    .map(|r| {
+                        r.set_nonblocking(true).expect("nonblocking");
+                        // SAFETY: we own the fd and give it up here.
+                        let mut s =
+                            unsafe { glommio::net::TcpStream::from_raw_fd(r.into_raw_fd()) };
+                        let stop = stop.clone();
+                        glommio::spawn_local(async move {
+                            let mut buf = vec![0u8; 16 * 1024];
+                            while !stop.load(Ordering::Relaxed) {
+                                let read = futures_lite::future::or(
+                                    async { Some(s.read(&mut buf).await) },
+                                    async {
+                                        glommio::timer::sleep(Duration::from_millis(100)).await;
+                                        None
+                                    },
+                                )
+                                .await;
+                                if let Some(Ok(0) | Err(_)) = read {
+                                    return;
+                                }
+                            }
+                        })
+                    })
+                    .collect();
+                for t in tasks {
+                    t.await;
+                }
+            });
+        })
+    };
+    let cpu_before = thread_cpu_s();
+    let mut written = 0u64;
+    for _ in 0..per_socket_sends {
+        for s in senders.iter_mut() {
+            if s.write_all(&chunk).is_ok() {
+                written += batch as u64;
+            }
+        }
+    }
+    let cpu = thread_cpu_s() - cpu_before;
+    stop.store(true, Ordering::Relaxed);
+    drop(senders);
+    let _ = drainer.join();
+    cpu * 1e6 / written.max(1) as f64
+}
+
+// ---- idle ---------------------------------------------------------------------------------
+
+fn idle(cli: &Cli, connections: usize) {
+    let before = server_usage(cli.pid);
+    let auth = fanfare::config::Auth {
+        hs256_secret: cli.secret.clone(),
+        ..Default::default()
+    };
+    let now_s = fanfare::auth::now_ms() / 1000;
+    let addr = cli.addr;
+    let opened = Arc::new(AtomicU64::new(0));
+    let release = Arc::new(AtomicBool::new(false));
+    let started = Instant::now();
+    let holder = {
+        let (opened, release) = (opened.clone(), release.clone());
+        std::thread::spawn(move || {
+            let ex = glommio::LocalExecutorBuilder::new(glommio::Placement::Unbound)
+                .make()
+                .expect("executor");
+            ex.run(async move {
+                let mut streams = Vec::with_capacity(connections);
+                let mut pending = Vec::new();
+                for i in 0..connections {
+                    let token =
+                        fanfare::auth::mint_hs256(&auth, TENANT, &format!("idle{i}"), 3600, now_s)
+                            .expect("token");
+                    pending.push(glommio::spawn_local(async move {
+                        open_subscribed(addr, i, &token, &format!("c{}", i % 100)).await
+                    }));
+                    // Up to 256 handshakes in flight.
+                    if pending.len() == 256 || i + 1 == connections {
+                        for p in pending.drain(..) {
+                            match p.await {
+                                Ok(s) => {
+                                    streams.push(s);
+                                    opened.fetch_add(1, Ordering::Relaxed);
+                                }
+                                Err(e) => eprintln!("connection: {e}"),
+                            }
+                        }
+                    }
+                }
+                while !release.load(Ordering::Relaxed) {
+                    glommio::timer::sleep(Duration::from_millis(50)).await;
+                }
+                drop(streams);
+            });
+        })
+    };
+    let deadline = Instant::now() + Duration::from_secs(300);
+    while opened.load(Ordering::Relaxed) < connections as u64
+        && Instant::now() < deadline
+        && !holder.is_finished()
+    {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let open_s = started.elapsed().as_secs_f64();
+    let n = opened.load(Ordering::Relaxed);
+    // Give the server a moment to settle its allocator before reading RSS.
+    std::thread::sleep(Duration::from_millis(500));
+    let after = server_usage(cli.pid);
+    release.store(true, Ordering::Relaxed);
+    let _ = holder.join();
+    println!(
+        "idle: {n}/{connections} subscribed connections in {open_s:.2}s ({:.0} accepted/s)",
+        n as f64 / open_s
+    );
+    if let (Some(b), Some(a)) = (before, after) {
+        let grown = a.rss_kib.saturating_sub(b.rss_kib);
+        println!(
+            "server RSS: {} KiB -> {} KiB, {:.0} bytes per idle subscribed connection",
+            b.rss_kib,
+            a.rss_kib,
+            grown as f64 * 1024.0 / n.max(1) as f64
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_server_frames_and_latency_fields() {
+        let f = fanfare::ws::text(br#"{"type":"conversation.updated","t":12345,"pad":"x"}"#);
+        let (payload, used) = server_frame(&f).unwrap();
+        assert_eq!(used, f.len());
+        assert_eq!(field_t(payload), Some(12345));
+        assert!(server_frame(&f[..f.len() - 1]).is_none());
+    }
+
+    #[test]
+    fn spreads_subscribers_like_the_connections() {
+        let total: u64 = (0..7).map(|k| subscribers(100, 7, k)).sum();
+        assert_eq!(total, 100);
+    }
+}
