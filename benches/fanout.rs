@@ -4,10 +4,9 @@
 use std::rc::Rc;
 use std::sync::Arc;
 use std::task::{Context, Waker};
-use std::time::Instant;
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
-use fanfare::outbound::Outbound;
+use fanfare::handle::ConnHandle;
 use fanfare::shard::{room_key, Message, Shard};
 use futures_lite::future::block_on;
 use glommio::channels::channel_mesh::{Full, MeshBuilder};
@@ -29,8 +28,16 @@ fn fanout(c: &mut Criterion) {
         let mut g = c.benchmark_group("fanout");
         for n in [10u64, 1_000, 10_000] {
             let room = room_key("tenant", &format!("room-{n}"));
-            let conns: Vec<Rc<Outbound>> = (0..n)
-                .map(|i| Rc::new(Outbound::new(i, 1 << 20, Instant::now())))
+            let conns: Vec<Rc<ConnHandle>> = (0..n)
+                .map(|i| {
+                    Rc::new(ConnHandle::new(
+                        i,
+                        "tenant".into(),
+                        format!("u{i}").into(),
+                        1 << 20,
+                        u64::MAX,
+                    ))
+                })
                 .collect();
             for conn in &conns {
                 block_on(shard.subscribe(&room, conn));

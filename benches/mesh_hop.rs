@@ -4,7 +4,8 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
-use fanfare::shard::{room_key, Message};
+use fanfare::handle::Kind;
+use fanfare::shard::{room_key, Fanned, Message};
 use glommio::channels::channel_mesh::{Full, MeshBuilder};
 use glommio::{LocalExecutorPoolBuilder, PoolPlacement};
 
@@ -28,7 +29,11 @@ fn mesh_hop(c: &mut Criterion) {
                         }
                     });
                     let room = room_key("tenant", "room");
-                    let frame = fanfare::ws::text(&[b'x'; 100]);
+                    let out = Fanned {
+                        frame: fanfare::ws::text(&[b'x'; 100]),
+                        kind: Kind::Event,
+                        except: None,
+                    };
                     match ask {
                         // The driver: N round trips per request from criterion.
                         Some(ask) => {
@@ -40,7 +45,7 @@ fn mesh_hop(c: &mut Criterion) {
                                             peer,
                                             Message::Deliver {
                                                 room: room.clone(),
-                                                frame: frame.clone(),
+                                                out: out.clone(),
                                             },
                                         )
                                         .await;

@@ -48,6 +48,7 @@ pub struct Config {
     pub auth: Auth,
     pub limits: Limits,
     pub heartbeat: Heartbeat,
+    pub presence: Presence,
     pub publish: Publish,
     pub log: Log,
 }
@@ -148,6 +149,22 @@ impl Default for Heartbeat {
         Heartbeat {
             interval_ms: 30_000,
             timeout_ms: 60_000,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Presence {
+    pub offline_grace_ms: u64,
+    pub typing_throttle_ms: u64,
+}
+
+impl Default for Presence {
+    fn default() -> Self {
+        Presence {
+            offline_grace_ms: 5000,
+            typing_throttle_ms: 1000,
         }
     }
 }

@@ -1,5 +1,5 @@
 //! One WebSocket connection, after the upgrade: reads client frames, answers client events, and
-//! writes whatever its [`Outbound`] queue holds.
+//! writes whatever its [`ConnHandle`] queue holds.
 //!
 //! Invariants: the connection lives and dies on the core that accepted it, as one task. Its
 //! reader and writer are two futures of that task sharing the socket through a `RefCell`
@@ -20,10 +20,12 @@ use futures_lite::{AsyncRead, AsyncWrite};
 use glommio::net::TcpStream;
 use tracing::{debug, info};
 
-use crate::auth::Identity;
+use crate::auth::{self, Identity};
+use crate::handle::{ConnHandle, Next};
 use crate::limit::TokenBucket;
-use crate::outbound::{Next, Outbound};
-use crate::protocol::{parse_client_event, server_event, ClientEvent, CloseCode, ErrorCode};
+use crate::protocol::{
+    parse_client_event, server_event, Activity, ClientEvent, CloseCode, ErrorCode,
+};
 use crate::shard::{room_key, Latch, RoomKey, Shard, Verdict};
 use crate::ws;
 
@@ -49,9 +51,11 @@ enum End {
 
 struct Conn {
     shard: Rc<Shard>,
-    out: Rc<Outbound>,
-    identity: Identity,
+    out: Rc<ConnHandle>,
+    /// In subscription order: the last is the default conversation of `presence.activity`.
     subscriptions: Vec<RoomKey>,
+    /// The conversation the user last said it is viewing.
+    viewing: Option<RoomKey>,
     bucket: TokenBucket,
     /// First and last dropped event of the current over-limit episode.
     drops: Option<(Instant, Instant)>,
@@ -73,30 +77,33 @@ pub async fn serve(
 ) {
     let started = Instant::now();
     let config = shard.config.clone();
-    let out = Rc::new(Outbound::new(
+    let out = Rc::new(ConnHandle::new(
         shard.next_id(),
+        identity.tenant.into(),
+        identity.user.into(),
         config.limits.outbound_queue_bytes,
-        started,
+        identity.expires_at_ms,
     ));
     let conn_id = format!("{:x}", out.id);
-    shard.register(out.clone());
-    shard.stats().connects_total.inc();
-    info!(conn = %conn_id, tenant = %identity.tenant, user = %identity.user, %peer, core = shard.id, "connect");
     let ready = server_event::session_ready(
         &conn_id,
-        &identity.user,
-        &identity.tenant,
+        &out.user,
+        &out.tenant,
         config.heartbeat.interval_ms,
     );
+    // session.ready is the first frame: queued before anything else can reach the connection.
     out.push(ws::text(ready.as_bytes()));
+    Box::pin(shard.register(out.clone())).await;
+    shard.stats().connects_total.inc();
+    info!(conn = %conn_id, tenant = %out.tenant, user = %out.user, %peer, core = shard.id, "connect");
 
     let stream = RefCell::new(stream);
     let peer_closed = Latch::default();
     let mut conn = Conn {
         shard: shard.clone(),
         out: out.clone(),
-        identity,
         subscriptions: Vec::new(),
+        viewing: None,
         bucket: TokenBucket::full(config.limits.msg_burst, started),
         drops: None,
         last_rate_error: None,
@@ -115,11 +122,11 @@ pub async fn serve(
         for room in std::mem::take(&mut conn.subscriptions) {
             shard.unsubscribe(&room, out.id).await;
         }
+        shard.unregister(&out).await;
     })
     .await;
-    shard.unregister(out.id);
     let duration_ms = started.elapsed().as_millis() as u64;
-    let (tenant, user) = (&conn.identity.tenant, &conn.identity.user);
+    let (tenant, user) = (&out.tenant, &out.user);
     let peer_code = conn.peer_close.flatten();
     match end {
         End::Closed { code } => info!(
@@ -254,7 +261,7 @@ impl Conn {
                 self.out.push(ws::text(server_event::pong(id).as_bytes()));
             }
             ClientEvent::Subscribe { conversation_id } => {
-                let room = room_key(&self.identity.tenant, conversation_id);
+                let room = room_key(&self.out.tenant, conversation_id);
                 if !self.subscriptions.contains(&room) {
                     let max = self.shard.config.limits.max_subscriptions;
                     if self.subscriptions.len() >= max {
@@ -271,13 +278,64 @@ impl Conn {
                 self.ack(id);
             }
             ClientEvent::Unsubscribe { conversation_id } => {
-                let room = room_key(&self.identity.tenant, conversation_id);
+                let room = room_key(&self.out.tenant, conversation_id);
                 if let Some(at) = self.subscriptions.iter().position(|r| *r == room) {
-                    self.subscriptions.swap_remove(at);
+                    self.subscriptions.remove(at);
                     self.shard.unsubscribe(&room, self.out.id).await;
                     info!(conn = %format_args!("{:x}", self.out.id), room = %room, "unsubscribe");
                 }
                 self.ack(id);
+            }
+            ClientEvent::Activity {
+                activity,
+                conversation_id,
+            } => {
+                let room = match conversation_id {
+                    Some(c) => room_key(&self.out.tenant, c),
+                    None => match self.subscriptions.last() {
+                        Some(room) => room.clone(),
+                        None => {
+                            let message = "no conversationId and no subscription to default to";
+                            self.error(ErrorCode::InvalidMessage, message, id);
+                            return Ok(());
+                        }
+                    },
+                };
+                if !self.subscriptions.contains(&room) {
+                    self.error(
+                        ErrorCode::Forbidden,
+                        "not subscribed to this conversation",
+                        id,
+                    );
+                    return Ok(());
+                }
+                match activity {
+                    Activity::Typing => self.shard.typing(room, self.out.user.clone()).await,
+                    Activity::Viewing => self.viewing = Some(room),
+                }
+                // Acked even when throttled: throttling is invisible to the typist.
+                self.ack(id);
+            }
+            ClientEvent::PresenceQuery => {
+                let users = self.shard.online_users(&self.out.tenant);
+                let snapshot = server_event::snapshot(users.iter().map(|u| &**u), id);
+                self.out.push(ws::text(snapshot.as_bytes()));
+            }
+            ClientEvent::Auth { token } => {
+                match self.shard.verifier.verify(token, auth::now_ms()) {
+                    Ok(fresh)
+                        if *fresh.tenant == *self.out.tenant && *fresh.user == *self.out.user =>
+                    {
+                        self.out.expires_at_ms.set(fresh.expires_at_ms);
+                        self.ack(id);
+                    }
+                    Ok(_) => self.error(
+                        ErrorCode::Forbidden,
+                        "the token is for another user or tenant",
+                        id,
+                    ),
+                    Err(e) => self.error(ErrorCode::Unauthorized, &e.to_string(), id),
+                }
             }
         }
         Ok(())
@@ -349,7 +407,7 @@ async fn read_some(
 /// Writes queued frames until the close handshake is done.
 async fn write_loop(
     shard: &Shard,
-    out: &Outbound,
+    out: &ConnHandle,
     stream: &RefCell<TcpStream>,
     peer_closed: &Latch,
     stall: Duration,

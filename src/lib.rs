@@ -4,16 +4,17 @@
 //! ([`server`], [`http`]), rate-limited ([`limit`]) and authenticated ([`auth`]), upgraded
 //! ([`ws`]) and served ([`conn`]); its events ([`protocol`]) are routed to the owning core
 //! ([`route`]) of the per-core state ([`shard`]), which fans frames out to each subscriber's
-//! bounded queue ([`outbound`]). Published events enter through [`publish`]. [`config`] and
+//! bounded queue ([`handle`]). Published events enter through [`publish`]. [`config`] and
 //! [`metrics`] stand beside the path.
 
 pub mod auth;
 pub mod config;
 pub mod conn;
+pub mod handle;
 pub mod http;
 pub mod limit;
 pub mod metrics;
-pub mod outbound;
+pub mod presence;
 pub mod protocol;
 pub mod publish;
 pub mod route;

@@ -90,9 +90,28 @@ impl CloseCode {
 /// A client event, borrowing its strings from the frame it was parsed from.
 #[derive(Debug, PartialEq, Eq)]
 pub enum ClientEvent<'a> {
-    Subscribe { conversation_id: &'a str },
-    Unsubscribe { conversation_id: &'a str },
+    Subscribe {
+        conversation_id: &'a str,
+    },
+    Unsubscribe {
+        conversation_id: &'a str,
+    },
     Ping,
+    /// `conversation_id` is `None` when the client leaves it to the server.
+    Activity {
+        activity: Activity,
+        conversation_id: Option<&'a str>,
+    },
+    PresenceQuery,
+    Auth {
+        token: &'a str,
+    },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Activity {
+    Typing,
+    Viewing,
 }
 
 /// A parsed client event with its optional request `id`.
@@ -118,6 +137,10 @@ struct Wire<'a> {
     id: Option<&'a str>,
     #[serde(rename = "conversationId", borrow)]
     conversation_id: Option<&'a str>,
+    #[serde(borrow)]
+    activity: Option<&'a str>,
+    #[serde(borrow)]
+    token: Option<&'a str>,
 }
 
 /// Parses one text frame in place (simd-json rewrites `buf`).
@@ -128,13 +151,14 @@ pub fn parse_client_event(buf: &mut [u8]) -> Result<Request<'_>, Invalid<'_>> {
     })?;
     let id = wire.id;
     let invalid = |message: String| Invalid { id, message };
-    let conversation = || match wire.conversation_id {
-        Some(c) if is_entity_id(c) => Ok(c),
-        Some(_) => Err(invalid(
+    let optional_conversation = || match wire.conversation_id {
+        Some(c) if !is_entity_id(c) => Err(invalid(
             "conversationId does not match [A-Za-z0-9._~@:-]{1,128}".into(),
         )),
-        None => Err(invalid("conversationId is required".into())),
+        c => Ok(c),
     };
+    let conversation =
+        || optional_conversation()?.ok_or_else(|| invalid("conversationId is required".into()));
     let event = match wire.kind {
         Some("subscribe") => ClientEvent::Subscribe {
             conversation_id: conversation()?,
@@ -143,6 +167,27 @@ pub fn parse_client_event(buf: &mut [u8]) -> Result<Request<'_>, Invalid<'_>> {
             conversation_id: conversation()?,
         },
         Some("ping") => ClientEvent::Ping,
+        Some("presence.activity") => {
+            let activity = match wire.activity {
+                Some("typing") => Activity::Typing,
+                Some("viewing") => Activity::Viewing,
+                Some(other) => {
+                    return Err(invalid(format!(
+                        "unknown activity `{other}` (typing, viewing)"
+                    )))
+                }
+                None => return Err(invalid("activity is required".into())),
+            };
+            ClientEvent::Activity {
+                activity,
+                conversation_id: optional_conversation()?,
+            }
+        }
+        Some("presence.query") => ClientEvent::PresenceQuery,
+        Some("auth") => match wire.token {
+            Some(token) if !token.is_empty() => ClientEvent::Auth { token },
+            _ => return Err(invalid("token is required".into())),
+        },
         Some(other) => return Err(invalid(format!("unknown type `{other}`"))),
         None => return Err(invalid("type is required".into())),
     };
@@ -182,6 +227,29 @@ pub mod server_event {
             code.as_str()
         );
         push_str(&mut out, message);
+        with_id(out, id)
+    }
+
+    pub fn presence(kind: &str, user: &str) -> String {
+        format!("{{\"type\":\"presence.{kind}\",\"userId\":\"{user}\"}}")
+    }
+
+    pub fn typing(user: &str, conversation: &str) -> String {
+        format!("{{\"type\":\"presence.typing\",\"userId\":\"{user}\",\"conversationId\":\"{conversation}\"}}")
+    }
+
+    /// `presence.snapshot`; it answers a request, so it carries the request's `id` if any.
+    pub fn snapshot<'a>(users: impl Iterator<Item = &'a str>, id: Option<&str>) -> String {
+        let mut out = String::from("{\"type\":\"presence.snapshot\",\"userIds\":[");
+        for (i, user) in users.enumerate() {
+            if i > 0 {
+                out.push(',');
+            }
+            out.push('"');
+            out.push_str(user);
+            out.push('"');
+        }
+        out.push(']');
         with_id(out, id)
     }
 

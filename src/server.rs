@@ -24,6 +24,7 @@ use crate::auth::{self, Verifier};
 use crate::config::Config;
 use crate::http::{self, Request};
 use crate::metrics::{self, Registry};
+use crate::protocol::{server_event, CloseCode, ErrorCode};
 use crate::shard::{Message, Shard, Verdict};
 use crate::{conn, publish};
 
@@ -210,7 +211,10 @@ async fn housekeeping(shard: Rc<Shard>, shutdown: Arc<AtomicBool>) {
         Duration::from_millis(hb.timeout_ms),
     );
     // Fine enough that a ping or a timeout is at most a quarter of its period late.
-    let sweep_every = (interval.min(timeout - interval) / 4).clamp(TICK, Duration::from_secs(1));
+    // Fine enough that a ping, a timeout or a token expiry is at most a quarter of its period
+    // (and never more than 250 ms) late.
+    let sweep_every =
+        (interval.min(timeout - interval) / 4).clamp(TICK, Duration::from_millis(250));
     let prune_every = Duration::from_secs(10);
     let (mut last_sweep, mut last_prune) = (Instant::now(), Instant::now());
     let ping = crate::ws::frame(crate::ws::OP_PING, b"");
@@ -224,16 +228,25 @@ async fn housekeeping(shard: Rc<Shard>, shutdown: Arc<AtomicBool>) {
         if now.duration_since(last_sweep) >= sweep_every {
             last_sweep = now;
             let stats = shard.stats();
+            let now_ms = crate::auth::now_ms();
             shard.for_each_connection(|c| {
                 if c.close_code().is_some() {
                     return;
                 }
-                if now.saturating_duration_since(c.last_seen.get()) > timeout {
+                if now_ms >= c.expires_at_ms.get() {
+                    let expired = server_event::error(
+                        ErrorCode::TokenExpired,
+                        "the token expired; reconnect with a fresh one",
+                        None,
+                    );
+                    c.push(crate::ws::text(expired.as_bytes()));
+                    c.close(CloseCode::TokenExpired);
+                } else if now.saturating_duration_since(c.last_seen.get()) > timeout {
                     stats.heartbeat_closes_total.inc();
-                    c.close(crate::protocol::CloseCode::HeartbeatTimeout);
+                    c.close(CloseCode::HeartbeatTimeout);
                 } else if now.saturating_duration_since(c.last_ping.get()) >= interval {
                     c.last_ping.set(now);
-                    if c.push(ping.clone()) == crate::outbound::Pushed::Overflowed {
+                    if c.push(ping.clone()) == crate::handle::Pushed::Overflowed {
                         stats.slow_consumer_closes_total.inc();
                     }
                 }
@@ -242,13 +255,14 @@ async fn housekeeping(shard: Rc<Shard>, shutdown: Arc<AtomicBool>) {
         if now.duration_since(last_prune) >= prune_every {
             last_prune = now;
             shard.prune_buckets();
+            shard.prune_typing();
         }
     }
 }
 
 /// Closes every connection with 1001 and waits for them, at most `server.shutdown_timeout_ms`.
 async fn drain(shard: &Shard) {
-    shard.for_each_connection(|c| c.close(crate::protocol::CloseCode::GoingAway));
+    shard.for_each_connection(|c| c.close(CloseCode::GoingAway));
     let deadline = Instant::now() + Duration::from_millis(shard.config.server.shutdown_timeout_ms);
     while shard.connection_count() > 0 && Instant::now() < deadline {
         glommio::timer::sleep(TICK).await;
@@ -305,6 +319,7 @@ async fn handle_client(shard: Rc<Shard>, mut stream: TcpStream) {
                 }
                 return;
             }
+            ("GET", path) if path.starts_with("/v1/presence/") => presence_request(&shard, &req),
             ("POST", "/v1/publish") => {
                 match publish_request(&shard, &mut stream, &mut buf, &req).await {
                     Some(response) => response,
@@ -523,6 +538,32 @@ async fn check_upgrade(
     }
 }
 
+/// Whether the request carries one of the publish API keys.
+fn has_api_key(shard: &Shard, req: &Request) -> bool {
+    let keys = &shard.config.publish.api_keys;
+    req.bearer().is_some_and(|k| {
+        keys.iter()
+            .any(|key| constant_time_eq(key.as_bytes(), k.as_bytes()))
+    })
+}
+
+/// `GET /v1/presence/<tenantId>`: the tenant's online users.
+fn presence_request(shard: &Shard, req: &Request) -> Response {
+    if !has_api_key(shard, req) {
+        return json_error(401, "unauthorized", "missing or unknown API key");
+    }
+    let tenant = req.path.trim_start_matches("/v1/presence/");
+    if !crate::protocol::is_tenant_id(tenant) {
+        return json_error(
+            400,
+            "bad_request",
+            "tenantId does not match [A-Za-z0-9._-]{1,64}",
+        );
+    }
+    let users = serde_json::json!({ "userIds": shard.online_users(tenant).iter().map(|u| &**u).collect::<Vec<_>>() });
+    (200, "application/json", users.to_string(), vec![])
+}
+
 /// `POST /v1/publish`. `None` when the connection must close without an answer.
 async fn publish_request(
     shard: &Shard,
@@ -530,11 +571,7 @@ async fn publish_request(
     buf: &mut BytesMut,
     req: &Request,
 ) -> Option<Response> {
-    let keys = &shard.config.publish.api_keys;
-    let authorized = req.bearer().is_some_and(|k| {
-        keys.iter()
-            .any(|key| constant_time_eq(key.as_bytes(), k.as_bytes()))
-    });
+    let authorized = has_api_key(shard, req);
     let length = match req.content_length() {
         Ok(n) => n,
         Err(e) => return Some(json_error(400, "bad_request", &e.to_string())),

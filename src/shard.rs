@@ -1,10 +1,12 @@
-//! One core's share of the server: the rooms it owns, its local subscriber index, its
-//! connections, and its end of the SPSC mesh to every other core.
+//! One core's share of the server: the rooms and users it owns, its local subscriber and
+//! tenant indexes, its connections, and its end of the SPSC mesh to every other core.
 //!
 //! Invariants: a `Shard` lives on one executor and is reached only through `Rc`; other cores
 //! talk to it only by [`Message`]s over the mesh wired at start-up. A conversation's owner
 //! (`route::shard_for`) keeps the set of cores that have subscribers; an event is framed once
 //! and sent once to each such core, which queues the same `Bytes` to each local subscriber.
+//! A user's owner counts the user's connections and broadcasts presence changes once per core;
+//! each core delivers them to its own connections of the tenant.
 
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
@@ -13,16 +15,18 @@ use std::net::IpAddr;
 use std::rc::Rc;
 use std::sync::Arc;
 use std::task::{Poll, Waker};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use glommio::channels::channel_mesh::Senders;
 use xxhash_rust::xxh3::Xxh3Builder;
 
 use crate::config::Config;
+use crate::handle::{ConnHandle, Kind, Pushed};
 use crate::limit::TokenBucket;
 use crate::metrics::{CoreStats, Registry};
-use crate::outbound::{Outbound, Pushed};
+use crate::presence::{self, UserKey};
+use crate::protocol::server_event;
 use crate::route::shard_for;
 
 /// The routing key of a conversation: `<tenantId>:c:<conversationId>` (tenant IDs contain no
@@ -51,9 +55,25 @@ pub enum Message {
         room: RoomKey,
         frame: Bytes,
     },
-    /// An event for `room`, from its owner to a core with subscribers.
+    /// A frame for `room`, from its owner to a core with subscribers.
     Deliver {
         room: RoomKey,
+        out: Fanned,
+    },
+    /// `user` is typing in `room`, to the room's owner (which throttles).
+    Typing {
+        room: RoomKey,
+        user: Arc<str>,
+    },
+    /// A connection of `user` opened (`up`) or closed, to the user's owner.
+    Connection {
+        user: UserKey,
+        up: bool,
+    },
+    /// `user` came online or went offline, from its owner to every core.
+    Presence {
+        user: UserKey,
+        online: bool,
         frame: Bytes,
     },
     /// A connection attempt from `ip`, to the owner of its rate bucket.
@@ -66,6 +86,15 @@ pub enum Message {
         req: u64,
         verdict: Verdict,
     },
+}
+
+/// A frame on its way to a room's subscribers.
+#[derive(Clone)]
+pub struct Fanned {
+    pub frame: Bytes,
+    pub kind: Kind,
+    /// Whose own connections skip it (the typist's).
+    pub except: Option<Arc<str>>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -109,12 +138,14 @@ impl Latch {
 
 /// This core's subscribers of one room.
 struct LocalRoom {
-    conns: Vec<Rc<Outbound>>,
+    conns: Vec<Rc<ConnHandle>>,
     /// Set once the owner has registered this core's interest.
     live: Rc<Latch>,
 }
 
 type Map<K, V> = HashMap<K, V, Xxh3Builder>;
+/// Connections by id.
+type Conns = HashMap<u64, Rc<ConnHandle>>;
 
 pub struct Shard {
     pub id: usize,
@@ -126,7 +157,15 @@ pub struct Shard {
     /// Rooms this core owns → bitmask of cores with subscribers.
     owned: RefCell<Map<RoomKey, u64>>,
     local: RefCell<Map<RoomKey, LocalRoom>>,
-    conns: RefCell<HashMap<u64, Rc<Outbound>>>,
+    conns: RefCell<Conns>,
+    /// This core's connections by tenant, for presence delivery.
+    tenants: RefCell<Map<Arc<str>, Conns>>,
+    /// Users this core owns.
+    users: RefCell<presence::Owned>,
+    /// Every tenant's online users, as the owners broadcast them.
+    online: RefCell<presence::Replica>,
+    /// Typing events forwarded, for rooms this core owns.
+    typing: RefCell<presence::Throttle>,
     pending: RefCell<HashMap<u64, Rc<Latch>>>,
     next_id: Cell<u64>,
     buckets: RefCell<HashMap<IpAddr, TokenBucket>>,
@@ -153,6 +192,10 @@ impl Shard {
             owned: RefCell::default(),
             local: RefCell::default(),
             conns: RefCell::default(),
+            tenants: RefCell::default(),
+            users: RefCell::default(),
+            online: RefCell::default(),
+            typing: RefCell::default(),
             pending: RefCell::default(),
             next_id: Cell::new(0),
             buckets: RefCell::default(),
@@ -174,15 +217,36 @@ impl Shard {
 
     // ---- connections -------------------------------------------------------------------
 
-    pub fn register(&self, conn: Rc<Outbound>) {
+    /// Adds a connection to this core's indexes and counts it for its user's presence.
+    pub async fn register(self: &Rc<Self>, conn: Rc<ConnHandle>) {
         self.stats().connections_open.inc();
+        let user = (conn.tenant.clone(), conn.user.clone());
+        self.tenants
+            .borrow_mut()
+            .entry(conn.tenant.clone())
+            .or_default()
+            .insert(conn.id, conn.clone());
         self.conns.borrow_mut().insert(conn.id, conn);
+        self.route_connection(user, true).await;
     }
 
-    pub fn unregister(&self, id: u64) {
-        if self.conns.borrow_mut().remove(&id).is_some() {
-            self.stats().connections_open.dec();
+    /// Removes a connection from this core's indexes; its user may go offline after the grace.
+    pub async fn unregister(self: &Rc<Self>, conn: &ConnHandle) {
+        if self.conns.borrow_mut().remove(&conn.id).is_none() {
+            return;
         }
+        self.stats().connections_open.dec();
+        {
+            let mut tenants = self.tenants.borrow_mut();
+            if let Some(conns) = tenants.get_mut(&conn.tenant) {
+                conns.remove(&conn.id);
+                if conns.is_empty() {
+                    tenants.remove(&conn.tenant);
+                }
+            }
+        }
+        self.route_connection((conn.tenant.clone(), conn.user.clone()), false)
+            .await;
     }
 
     pub fn connection_count(&self) -> usize {
@@ -190,7 +254,7 @@ impl Shard {
     }
 
     /// Calls `f` on every connection of this core.
-    pub fn for_each_connection(&self, mut f: impl FnMut(&Outbound)) {
+    pub fn for_each_connection(&self, mut f: impl FnMut(&ConnHandle)) {
         for c in self.conns.borrow().values() {
             f(c);
         }
@@ -199,7 +263,7 @@ impl Shard {
     // ---- subscriptions (connection side) ---------------------------------------------
 
     /// Adds `conn` to `room` and resolves once an event published from now on reaches it.
-    pub async fn subscribe(&self, room: &RoomKey, conn: &Rc<Outbound>) -> Verdict {
+    pub async fn subscribe(&self, room: &RoomKey, conn: &Rc<ConnHandle>) -> Verdict {
         let joined = self.local.borrow_mut().get_mut(room).map(|r| {
             r.conns.push(conn.clone());
             r.live.clone()
@@ -275,14 +339,58 @@ impl Shard {
     pub async fn publish(&self, room: RoomKey, frame: Bytes) {
         let owner = self.owner_of(&room);
         if owner == self.id {
-            self.fan_out(&room, frame);
+            self.fan_out(
+                &room,
+                Fanned {
+                    frame,
+                    kind: Kind::Event,
+                    except: None,
+                },
+            );
         } else {
             self.send(owner, Message::Publish { room, frame }).await;
         }
     }
 
+    /// Forwards `user`'s typing in `room` to the room's subscribers (but not to the user's
+    /// own connections), at most once per `presence.typing_throttle_ms`.
+    pub async fn typing(&self, room: RoomKey, user: Arc<str>) {
+        let owner = self.owner_of(&room);
+        if owner == self.id {
+            self.typing_at_owner(&room, user);
+        } else {
+            self.send(owner, Message::Typing { room, user }).await;
+        }
+    }
+
+    fn typing_at_owner(&self, room: &RoomKey, user: Arc<str>) {
+        let period = Duration::from_millis(self.config.presence.typing_throttle_ms);
+        if !self
+            .typing
+            .borrow_mut()
+            .allow(room, &user, Instant::now(), period)
+        {
+            return;
+        }
+        let conversation = room.split_once(":c:").map_or("", |(_, c)| c);
+        let frame = crate::ws::text(server_event::typing(&user, conversation).as_bytes());
+        self.fan_out(
+            room,
+            Fanned {
+                frame,
+                kind: Kind::Ephemeral,
+                except: Some(user),
+            },
+        );
+    }
+
+    pub fn prune_typing(&self) {
+        let period = Duration::from_millis(self.config.presence.typing_throttle_ms);
+        self.typing.borrow_mut().prune(Instant::now(), period);
+    }
+
     /// On the owner: one message per interested core, never one per connection.
-    fn fan_out(&self, room: &RoomKey, frame: Bytes) {
+    fn fan_out(&self, room: &RoomKey, out: Fanned) {
         let Some(&mask) = self.owned.borrow().get(room) else {
             return;
         };
@@ -291,14 +399,14 @@ impl Shard {
             let core = cores.trailing_zeros() as usize;
             cores &= cores - 1;
             if core == self.id {
-                self.deliver(room, &frame);
+                self.deliver(room, &out);
             } else if self
                 .mesh
                 .try_send_to(
                     core,
                     Message::Deliver {
                         room: room.clone(),
-                        frame: frame.clone(),
+                        out: out.clone(),
                     },
                 )
                 .is_err()
@@ -308,19 +416,94 @@ impl Shard {
         }
     }
 
-    /// Queues `frame` to this core's subscribers of `room`.
-    fn deliver(&self, room: &RoomKey, frame: &Bytes) {
+    /// Queues a frame to this core's subscribers of `room`.
+    fn deliver(&self, room: &RoomKey, out: &Fanned) {
         let local = self.local.borrow();
         let Some(r) = local.get(room) else { return };
+        self.push_all(r.conns.iter().map(|c| &**c), out);
+    }
+
+    /// Queues `out` to each of `conns` but the excepted user's; counts what happened.
+    fn push_all<'a>(&self, conns: impl Iterator<Item = &'a ConnHandle>, out: &Fanned) {
         let mut delivered = 0;
-        for conn in &r.conns {
-            match conn.push(frame.clone()) {
+        for conn in conns {
+            if out.except.as_ref().is_some_and(|u| *u == conn.user) {
+                continue;
+            }
+            match conn.push_kind(out.frame.clone(), out.kind) {
                 Pushed::Queued => delivered += 1,
                 Pushed::Overflowed => self.stats().slow_consumer_closes_total.inc(),
-                Pushed::Closing => {}
+                Pushed::Dropped => {}
             }
         }
         self.stats().frames_delivered_total.add(delivered);
+    }
+
+    // ---- presence ----------------------------------------------------------------------
+
+    /// Tells `user`'s owner that one of its connections opened or closed.
+    async fn route_connection(self: &Rc<Self>, user: UserKey, up: bool) {
+        let owner = shard_for(format!("{}:u:{}", user.0, user.1).as_bytes(), self.count);
+        if owner == self.id {
+            self.connection_at_owner(user, up);
+        } else {
+            self.send(owner, Message::Connection { user, up }).await;
+        }
+    }
+
+    fn connection_at_owner(self: &Rc<Self>, user: UserKey, up: bool) {
+        if up {
+            if self.users.borrow_mut().up(&user) {
+                self.broadcast_presence(user, true);
+            }
+            return;
+        }
+        let Some(generation) = self.users.borrow_mut().down(&user) else {
+            return;
+        };
+        let me = self.clone();
+        let grace = Duration::from_millis(self.config.presence.offline_grace_ms);
+        glommio::spawn_local(async move {
+            glommio::timer::sleep(grace).await;
+            if me.users.borrow_mut().expire(&user, generation) {
+                me.broadcast_presence(user, false);
+            }
+        })
+        .detach();
+    }
+
+    /// From a user's owner: one message per core, each delivering to its own connections.
+    fn broadcast_presence(self: &Rc<Self>, user: UserKey, online: bool) {
+        let kind = if online { "online" } else { "offline" };
+        let frame = crate::ws::text(server_event::presence(kind, &user.1).as_bytes());
+        for core in (0..self.count).filter(|&c| c != self.id) {
+            let msg = Message::Presence {
+                user: user.clone(),
+                online,
+                frame: frame.clone(),
+            };
+            self.send_later(core, msg);
+        }
+        self.presence_here(user, online, frame);
+    }
+
+    fn presence_here(&self, user: UserKey, online: bool, frame: Bytes) {
+        self.online.borrow_mut().apply(&user, online);
+        let tenants = self.tenants.borrow();
+        let Some(conns) = tenants.get(&user.0) else {
+            return;
+        };
+        let out = Fanned {
+            frame,
+            kind: Kind::Event,
+            except: Some(user.1),
+        };
+        self.push_all(conns.values().map(|c| &**c), &out);
+    }
+
+    /// The tenant's online users (instance-wide, grace period included), sorted.
+    pub fn online_users(&self, tenant: &str) -> Vec<Arc<str>> {
+        self.online.borrow().snapshot(tenant)
     }
 
     // ---- connection-attempt rate limit ------------------------------------------------
@@ -402,8 +585,22 @@ impl Shard {
                 self.reply(from, req, Verdict::Granted);
             }
             Message::Unsubscribe { room, from } => self.remove_interest(&room, from),
-            Message::Publish { room, frame } => self.fan_out(&room, frame),
-            Message::Deliver { room, frame } => self.deliver(&room, &frame),
+            Message::Publish { room, frame } => self.fan_out(
+                &room,
+                Fanned {
+                    frame,
+                    kind: Kind::Event,
+                    except: None,
+                },
+            ),
+            Message::Deliver { room, out } => self.deliver(&room, &out),
+            Message::Typing { room, user } => self.typing_at_owner(&room, user),
+            Message::Connection { user, up } => self.connection_at_owner(user, up),
+            Message::Presence {
+                user,
+                online,
+                frame,
+            } => self.presence_here(user, online, frame),
             Message::Admit { ip, from, req } => {
                 let verdict = self.take_token(ip);
                 self.reply(from, req, verdict);
@@ -417,9 +614,13 @@ impl Shard {
     }
 
     fn reply(self: &Rc<Self>, to: usize, req: u64, verdict: Verdict) {
+        self.send_later(to, Message::Reply { req, verdict });
+    }
+
+    /// Sends from a context that must not wait: on a task of its own, in spawn order.
+    fn send_later(self: &Rc<Self>, to: usize, msg: Message) {
         let me = self.clone();
-        glommio::spawn_local(async move { me.send(to, Message::Reply { req, verdict }).await })
-            .detach();
+        glommio::spawn_local(async move { me.send(to, msg).await }).detach();
     }
 }
 

@@ -348,8 +348,23 @@ impl Client {
         self.ws.send(m).expect("send");
     }
 
-    /// The next JSON text frame; control frames are skipped (pings are answered by tungstenite).
+    /// The next JSON text frame other than `presence.online`/`presence.offline`, which tests of
+    /// other capabilities see whenever a second user of the tenant connects or leaves.
     pub fn recv(&mut self) -> Value {
+        loop {
+            let v = self.recv_any();
+            if !matches!(
+                v["type"].as_str(),
+                Some("presence.online" | "presence.offline")
+            ) {
+                return v;
+            }
+        }
+    }
+
+    /// The next JSON text frame, whatever it is; control frames are skipped (pings are
+    /// answered by tungstenite).
+    pub fn recv_any(&mut self) -> Value {
         loop {
             match self.ws.read().expect("read a frame") {
                 Message::Text(t) => return serde_json::from_str(&t).expect("JSON text frame"),

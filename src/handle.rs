@@ -1,12 +1,14 @@
-//! A connection's outbound side as the rest of its core sees it: a bounded queue of frames and
-//! a close request.
+//! A connection as the rest of its core sees it: who it is, how alive it is, and its bounded
+//! queue of frames to write.
 //!
 //! Invariants: lives on one core (`Rc`, `RefCell`, never crosses threads); the queue never holds
-//! more than `limit` bytes — a push that would pass it drops the queue and asks for a `1013`
-//! close instead; pushing is O(1) and never copies a frame (`Bytes` is a refcount bump).
+//! more than `limit` bytes. Over the limit, queued ephemeral frames (`presence.typing`) are shed
+//! first; if that is not enough the queue is dropped and a `1013` close requested. Pushing is
+//! O(1) and never copies a frame (`Bytes` is a refcount bump).
 
 use std::cell::{Cell, RefCell};
 use std::collections::VecDeque;
+use std::sync::Arc;
 use std::task::{Context, Poll, Waker};
 use std::time::Instant;
 
@@ -14,19 +16,32 @@ use bytes::Bytes;
 
 use crate::protocol::CloseCode;
 
-pub struct Outbound {
+pub struct ConnHandle {
     pub id: u64,
+    pub tenant: Arc<str>,
+    pub user: Arc<str>,
     limit: usize,
     state: RefCell<State>,
     /// Last time anything arrived from the peer (heartbeat).
     pub last_seen: Cell<Instant>,
     /// Last time the server queued a ping.
     pub last_ping: Cell<Instant>,
+    /// When the connection's token expires (ms since the Unix epoch, leeway included).
+    pub expires_at_ms: Cell<u64>,
+}
+
+/// Whether a frame may be shed under backpressure.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    /// Must be delivered or the connection closed.
+    Event,
+    /// May be dropped when the connection falls behind (`presence.typing`).
+    Ephemeral,
 }
 
 #[derive(Default)]
 struct State {
-    queue: VecDeque<Bytes>,
+    queue: VecDeque<(Bytes, Kind)>,
     queued_bytes: usize,
     close: Option<CloseCode>,
     waker: Option<Waker>,
@@ -36,8 +51,8 @@ struct State {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Pushed {
     Queued,
-    /// The connection is closing; the frame was dropped.
-    Closing,
+    /// The connection is closing, or the frame was ephemeral and did not fit: dropped.
+    Dropped,
     /// The queue was over its limit: it was dropped and a `1013` close requested.
     Overflowed,
 }
@@ -50,31 +65,55 @@ pub enum Next {
     Close(CloseCode),
 }
 
-impl Outbound {
-    pub fn new(id: u64, limit: usize, now: Instant) -> Self {
-        Outbound {
+impl ConnHandle {
+    pub fn new(
+        id: u64,
+        tenant: Arc<str>,
+        user: Arc<str>,
+        limit: usize,
+        expires_at_ms: u64,
+    ) -> Self {
+        let now = Instant::now();
+        ConnHandle {
             id,
+            tenant,
+            user,
             limit,
             state: RefCell::default(),
             last_seen: Cell::new(now),
             last_ping: Cell::new(now),
+            expires_at_ms: Cell::new(expires_at_ms),
         }
     }
 
     pub fn push(&self, frame: Bytes) -> Pushed {
+        self.push_kind(frame, Kind::Event)
+    }
+
+    pub fn push_kind(&self, frame: Bytes, kind: Kind) -> Pushed {
         let mut s = self.state.borrow_mut();
         if s.close.is_some() {
-            return Pushed::Closing;
+            return Pushed::Dropped;
         }
         if s.queued_bytes + frame.len() > self.limit {
-            s.queue = VecDeque::new();
-            s.queued_bytes = 0;
-            s.close = Some(CloseCode::SlowConsumer);
-            wake(&mut s);
-            return Pushed::Overflowed;
+            if kind == Kind::Ephemeral {
+                return Pushed::Dropped;
+            }
+            let before = s.queue.len();
+            s.queue.retain(|(_, k)| *k == Kind::Event);
+            if s.queue.len() != before {
+                s.queued_bytes = s.queue.iter().map(|(f, _)| f.len()).sum();
+            }
+            if s.queued_bytes + frame.len() > self.limit {
+                s.queue = VecDeque::new();
+                s.queued_bytes = 0;
+                s.close = Some(CloseCode::SlowConsumer);
+                wake(&mut s);
+                return Pushed::Overflowed;
+            }
         }
         s.queued_bytes += frame.len();
-        s.queue.push_back(frame);
+        s.queue.push_back((frame, kind));
         wake(&mut s);
         Pushed::Queued
     }
@@ -106,12 +145,12 @@ impl Outbound {
         }
         let mut frames = Vec::new();
         let mut taken = 0;
-        while let Some(f) = s.queue.front() {
+        while let Some((f, _)) = s.queue.front() {
             if !frames.is_empty() && taken + f.len() > max_bytes {
                 break;
             }
             taken += f.len();
-            frames.extend(s.queue.pop_front());
+            frames.extend(s.queue.pop_front().map(|(f, _)| f));
         }
         s.queued_bytes -= taken;
         if s.queue.capacity() > 64 && s.queue.is_empty() {
@@ -133,7 +172,11 @@ mod tests {
     use super::*;
     use std::task::Waker;
 
-    fn next(o: &Outbound, max: usize) -> Option<Next> {
+    fn handle(limit: usize) -> ConnHandle {
+        ConnHandle::new(1, "t".into(), "u".into(), limit, u64::MAX)
+    }
+
+    fn next(o: &ConnHandle, max: usize) -> Option<Next> {
         match o.poll_next(&mut Context::from_waker(Waker::noop()), max) {
             Poll::Ready(n) => Some(n),
             Poll::Pending => None,
@@ -142,7 +185,7 @@ mod tests {
 
     #[test]
     fn coalesces_up_to_the_batch_size_in_order() {
-        let o = Outbound::new(1, 100, Instant::now());
+        let o = handle(100);
         for i in 0..5u8 {
             assert_eq!(o.push(Bytes::from(vec![i; 10])), Pushed::Queued);
         }
@@ -159,10 +202,10 @@ mod tests {
 
     #[test]
     fn overflow_drops_the_queue_and_asks_for_1013() {
-        let o = Outbound::new(1, 30, Instant::now());
+        let o = handle(30);
         assert_eq!(o.push(Bytes::from(vec![0; 20])), Pushed::Queued);
         assert_eq!(o.push(Bytes::from(vec![0; 20])), Pushed::Overflowed);
-        assert_eq!(o.push(Bytes::from(vec![0; 1])), Pushed::Closing);
+        assert_eq!(o.push(Bytes::from(vec![0; 1])), Pushed::Dropped);
         assert!(matches!(
             next(&o, 1000),
             Some(Next::Close(CloseCode::SlowConsumer))
@@ -170,8 +213,30 @@ mod tests {
     }
 
     #[test]
+    fn ephemeral_frames_are_shed_first() {
+        let o = handle(30);
+        assert_eq!(
+            o.push_kind(Bytes::from(vec![1; 10]), Kind::Ephemeral),
+            Pushed::Queued
+        );
+        assert_eq!(o.push(Bytes::from(vec![2; 10])), Pushed::Queued);
+        // An ephemeral frame that does not fit is just dropped.
+        assert_eq!(
+            o.push_kind(Bytes::from(vec![3; 15]), Kind::Ephemeral),
+            Pushed::Dropped
+        );
+        // An event that does not fit sheds the queued ephemeral frame instead of closing.
+        assert_eq!(o.push(Bytes::from(vec![4; 15])), Pushed::Queued);
+        let Some(Next::Frames(batch)) = next(&o, 1000) else {
+            panic!("expected frames")
+        };
+        assert_eq!(batch.iter().map(|f| f[0]).collect::<Vec<_>>(), vec![2, 4]);
+        assert!(o.close_code().is_none());
+    }
+
+    #[test]
     fn close_comes_after_queued_frames() {
-        let o = Outbound::new(1, 100, Instant::now());
+        let o = handle(100);
         o.push(Bytes::from_static(b"a"));
         o.close(CloseCode::GoingAway);
         o.close(CloseCode::Normal);
