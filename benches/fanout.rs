@@ -1,5 +1,5 @@
 //! Fan-out of one published event to N local subscribers, up to the point of the write: the
-//! owner's lookup, one `Bytes` refcount bump and queue push per subscriber, and each writer
+//! frame built once, the owner's lookup, one `Bytes` refcount bump and queue push per subscriber, and each writer
 //! taking its frame off its queue.
 use std::rc::Rc;
 use std::sync::Arc;
@@ -7,6 +7,7 @@ use std::task::{Context, Waker};
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use fanfare::handle::ConnHandle;
+use fanfare::publish::Routed;
 use fanfare::shard::{room_key, Message, Shard};
 use futures_lite::future::block_on;
 use glommio::channels::channel_mesh::{Full, MeshBuilder};
@@ -22,8 +23,15 @@ fn fanout(c: &mut Criterion) {
             .expect("mesh");
         let config = Arc::new(fanfare::config::Config::default());
         let verifier = Arc::new(fanfare::auth::Verifier::new(&config.auth).expect("verifier"));
-        let shard = Shard::new(senders, config, verifier, fanfare::metrics::registry(1));
-        let frame = fanfare::ws::text(&[b'x'; 100]);
+        let shard = Shard::new(
+            senders,
+            config,
+            verifier,
+            fanfare::metrics::registry(1),
+            None,
+            "bench".into(),
+        );
+        let payload = bytes::Bytes::from_static(&[b'x'; 100]);
         let mut cx = Context::from_waker(Waker::noop());
         let mut g = c.benchmark_group("fanout");
         for n in [10u64, 1_000, 10_000] {
@@ -46,7 +54,11 @@ fn fanout(c: &mut Criterion) {
             g.bench_function(BenchmarkId::new("deliver_100B", n), |b| {
                 b.iter(|| {
                     // The owner is this core, so publishing completes without awaiting.
-                    block_on(shard.publish(room.clone(), frame.clone()));
+                    let event = Routed {
+                        room: room.clone(),
+                        payload: payload.clone(),
+                    };
+                    let _ = block_on(shard.publish(vec![event]));
                     for conn in &conns {
                         let _ = conn.poll_next(&mut cx, 64 * 1024);
                     }

@@ -29,6 +29,8 @@ fn presence(c: &mut Criterion) {
             config,
             verifier,
             fanfare::metrics::registry(1),
+            None,
+            "bench".into(),
         ));
         let mut cx = Context::from_waker(Waker::noop());
         let tenant: Arc<str> = "tenant".into();

@@ -49,6 +49,7 @@ pub struct Config {
     pub limits: Limits,
     pub heartbeat: Heartbeat,
     pub presence: Presence,
+    pub broker: Broker,
     pub publish: Publish,
     pub log: Log,
 }
@@ -167,6 +168,35 @@ impl Default for Presence {
             typing_throttle_ms: 1000,
         }
     }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Broker {
+    pub kind: BrokerKind,
+    pub redis_url: String,
+    pub channel_prefix: String,
+    pub subscribe_timeout_ms: u64,
+    pub instance_ttl_ms: u64,
+}
+
+impl Default for Broker {
+    fn default() -> Self {
+        Broker {
+            kind: BrokerKind::Memory,
+            redis_url: "redis://127.0.0.1:6379/0".into(),
+            channel_prefix: "fanfare".into(),
+            subscribe_timeout_ms: 5000,
+            instance_ttl_ms: 15_000,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BrokerKind {
+    Memory,
+    Redis,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -306,6 +336,29 @@ impl Config {
             if value == 0 {
                 return Err(ConfigError::key(key, "must be greater than 0"));
             }
+        }
+        let b = &self.broker;
+        if b.kind == BrokerKind::Redis {
+            crate::broker::Target::parse(&b.redis_url)
+                .map_err(|m| ConfigError::key("broker.redis_url", m))?;
+        }
+        if b.channel_prefix.is_empty() || b.channel_prefix.contains(char::is_whitespace) {
+            return Err(ConfigError::key(
+                "broker.channel_prefix",
+                "must be non-empty, without spaces",
+            ));
+        }
+        if b.subscribe_timeout_ms == 0 {
+            return Err(ConfigError::key(
+                "broker.subscribe_timeout_ms",
+                "must be greater than 0",
+            ));
+        }
+        if b.instance_ttl_ms < 300 {
+            return Err(ConfigError::key(
+                "broker.instance_ttl_ms",
+                "must be at least 300",
+            ));
         }
         if self.server.max_request_head_bytes < 512 {
             return Err(ConfigError::key(
@@ -565,6 +618,12 @@ mod tests {
         assert!(error_of("[publish]\napi_keys = []\n", &[]).contains("publish.api_keys"));
         assert!(error_of("[log]\nformat = \"xml\"\n", &[]).contains("log.format"));
         assert!(error_of("not toml [", &[]).contains("not valid TOML"));
+        assert!(error_of(
+            "[broker]\nkind = \"redis\"\nredis_url = \"http://x\"\n",
+            &[]
+        )
+        .contains("broker.redis_url"));
+        assert!(error_of("[broker]\nkind = \"kafka\"\n", &[]).contains("broker.kind"));
     }
 
     #[test]

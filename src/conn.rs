@@ -272,7 +272,13 @@ impl Conn {
                     // Recorded before the await so that a connection torn down meanwhile still
                     // leaves the room on clean-up.
                     self.subscriptions.push(room.clone());
-                    self.shard.subscribe(&room, &self.out).await;
+                    if self.shard.subscribe(&room, &self.out).await == Verdict::Unavailable {
+                        self.subscriptions.retain(|r| *r != room);
+                        self.shard.unsubscribe(&room, self.out.id).await;
+                        let message = "the broker did not confirm the subscription in time; retry";
+                        self.error(ErrorCode::Unavailable, message, id);
+                        return Ok(());
+                    }
                     info!(conn = %format_args!("{:x}", self.out.id), room = %room, "subscribe");
                 }
                 self.ack(id);

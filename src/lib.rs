@@ -8,6 +8,7 @@
 //! [`metrics`] stand beside the path.
 
 pub mod auth;
+pub mod broker;
 pub mod config;
 pub mod conn;
 pub mod handle;

@@ -25,6 +25,10 @@ impl Counter {
     pub fn dec(&self) {
         self.0.store(self.0.load(Relaxed).wrapping_sub(1), Relaxed);
     }
+    /// For gauges that are states (1 or 0).
+    pub fn set(&self, v: u64) {
+        self.0.store(v, Relaxed);
+    }
     pub fn get(&self) -> u64 {
         self.0.load(Relaxed)
     }
@@ -59,6 +63,7 @@ core_stats! {
     heartbeat_closes_total: "counter", "connections closed with 4009 (heartbeat timeout)";
     client_errors_total: "counter", "client events answered with an error";
     mesh_overflow_total: "counter", "cross-core messages dropped because a ring was full";
+    broker_up: "gauge", "cores whose Redis connections are up (broker.kind = redis)";
 }
 
 /// Every core's statistics, indexed by shard.

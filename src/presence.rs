@@ -22,10 +22,24 @@ pub type UserKey = (Arc<str>, Arc<str>);
 
 #[derive(Default)]
 struct UserState {
-    connections: u32,
+    /// Connections on this instance.
+    local: u32,
+    /// Other instances (ids) on which the user has connections.
+    remote: Vec<Arc<str>>,
     online: bool,
     /// Bumped by every change, so that a grace timer can tell it is stale.
     generation: u64,
+}
+
+/// What a change means for the rest of the tenant.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Transition {
+    Unchanged,
+    /// The user just came online: tell the tenant.
+    Online,
+    /// The user has no connection anywhere: offline unless this generation is still current
+    /// after the grace period.
+    Leaving(u64),
 }
 
 #[derive(Default)]
@@ -34,32 +48,105 @@ pub struct Owned {
 }
 
 impl Owned {
-    /// A connection of `user` opened; true when the user just came online.
-    pub fn up(&mut self, user: &UserKey) -> bool {
+    /// A connection of `user` opened on this instance. The flag is true for its first one
+    /// here (the instance must then tell the others).
+    pub fn up(&mut self, user: &UserKey) -> (Transition, bool) {
         let state = self.users.entry(user.clone()).or_default();
-        state.connections += 1;
-        state.generation += 1;
-        !std::mem::replace(&mut state.online, true)
+        state.local += 1;
+        let first = state.local == 1;
+        (settle(state), first)
     }
 
-    /// A connection of `user` closed; when it was the last, the generation to pass to
-    /// [`Owned::expire`] once the grace period is over.
-    pub fn down(&mut self, user: &UserKey) -> Option<u64> {
-        let state = self.users.get_mut(user)?;
-        state.connections = state.connections.saturating_sub(1);
-        state.generation += 1;
-        (state.connections == 0).then_some(state.generation)
+    /// A connection of `user` closed on this instance. The flag is true when it was the last
+    /// one here.
+    pub fn down(&mut self, user: &UserKey) -> (Transition, bool) {
+        let Some(state) = self.users.get_mut(user) else {
+            return (Transition::Unchanged, false);
+        };
+        state.local = state.local.saturating_sub(1);
+        let last = state.local == 0;
+        (settle(state), last)
+    }
+
+    /// Another instance reports that `user` has (`up`) or no longer has connections there.
+    pub fn remote(&mut self, user: &UserKey, instance: &Arc<str>, up: bool) -> Transition {
+        let state = match (self.users.get_mut(user), up) {
+            (Some(s), _) => s,
+            (None, true) => self.users.entry(user.clone()).or_default(),
+            (None, false) => return Transition::Unchanged,
+        };
+        let known = state.remote.iter().position(|i| i == instance);
+        match (known, up) {
+            (None, true) => state.remote.push(instance.clone()),
+            (Some(at), false) => {
+                state.remote.swap_remove(at);
+            }
+            _ => return Transition::Unchanged,
+        }
+        settle(state)
+    }
+
+    /// `instance` now has exactly `members` of the users this core owns (a resync after
+    /// missed messages, or an empty list for an instance that is gone).
+    pub fn replace_instance(
+        &mut self,
+        instance: &Arc<str>,
+        members: &[UserKey],
+    ) -> Vec<(UserKey, Transition)> {
+        let mut changes = Vec::new();
+        let stale: Vec<UserKey> = self
+            .users
+            .iter()
+            .filter(|(user, s)| s.remote.contains(instance) && !members.contains(user))
+            .map(|(user, _)| user.clone())
+            .collect();
+        for user in stale {
+            changes.push((user.clone(), self.remote(&user, instance, false)));
+        }
+        for user in members {
+            changes.push((user.clone(), self.remote(user, instance, true)));
+        }
+        changes.retain(|(_, t)| *t != Transition::Unchanged);
+        changes
     }
 
     /// The grace period of `generation` is over; true when the user went offline.
     pub fn expire(&mut self, user: &UserKey, generation: u64) -> bool {
         match self.users.get(user) {
-            Some(s) if s.connections == 0 && s.generation == generation => {
+            Some(s) if !s.online_now() && s.generation == generation => {
                 self.users.remove(user);
                 true
             }
             _ => false,
         }
+    }
+
+    /// Users with connections on this instance.
+    pub fn local_users(&self) -> Vec<UserKey> {
+        self.users
+            .iter()
+            .filter(|(_, s)| s.local > 0)
+            .map(|(u, _)| u.clone())
+            .collect()
+    }
+}
+
+impl UserState {
+    fn online_now(&self) -> bool {
+        self.local > 0 || !self.remote.is_empty()
+    }
+}
+
+/// Brings `online` in line with the connections and says what that means.
+fn settle(state: &mut UserState) -> Transition {
+    state.generation += 1;
+    match (state.online_now(), state.online) {
+        (true, false) => {
+            state.online = true;
+            Transition::Online
+        }
+        (false, true) => Transition::Leaving(state.generation),
+        _ => Transition::Unchanged,
     }
 }
 
@@ -137,29 +224,90 @@ mod tests {
         ("t".into(), u.into())
     }
 
+    fn leaving(t: Transition) -> u64 {
+        match t {
+            Transition::Leaving(g) => g,
+            other => panic!("expected Leaving, got {other:?}"),
+        }
+    }
+
     #[test]
     fn online_once_for_many_connections() {
         let mut o = Owned::default();
-        assert!(o.up(&key("a")));
-        assert!(!o.up(&key("a")), "a second connection is not news");
-        assert_eq!(o.down(&key("a")), None, "one connection left");
-        let g = o.down(&key("a")).expect("last connection gone");
-        assert!(o.expire(&key("a"), g));
-        assert!(o.up(&key("a")), "online again after going offline");
+        assert_eq!(o.up(&key("a")), (Transition::Online, true));
+        assert_eq!(
+            o.up(&key("a")),
+            (Transition::Unchanged, false),
+            "a second connection is not news"
+        );
+        assert_eq!(
+            o.down(&key("a")),
+            (Transition::Unchanged, false),
+            "one connection left"
+        );
+        let (t, last) = o.down(&key("a"));
+        assert!(last);
+        assert!(o.expire(&key("a"), leaving(t)));
+        assert_eq!(
+            o.up(&key("a")).0,
+            Transition::Online,
+            "online again after going offline"
+        );
     }
 
     #[test]
     fn reconnect_inside_the_grace_cancels_the_offline() {
         let mut o = Owned::default();
         o.up(&key("a"));
-        let g = o.down(&key("a")).unwrap();
-        assert!(
-            !o.up(&key("a")),
-            "still online during the grace: no new online"
+        let g = leaving(o.down(&key("a")).0);
+        assert_eq!(
+            o.up(&key("a")).0,
+            Transition::Unchanged,
+            "still online during the grace"
         );
         assert!(!o.expire(&key("a"), g), "the stale timer does nothing");
-        let g2 = o.down(&key("a")).unwrap();
+        let g2 = leaving(o.down(&key("a")).0);
         assert!(o.expire(&key("a"), g2));
+    }
+
+    #[test]
+    fn other_instances_keep_a_user_online() {
+        let mut o = Owned::default();
+        let other: Arc<str> = "i2".into();
+        assert_eq!(o.remote(&key("a"), &other, true), Transition::Online);
+        assert_eq!(
+            o.up(&key("a")),
+            (Transition::Unchanged, true),
+            "first here, but not news"
+        );
+        assert_eq!(
+            o.down(&key("a")),
+            (Transition::Unchanged, true),
+            "still on i2"
+        );
+        let g = leaving(o.remote(&key("a"), &other, false));
+        assert!(o.expire(&key("a"), g));
+        assert_eq!(
+            o.remote(&key("b"), &other, false),
+            Transition::Unchanged,
+            "unknown user leaving"
+        );
+    }
+
+    #[test]
+    fn replacing_an_instance_drops_missed_users_and_adds_new_ones() {
+        let mut o = Owned::default();
+        let other: Arc<str> = "i2".into();
+        o.remote(&key("a"), &other, true);
+        o.remote(&key("b"), &other, true);
+        let mut changes = o.replace_instance(&other, &[key("b"), key("c")]);
+        changes.sort_by(|x, y| x.0.cmp(&y.0));
+        assert_eq!(changes.len(), 2);
+        assert_eq!(changes[0].0, key("a"));
+        assert!(matches!(changes[0].1, Transition::Leaving(_)));
+        assert_eq!(changes[1], (key("c"), Transition::Online));
+        let gone = o.replace_instance(&other, &[]);
+        assert_eq!(gone.len(), 2, "b and c leave with the instance");
     }
 
     #[test]

@@ -21,6 +21,8 @@ use glommio::{CpuSet, Latency, LocalExecutorPoolBuilder, PoolPlacement, Shares};
 use tracing::{info, warn};
 
 use crate::auth::{self, Verifier};
+use crate::broker::{Broker, Target};
+use crate::config::BrokerKind;
 use crate::config::Config;
 use crate::http::{self, Request};
 use crate::metrics::{self, Registry};
@@ -70,28 +72,31 @@ pub fn run(
     let registry = metrics::registry(shards);
     let config = Arc::new(config);
     let mesh = MeshBuilder::<Message, Full>::full(shards, config.server.mesh_queue_len);
+    let instance: Arc<str> = instance_id().into();
     let listeners = Arc::new(Mutex::new(listeners));
-    info!(%addr, shards, "listening");
+    info!(%addr, shards, %instance, broker = ?config.broker.kind, "listening");
     on_bound(addr);
+    let start = Start {
+        config: config.clone(),
+        verifier,
+        registry,
+        mesh,
+        shutdown,
+        instance,
+    };
 
     let pool = LocalExecutorPoolBuilder::new(PoolPlacement::MaxSpread(shards, cpus))
         .name("fanfare")
         .io_memory(config.server.io_memory_bytes)
         .on_all_shards(move || {
-            let (config, verifier, registry, mesh, shutdown) = (
-                config.clone(),
-                verifier.clone(),
-                registry.clone(),
-                mesh.clone(),
-                shutdown.clone(),
-            );
+            let start = start.clone();
             // One listener per executor; each takes one at start-up, so none is left over.
             let listener = listeners.lock().ok().and_then(|mut l| l.pop());
             async move {
                 let Some(listener) = listener else {
                     return Err("no listener left for this core".to_string());
                 };
-                run_shard(config, verifier, registry, mesh, shutdown, listener).await
+                run_shard(start, listener).await
             }
         })
         .map_err(|e| Error::Executor(e.to_string()))?;
@@ -141,14 +146,26 @@ fn bind(config: &Config, shards: usize) -> Result<(SocketAddr, Vec<socket2::Sock
     Ok((addr, listeners))
 }
 
-async fn run_shard(
+/// What every executor starts from.
+#[derive(Clone)]
+struct Start {
     config: Arc<Config>,
     verifier: Arc<Verifier>,
     registry: Registry,
     mesh: MeshBuilder<Message, Full>,
     shutdown: Arc<AtomicBool>,
-    listener: socket2::Socket,
-) -> Result<(), String> {
+    instance: Arc<str>,
+}
+
+async fn run_shard(start: Start, listener: socket2::Socket) -> Result<(), String> {
+    let Start {
+        config,
+        verifier,
+        registry,
+        mesh,
+        shutdown,
+        instance,
+    } = start;
     let ticker = glommio::spawn_local(async {
         loop {
             glommio::timer::sleep(TICK).await;
@@ -156,7 +173,36 @@ async fn run_shard(
     });
     let (senders, mut receivers) = mesh.join().await.map_err(|e| format!("mesh: {e}"))?;
     ticker.cancel().await;
-    let shard = Rc::new(Shard::new(senders, config.clone(), verifier, registry));
+    let core = senders.peer_id();
+    let broker = match config.broker.kind {
+        BrokerKind::Memory => None,
+        BrokerKind::Redis => {
+            let target = Target::parse(&config.broker.redis_url)
+                .map_err(|e| format!("broker.redis_url: {e}"))?;
+            Some(Rc::new(Broker::new(
+                target,
+                &config.broker.channel_prefix,
+                &instance,
+                core,
+            )))
+        }
+    };
+    let shard = Rc::new(Shard::new(
+        senders,
+        config.clone(),
+        verifier,
+        registry,
+        broker.clone(),
+        instance,
+    ));
+    if let Some(broker) = broker {
+        glommio::spawn_local(broker.clone().run_commands()).detach();
+        let (wanted, pushed) = (shard.clone(), shard.clone());
+        glommio::spawn_local(
+            broker.run_subscriber(move || wanted.wanted_channels(), move |p| pushed.on_push(p)),
+        )
+        .detach();
+    }
 
     // Cross-core delivery must not wait behind other work: its own latency-sensitive queue.
     let mesh_queue = glommio::executor().create_task_queue(
@@ -200,6 +246,10 @@ async fn run_shard(
     }
     drop(listener);
     drain(&shard).await;
+    if shard.id == 0 {
+        let timeout = async { glommio::timer::sleep(Duration::from_secs(2)).await };
+        futures_lite::future::or(shard.leave_cluster(), timeout).await;
+    }
     Ok(())
 }
 
@@ -210,13 +260,16 @@ async fn housekeeping(shard: Rc<Shard>, shutdown: Arc<AtomicBool>) {
         Duration::from_millis(hb.interval_ms),
         Duration::from_millis(hb.timeout_ms),
     );
-    // Fine enough that a ping or a timeout is at most a quarter of its period late.
     // Fine enough that a ping, a timeout or a token expiry is at most a quarter of its period
     // (and never more than 250 ms) late.
     let sweep_every =
         (interval.min(timeout - interval) / 4).clamp(TICK, Duration::from_millis(250));
     let prune_every = Duration::from_secs(10);
+    // Well inside the TTL, so that one missed refresh does not expire this instance.
+    let cluster_every = Duration::from_millis(shard.config.broker.instance_ttl_ms / 3);
     let (mut last_sweep, mut last_prune) = (Instant::now(), Instant::now());
+    let mut last_cluster = Instant::now() - cluster_every;
+    let mut was_up = false;
     let ping = crate::ws::frame(crate::ws::OP_PING, b"");
     loop {
         glommio::timer::sleep(TICK).await;
@@ -256,6 +309,13 @@ async fn housekeeping(shard: Rc<Shard>, shutdown: Arc<AtomicBool>) {
             last_prune = now;
             shard.prune_buckets();
             shard.prune_typing();
+        }
+        let up = shard.broker.as_ref().is_some_and(|b| b.is_up());
+        let reconnected = up && !was_up;
+        was_up = up;
+        if reconnected || now.duration_since(last_cluster) >= cluster_every {
+            last_cluster = now;
+            shard.cluster_tick(reconnected).await;
         }
     }
 }
@@ -332,18 +392,7 @@ async fn handle_client(shard: Rc<Shard>, mut stream: TcpStream) {
                 r#"{"status":"ok"}"#.to_string(),
                 vec![],
             ),
-            ("GET", "/readyz") if shard.stopping.get().is_none() => (
-                200,
-                "application/json",
-                r#"{"status":"ready"}"#.to_string(),
-                vec![],
-            ),
-            ("GET", "/readyz") => (
-                503,
-                "application/json",
-                r#"{"status":"stopping"}"#.to_string(),
-                vec![],
-            ),
+            ("GET", "/readyz") => readiness(&shard),
             ("GET", "/metrics") => (
                 200,
                 "text/plain; version=0.0.4",
@@ -538,6 +587,48 @@ async fn check_upgrade(
     }
 }
 
+/// `/readyz`: accepting, and (with Redis) every core's broker connections up.
+fn readiness(shard: &Shard) -> Response {
+    let status = if shard.stopping.get().is_some() {
+        "stopping"
+    } else if shard.broker.is_some() && shard.registry.iter().any(|core| core.broker_up.get() == 0)
+    {
+        "broker unavailable"
+    } else {
+        return (
+            200,
+            "application/json",
+            r#"{"status":"ready"}"#.to_string(),
+            vec![],
+        );
+    };
+    (
+        503,
+        "application/json",
+        serde_json::json!({ "status": status }).to_string(),
+        vec![],
+    )
+}
+
+/// A random-enough id for this instance: time, pid and address-space noise.
+fn instance_id() -> String {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64);
+    let noise = &nanos as *const u64 as u64;
+    format!(
+        "{:x}",
+        xxhash_rust::xxh3::xxh3_64(
+            &[
+                nanos.to_le_bytes(),
+                (std::process::id() as u64).to_le_bytes(),
+                noise.to_le_bytes()
+            ]
+            .concat()
+        )
+    )
+}
+
 /// Whether the request carries one of the publish API keys.
 fn has_api_key(shard: &Shard, req: &Request) -> bool {
     let keys = &shard.config.publish.api_keys;
@@ -610,8 +701,15 @@ async fn publish_request(
     match publish::parse(&body) {
         Ok(events) => {
             let accepted = events.len();
-            for event in events {
-                shard.publish(event.room, event.frame).await;
+            if let Err(e) = shard.publish(events).await {
+                // Nothing was published (one transaction): the backend retries.
+                warn!(error = %e, "publish refused: broker unavailable");
+                return Some((
+                    503,
+                    "application/json",
+                    http::error_body("unavailable", &e.to_string()),
+                    vec![("Retry-After", "1".into())],
+                ));
             }
             shard.stats().events_published_total.add(accepted as u64);
             Some((

@@ -6,7 +6,14 @@
 //! (`route::shard_for`) keeps the set of cores that have subscribers; an event is framed once
 //! and sent once to each such core, which queues the same `Bytes` to each local subscriber.
 //! A user's owner counts the user's connections and broadcasts presence changes once per core;
-//! each core delivers them to its own connections of the tenant.
+//! each core delivers them to its own connections of the tenant (see `users`).
+//!
+//! With the Redis broker, an owner SUBSCRIBEs to a room's channel when the first core becomes
+//! interested and UNSUBSCRIBEs when the last leaves; subscribes are answered only once Redis
+//! confirmed (or `broker.subscribe_timeout_ms` passed: `unavailable`), and events are published
+//! through Redis so that every instance, this one included, delivers by the same path.
+
+mod users;
 
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
@@ -21,12 +28,14 @@ use bytes::Bytes;
 use glommio::channels::channel_mesh::Senders;
 use xxhash_rust::xxh3::Xxh3Builder;
 
+use crate::broker::{Broker, BrokerError, Push};
 use crate::config::Config;
 use crate::handle::{ConnHandle, Kind, Pushed};
 use crate::limit::TokenBucket;
 use crate::metrics::{CoreStats, Registry};
 use crate::presence::{self, UserKey};
 use crate::protocol::server_event;
+use crate::publish::Routed;
 use crate::route::shard_for;
 
 /// The routing key of a conversation: `<tenantId>:c:<conversationId>` (tenant IDs contain no
@@ -76,6 +85,17 @@ pub enum Message {
         online: bool,
         frame: Bytes,
     },
+    /// Another instance reports `user` up or down there, to the user's owner.
+    Remote {
+        user: UserKey,
+        instance: Arc<str>,
+        up: bool,
+    },
+    /// `instance` has exactly these users (empty: it is gone), to every core.
+    Members {
+        instance: Arc<str>,
+        users: Arc<[UserKey]>,
+    },
     /// A connection attempt from `ip`, to the owner of its rate bucket.
     Admit {
         ip: IpAddr,
@@ -101,6 +121,8 @@ pub struct Fanned {
 pub enum Verdict {
     Granted,
     RetryAfterMs(u64),
+    /// The broker could not confirm in time.
+    Unavailable,
 }
 
 /// A one-shot value that any number of local tasks can wait for.
@@ -136,6 +158,14 @@ impl Latch {
     }
 }
 
+/// A room this core owns.
+struct OwnedRoom {
+    /// Bitmask of the cores with subscribers.
+    cores: u64,
+    /// Set once the room's events reach this core (Redis confirmed the SUBSCRIBE).
+    live: Rc<Latch>,
+}
+
 /// This core's subscribers of one room.
 struct LocalRoom {
     conns: Vec<Rc<ConnHandle>>,
@@ -154,8 +184,11 @@ pub struct Shard {
     pub verifier: Arc<crate::auth::Verifier>,
     pub registry: Registry,
     mesh: Senders<Message>,
-    /// Rooms this core owns → bitmask of cores with subscribers.
-    owned: RefCell<Map<RoomKey, u64>>,
+    /// The Redis bridge, with `broker.kind = "redis"`.
+    pub broker: Option<Rc<Broker>>,
+    /// This instance's id among the instances sharing a Redis.
+    pub instance: Arc<str>,
+    owned: RefCell<Map<RoomKey, OwnedRoom>>,
     local: RefCell<Map<RoomKey, LocalRoom>>,
     conns: RefCell<Conns>,
     /// This core's connections by tenant, for presence delivery.
@@ -181,6 +214,8 @@ impl Shard {
         config: Arc<Config>,
         verifier: Arc<crate::auth::Verifier>,
         registry: Registry,
+        broker: Option<Rc<Broker>>,
+        instance: Arc<str>,
     ) -> Shard {
         Shard {
             id: mesh.peer_id(),
@@ -189,6 +224,8 @@ impl Shard {
             verifier,
             registry,
             mesh,
+            broker,
+            instance,
             owned: RefCell::default(),
             local: RefCell::default(),
             conns: RefCell::default(),
@@ -288,8 +325,8 @@ impl Shard {
     async fn announce(&self, room: &RoomKey, live: Rc<Latch>) {
         let owner = self.owner_of(room);
         if owner == self.id {
-            self.add_interest(room, self.id);
-            live.set(Verdict::Granted);
+            let owned = self.add_interest(room, self.id);
+            self.when_live(owned, move |v| live.set(v));
             return;
         }
         let req = self.next_id();
@@ -335,21 +372,38 @@ impl Shard {
 
     // ---- events ------------------------------------------------------------------------
 
-    /// Routes one framed event of `room` to every subscriber, on every core.
-    pub async fn publish(&self, room: RoomKey, frame: Bytes) {
-        let owner = self.owner_of(&room);
-        if owner == self.id {
-            self.fan_out(
-                &room,
-                Fanned {
-                    frame,
-                    kind: Kind::Event,
-                    except: None,
-                },
-            );
-        } else {
-            self.send(owner, Message::Publish { room, frame }).await;
+    /// Routes published events to every subscriber, on every core (and, with Redis, on every
+    /// instance). With Redis all of them are published atomically, or none.
+    pub async fn publish(&self, events: Vec<Routed>) -> Result<(), BrokerError> {
+        if let Some(broker) = &self.broker {
+            let publishes: Vec<redis::Cmd> = events
+                .iter()
+                .map(|e| {
+                    redis::cmd("PUBLISH")
+                        .arg(broker.channel(&e.room))
+                        .arg(&e.payload[..])
+                        .clone()
+                })
+                .collect();
+            return broker.transaction(&publishes).await;
         }
+        for Routed { room, payload } in events {
+            let frame = crate::ws::text(&payload);
+            let owner = self.owner_of(&room);
+            if owner == self.id {
+                self.fan_out(
+                    &room,
+                    Fanned {
+                        frame,
+                        kind: Kind::Event,
+                        except: None,
+                    },
+                );
+            } else {
+                self.send(owner, Message::Publish { room, frame }).await;
+            }
+        }
+        Ok(())
     }
 
     /// Forwards `user`'s typing in `room` to the room's subscribers (but not to the user's
@@ -373,7 +427,18 @@ impl Shard {
             return;
         }
         let conversation = room.split_once(":c:").map_or("", |(_, c)| c);
-        let frame = crate::ws::text(server_event::typing(&user, conversation).as_bytes());
+        let payload = server_event::typing(&user, conversation);
+        if let Some(broker) = self.broker.as_ref().filter(|b| b.is_up()) {
+            let publish = redis::cmd("PUBLISH")
+                .arg(broker.channel(room))
+                .arg(&payload)
+                .get_packed_command();
+            let broker = broker.clone();
+            glommio::spawn_local(async move { broker.command(publish).await }).detach();
+            return;
+        }
+        // Without Redis (or while it is down) typing still reaches this instance's connections.
+        let frame = crate::ws::text(payload.as_bytes());
         self.fan_out(
             room,
             Fanned {
@@ -391,7 +456,7 @@ impl Shard {
 
     /// On the owner: one message per interested core, never one per connection.
     fn fan_out(&self, room: &RoomKey, out: Fanned) {
-        let Some(&mask) = self.owned.borrow().get(room) else {
+        let Some(mask) = self.owned.borrow().get(room).map(|r| r.cores) else {
             return;
         };
         let mut cores = mask;
@@ -437,73 +502,6 @@ impl Shard {
             }
         }
         self.stats().frames_delivered_total.add(delivered);
-    }
-
-    // ---- presence ----------------------------------------------------------------------
-
-    /// Tells `user`'s owner that one of its connections opened or closed.
-    async fn route_connection(self: &Rc<Self>, user: UserKey, up: bool) {
-        let owner = shard_for(format!("{}:u:{}", user.0, user.1).as_bytes(), self.count);
-        if owner == self.id {
-            self.connection_at_owner(user, up);
-        } else {
-            self.send(owner, Message::Connection { user, up }).await;
-        }
-    }
-
-    fn connection_at_owner(self: &Rc<Self>, user: UserKey, up: bool) {
-        if up {
-            if self.users.borrow_mut().up(&user) {
-                self.broadcast_presence(user, true);
-            }
-            return;
-        }
-        let Some(generation) = self.users.borrow_mut().down(&user) else {
-            return;
-        };
-        let me = self.clone();
-        let grace = Duration::from_millis(self.config.presence.offline_grace_ms);
-        glommio::spawn_local(async move {
-            glommio::timer::sleep(grace).await;
-            if me.users.borrow_mut().expire(&user, generation) {
-                me.broadcast_presence(user, false);
-            }
-        })
-        .detach();
-    }
-
-    /// From a user's owner: one message per core, each delivering to its own connections.
-    fn broadcast_presence(self: &Rc<Self>, user: UserKey, online: bool) {
-        let kind = if online { "online" } else { "offline" };
-        let frame = crate::ws::text(server_event::presence(kind, &user.1).as_bytes());
-        for core in (0..self.count).filter(|&c| c != self.id) {
-            let msg = Message::Presence {
-                user: user.clone(),
-                online,
-                frame: frame.clone(),
-            };
-            self.send_later(core, msg);
-        }
-        self.presence_here(user, online, frame);
-    }
-
-    fn presence_here(&self, user: UserKey, online: bool, frame: Bytes) {
-        self.online.borrow_mut().apply(&user, online);
-        let tenants = self.tenants.borrow();
-        let Some(conns) = tenants.get(&user.0) else {
-            return;
-        };
-        let out = Fanned {
-            frame,
-            kind: Kind::Event,
-            except: Some(user.1),
-        };
-        self.push_all(conns.values().map(|c| &**c), &out);
-    }
-
-    /// The tenant's online users (instance-wide, grace period included), sorted.
-    pub fn online_users(&self, tenant: &str) -> Vec<Arc<str>> {
-        self.online.borrow().snapshot(tenant)
     }
 
     // ---- connection-attempt rate limit ------------------------------------------------
@@ -557,16 +555,99 @@ impl Shard {
         shard_for(room.as_bytes(), self.count)
     }
 
-    fn add_interest(&self, room: &RoomKey, core: usize) {
-        *self.owned.borrow_mut().entry(room.clone()).or_insert(0) |= 1 << core;
+    /// Records that `core` has subscribers for `room`; the latch says when events flow.
+    fn add_interest(&self, room: &RoomKey, core: usize) -> Rc<Latch> {
+        let mut owned = self.owned.borrow_mut();
+        let entry = owned.entry(room.clone()).or_insert_with(|| {
+            let live = Rc::new(Latch::default());
+            match &self.broker {
+                Some(broker) => broker.subscribe(&[room]),
+                None => live.set(Verdict::Granted),
+            }
+            OwnedRoom { cores: 0, live }
+        });
+        entry.cores |= 1 << core;
+        entry.live.clone()
     }
 
     fn remove_interest(&self, room: &RoomKey, core: usize) {
         let mut owned = self.owned.borrow_mut();
-        if let Some(mask) = owned.get_mut(room) {
-            *mask &= !(1 << core);
-            if *mask == 0 {
+        if let Some(entry) = owned.get_mut(room) {
+            entry.cores &= !(1 << core);
+            if entry.cores == 0 {
                 owned.remove(room);
+                if let Some(broker) = &self.broker {
+                    broker.unsubscribe(&[room]);
+                }
+            }
+        }
+    }
+
+    /// Calls `answer` once `live` is set, or with `Unavailable` after
+    /// `broker.subscribe_timeout_ms`.
+    fn when_live(&self, live: Rc<Latch>, answer: impl FnOnce(Verdict) + 'static) {
+        if let Some(v) = live.get() {
+            return answer(v);
+        }
+        let timeout = Duration::from_millis(self.config.broker.subscribe_timeout_ms);
+        glommio::spawn_local(async move {
+            let expired = async {
+                glommio::timer::sleep(timeout).await;
+                Verdict::Unavailable
+            };
+            answer(futures_lite::future::or(live.wait(), expired).await);
+        })
+        .detach();
+    }
+
+    // ---- Redis ---------------------------------------------------------------------------
+
+    /// Every channel this core wants from Redis (prefix stripped), for a (re)connect.
+    pub fn wanted_channels(&self) -> Vec<String> {
+        let mut channels: Vec<String> = self.owned.borrow().keys().map(|r| r.to_string()).collect();
+        if self.id == 0 {
+            channels.push(users::PRESENCE_CHANNEL.to_string());
+        }
+        channels
+    }
+
+    /// What the subscriber connection hands over.
+    pub fn on_push(self: &Rc<Self>, push: Push) {
+        match push {
+            Push::Message { channel, payload } if channel == users::PRESENCE_CHANNEL => {
+                self.on_presence_message(&payload)
+            }
+            Push::Message { channel, payload } => {
+                let room: RoomKey = channel.into();
+                let out = match users::typing_payload_user(&payload) {
+                    Some(user) => Fanned {
+                        frame: crate::ws::text(&payload),
+                        kind: Kind::Ephemeral,
+                        except: Some(user),
+                    },
+                    None => Fanned {
+                        frame: crate::ws::text(&payload),
+                        kind: Kind::Event,
+                        except: None,
+                    },
+                };
+                self.fan_out(&room, out);
+            }
+            Push::Subscribed { channel } => {
+                if let Some(room) = self.owned.borrow().get(channel.as_str()) {
+                    if room.live.get().is_none() {
+                        room.live.set(Verdict::Granted);
+                    }
+                }
+            }
+            Push::Link(up) => {
+                self.stats().broker_up.set(u64::from(up));
+                if !up {
+                    // New subscribers wait for the resubscription; the ones acked stay.
+                    for room in self.owned.borrow_mut().values_mut() {
+                        room.live = Rc::new(Latch::default());
+                    }
+                }
             }
         }
     }
@@ -581,8 +662,9 @@ impl Shard {
     pub fn handle(self: &Rc<Self>, msg: Message) {
         match msg {
             Message::Subscribe { room, from, req } => {
-                self.add_interest(&room, from);
-                self.reply(from, req, Verdict::Granted);
+                let live = self.add_interest(&room, from);
+                let me = self.clone();
+                self.when_live(live, move |v| me.reply(from, req, v));
             }
             Message::Unsubscribe { room, from } => self.remove_interest(&room, from),
             Message::Publish { room, frame } => self.fan_out(
@@ -601,6 +683,8 @@ impl Shard {
                 online,
                 frame,
             } => self.presence_here(user, online, frame),
+            Message::Remote { user, instance, up } => self.remote_at_owner(user, instance, up),
+            Message::Members { instance, users } => self.members_here(&instance, &users),
             Message::Admit { ip, from, req } => {
                 let verdict = self.take_token(ip);
                 self.reply(from, req, verdict);

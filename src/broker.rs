@@ -1,0 +1,611 @@
+//! The Redis bridge of one core: a command connection (PUBLISH, presence keys) and a
+//! subscriber connection (the channels of the conversations this core owns, the presence
+//! channel on core 0, and a probe channel), both speaking RESP over glommio sockets with the
+//! `redis` crate's packed commands and `Parser`.
+//!
+//! Invariants: lives on one core. Both connections reconnect by themselves with capped
+//! exponential backoff and jitter; while the command connection is down every command fails at
+//! once (callers answer 503 or fall back to local delivery); after the subscriber reconnects it
+//! subscribes again to everything the core wants, and a probe that does not come back within
+//! `PROBE_TIMEOUT` renews a subscription that went silent.
+
+use std::cell::{Cell, RefCell};
+use std::collections::VecDeque;
+use std::future::poll_fn;
+use std::io::{self, Read};
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::pin::Pin;
+use std::rc::Rc;
+use std::task::{Poll, Waker};
+use std::time::{Duration, Instant};
+
+use bytes::{Buf, BytesMut};
+use futures_lite::{AsyncRead, AsyncWrite};
+use glommio::net::TcpStream;
+use redis::Value;
+use tracing::{info, warn};
+
+/// How often each core's subscriber checks that its subscription still delivers.
+pub const PROBE_EVERY: Duration = Duration::from_secs(1);
+/// A probe not back by then means the subscriber connection went silent.
+pub const PROBE_TIMEOUT: Duration = Duration::from_secs(3);
+const BACKOFF_MIN: Duration = Duration::from_millis(50);
+const BACKOFF_MAX: Duration = Duration::from_secs(2);
+/// Most channels named in one SUBSCRIBE.
+const SUBSCRIBE_BATCH: usize = 512;
+
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum BrokerError {
+    #[error("redis is not connected")]
+    Down,
+    #[error("redis answered an error: {0}")]
+    Server(String),
+}
+
+/// Where Redis is: `redis://[[user]:password@]host[:port][/db]`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Target {
+    pub host: String,
+    pub port: u16,
+    pub db: i64,
+    pub user: Option<String>,
+    pub password: Option<String>,
+}
+
+impl Target {
+    pub fn parse(url: &str) -> Result<Target, String> {
+        let rest = url
+            .strip_prefix("redis://")
+            .ok_or("must start with redis://")?;
+        let (auth, rest) = match rest.rsplit_once('@') {
+            Some((auth, rest)) => (Some(auth), rest),
+            None => (None, rest),
+        };
+        let (hostport, db) = match rest.split_once('/') {
+            Some((hp, "")) => (hp, 0),
+            Some((hp, db)) => (hp, db.parse().map_err(|_| format!("bad database `{db}`"))?),
+            None => (rest, 0),
+        };
+        let (host, port) = match hostport.rsplit_once(':') {
+            Some((h, p)) => (h, p.parse().map_err(|_| format!("bad port `{p}`"))?),
+            None => (hostport, 6379),
+        };
+        if host.is_empty() {
+            return Err("no host".into());
+        }
+        let (user, password) = match auth.map(|a| a.split_once(':').unwrap_or(("", a))) {
+            Some((u, p)) => (
+                (!u.is_empty()).then(|| u.to_string()),
+                (!p.is_empty()).then(|| p.to_string()),
+            ),
+            None => (None, None),
+        };
+        Ok(Target {
+            host: host.trim_matches(['[', ']']).to_string(),
+            port,
+            db,
+            user,
+            password,
+        })
+    }
+
+    fn addr(&self) -> io::Result<SocketAddr> {
+        (self.host.as_str(), self.port)
+            .to_socket_addrs()?
+            .next()
+            .ok_or_else(|| {
+                io::Error::new(io::ErrorKind::NotFound, "redis host resolves to nothing")
+            })
+    }
+
+    /// Commands that open every connection: AUTH and SELECT as configured.
+    fn hello(&self) -> Vec<Vec<u8>> {
+        let mut out = Vec::new();
+        if let Some(password) = &self.password {
+            let mut auth = redis::cmd("AUTH");
+            if let Some(user) = &self.user {
+                auth.arg(user);
+            }
+            out.push(auth.arg(password).get_packed_command());
+        }
+        if self.db != 0 {
+            out.push(redis::cmd("SELECT").arg(self.db).get_packed_command());
+        }
+        out
+    }
+}
+
+/// A command waiting for its reply.
+struct Slot {
+    value: RefCell<Option<Result<Value, BrokerError>>>,
+    waker: RefCell<Option<Waker>>,
+}
+
+impl Slot {
+    fn fill(&self, v: Result<Value, BrokerError>) {
+        *self.value.borrow_mut() = Some(v);
+        if let Some(w) = self.waker.borrow_mut().take() {
+            w.wake();
+        }
+    }
+}
+
+/// What the subscriber connection hands to its core.
+pub enum Push {
+    /// A message on `channel` (prefix stripped).
+    Message { channel: String, payload: Vec<u8> },
+    /// Redis confirmed a SUBSCRIBE of `channel` (prefix stripped).
+    Subscribed { channel: String },
+    /// The subscriber connection came up (`true`) or went down.
+    Link(bool),
+}
+
+pub struct Broker {
+    target: Target,
+    /// `<channel_prefix>:`.
+    prefix: String,
+    /// The probe channel of this core, prefix included.
+    probe: String,
+    /// Commands not yet written, and those written and waiting for replies, in order.
+    unsent: RefCell<VecDeque<(Vec<u8>, Rc<Slot>)>>,
+    inflight: RefCell<VecDeque<Rc<Slot>>>,
+    command_waker: RefCell<Option<Waker>>,
+    command_up: Cell<bool>,
+    /// SUBSCRIBE/UNSUBSCRIBE bytes waiting for the subscriber connection.
+    sub_out: RefCell<Vec<u8>>,
+    sub_waker: RefCell<Option<Waker>>,
+    sub_up: Cell<bool>,
+    last_probe_seen: Cell<Instant>,
+}
+
+impl Broker {
+    pub fn new(target: Target, channel_prefix: &str, instance: &str, core: usize) -> Broker {
+        Broker {
+            target,
+            prefix: format!("{channel_prefix}:"),
+            probe: format!("{channel_prefix}:probe:{instance}:{core}"),
+            unsent: RefCell::default(),
+            inflight: RefCell::default(),
+            command_waker: RefCell::default(),
+            command_up: Cell::new(false),
+            sub_out: RefCell::default(),
+            sub_waker: RefCell::default(),
+            sub_up: Cell::new(false),
+            last_probe_seen: Cell::new(Instant::now()),
+        }
+    }
+
+    /// True while both connections are up.
+    pub fn is_up(&self) -> bool {
+        self.command_up.get() && self.sub_up.get()
+    }
+
+    pub fn channel(&self, name: &str) -> String {
+        format!("{}{name}", self.prefix)
+    }
+
+    /// Sends one packed command and waits for its reply.
+    pub async fn command(&self, packed: Vec<u8>) -> Result<Value, BrokerError> {
+        let slot = self.enqueue(packed)?;
+        Self::reply(slot).await
+    }
+
+    /// Queues a command at once (so that commands queued together stay together).
+    fn enqueue(&self, packed: Vec<u8>) -> Result<Rc<Slot>, BrokerError> {
+        if !self.command_up.get() {
+            return Err(BrokerError::Down);
+        }
+        let slot = Rc::new(Slot {
+            value: RefCell::new(None),
+            waker: RefCell::new(None),
+        });
+        self.unsent.borrow_mut().push_back((packed, slot.clone()));
+        if let Some(w) = self.command_waker.borrow_mut().take() {
+            w.wake();
+        }
+        Ok(slot)
+    }
+
+    async fn reply(slot: Rc<Slot>) -> Result<Value, BrokerError> {
+        poll_fn(|cx| match slot.value.borrow_mut().take() {
+            Some(v) => Poll::Ready(v),
+            None => {
+                *slot.waker.borrow_mut() = Some(cx.waker().clone());
+                Poll::Pending
+            }
+        })
+        .await
+        .and_then(|v| match v {
+            Value::ServerError(e) => Err(BrokerError::Server(e.to_string())),
+            v => Ok(v),
+        })
+    }
+
+    /// Runs `commands` atomically (MULTI … EXEC): all of them or none.
+    pub async fn transaction(&self, commands: &[redis::Cmd]) -> Result<(), BrokerError> {
+        // Queued without a pause, so that no other command lands inside the transaction.
+        let mut packed = vec![redis::cmd("MULTI").get_packed_command()];
+        packed.extend(commands.iter().map(redis::Cmd::get_packed_command));
+        packed.push(redis::cmd("EXEC").get_packed_command());
+        let slots = packed
+            .into_iter()
+            .map(|p| self.enqueue(p))
+            .collect::<Result<Vec<_>, _>>()?;
+        let mut result = Ok(());
+        for slot in slots {
+            if let Err(e) = Self::reply(slot).await {
+                result = Err(e);
+            }
+        }
+        result
+    }
+
+    /// Queues a SUBSCRIBE; the confirmation comes back as [`Push::Subscribed`]. While the
+    /// subscriber is down nothing is queued: it subscribes to everything again on reconnect.
+    pub fn subscribe(&self, channels: &[&str]) {
+        self.queue_sub("SUBSCRIBE", channels);
+    }
+
+    pub fn unsubscribe(&self, channels: &[&str]) {
+        self.queue_sub("UNSUBSCRIBE", channels);
+    }
+
+    fn queue_sub(&self, verb: &str, channels: &[&str]) {
+        if !self.sub_up.get() || channels.is_empty() {
+            return;
+        }
+        let mut out = self.sub_out.borrow_mut();
+        for batch in channels.chunks(SUBSCRIBE_BATCH) {
+            let mut c = redis::cmd(verb);
+            for ch in batch {
+                c.arg(self.channel(ch));
+            }
+            out.extend_from_slice(&c.get_packed_command());
+        }
+        if let Some(w) = self.sub_waker.borrow_mut().take() {
+            w.wake();
+        }
+    }
+
+    /// Keeps the command connection up, for ever.
+    pub async fn run_commands(self: Rc<Self>) {
+        let mut backoff = Backoff::default();
+        loop {
+            match self.command_session().await {
+                Ok(()) => backoff.reset(),
+                Err(e) => warn!(error = %e, "redis command connection lost"),
+            }
+            self.command_up.set(false);
+            for slot in self.inflight.borrow_mut().drain(..) {
+                slot.fill(Err(BrokerError::Down));
+            }
+            for (_, slot) in self.unsent.borrow_mut().drain(..) {
+                slot.fill(Err(BrokerError::Down));
+            }
+            glommio::timer::sleep(backoff.next()).await;
+        }
+    }
+
+    async fn command_session(&self) -> io::Result<()> {
+        let stream = RefCell::new(connect(&self.target).await?);
+        self.command_up.set(true);
+        info!(target = %format_args!("{}:{}", self.target.host, self.target.port), "redis command connection up");
+        let reader = async {
+            let mut rbuf = BytesMut::new();
+            let mut parser = redis::Parser::new();
+            loop {
+                read_into(&stream, &mut rbuf).await?;
+                while let Some(value) = next_value(&mut parser, &mut rbuf)? {
+                    match self.inflight.borrow_mut().pop_front() {
+                        Some(slot) => slot.fill(Ok(value)),
+                        None => {
+                            return Err(io::Error::new(
+                                io::ErrorKind::InvalidData,
+                                "reply without a command",
+                            ))
+                        }
+                    }
+                }
+            }
+        };
+        let writer = async {
+            loop {
+                let batch = poll_fn(|cx| {
+                    let mut unsent = self.unsent.borrow_mut();
+                    if unsent.is_empty() {
+                        *self.command_waker.borrow_mut() = Some(cx.waker().clone());
+                        return Poll::Pending;
+                    }
+                    let mut bytes = Vec::new();
+                    let mut inflight = self.inflight.borrow_mut();
+                    for (packed, slot) in unsent.drain(..) {
+                        bytes.extend_from_slice(&packed);
+                        inflight.push_back(slot);
+                    }
+                    Poll::Ready(bytes)
+                })
+                .await;
+                write_all(&stream, &batch).await?;
+            }
+        };
+        futures_lite::future::or(reader, writer).await
+    }
+
+    /// Keeps the subscriber connection up, for ever, handing what arrives to `on_push`.
+    /// `wanted` lists every channel (prefix stripped) the core wants at (re)connect time.
+    pub async fn run_subscriber(
+        self: Rc<Self>,
+        wanted: impl Fn() -> Vec<String>,
+        on_push: impl Fn(Push),
+    ) {
+        let mut backoff = Backoff::default();
+        loop {
+            match self.subscriber_session(&wanted, &on_push).await {
+                Ok(()) => backoff.reset(),
+                Err(e) => warn!(error = %e, "redis subscriber connection lost"),
+            }
+            if self.sub_up.replace(false) {
+                on_push(Push::Link(false));
+            }
+            self.sub_out.borrow_mut().clear();
+            glommio::timer::sleep(backoff.next()).await;
+        }
+    }
+
+    async fn subscriber_session(
+        &self,
+        wanted: &impl Fn() -> Vec<String>,
+        on_push: &impl Fn(Push),
+    ) -> io::Result<()> {
+        let stream = RefCell::new(connect(&self.target).await?);
+        let mut first = redis::cmd("SUBSCRIBE");
+        first.arg(&self.probe);
+        write_all(&stream, &first.get_packed_command()).await?;
+        self.sub_up.set(true);
+        self.last_probe_seen.set(Instant::now());
+        let channels = wanted();
+        self.subscribe(&channels.iter().map(String::as_str).collect::<Vec<_>>());
+        info!(channels = channels.len(), "redis subscriber connection up");
+        on_push(Push::Link(true));
+        let reader = async {
+            let mut rbuf = BytesMut::new();
+            let mut parser = redis::Parser::new();
+            loop {
+                read_into(&stream, &mut rbuf).await?;
+                while let Some(value) = next_value(&mut parser, &mut rbuf)? {
+                    self.on_subscriber_value(value, on_push);
+                }
+            }
+        };
+        let writer = async {
+            loop {
+                let bytes = poll_fn(|cx| {
+                    let mut out = self.sub_out.borrow_mut();
+                    if out.is_empty() {
+                        *self.sub_waker.borrow_mut() = Some(cx.waker().clone());
+                        return Poll::Pending;
+                    }
+                    Poll::Ready(std::mem::take(&mut *out))
+                })
+                .await;
+                write_all(&stream, &bytes).await?;
+            }
+        };
+        let watchdog = async {
+            loop {
+                glommio::timer::sleep(PROBE_EVERY).await;
+                if self.last_probe_seen.get().elapsed() > PROBE_TIMEOUT {
+                    return Err(io::Error::new(
+                        io::ErrorKind::TimedOut,
+                        "subscription went silent (probe lost)",
+                    ));
+                }
+                // Fire and forget: the answer that matters arrives on the subscriber.
+                let _ = self
+                    .command(
+                        redis::cmd("PUBLISH")
+                            .arg(&self.probe)
+                            .arg("probe")
+                            .get_packed_command(),
+                    )
+                    .await;
+            }
+        };
+        futures_lite::future::or(reader, futures_lite::future::or(writer, watchdog)).await
+    }
+
+    fn on_subscriber_value(&self, value: Value, on_push: &impl Fn(Push)) {
+        let Value::Array(mut items) = value else {
+            return;
+        };
+        let kind = match items.first() {
+            Some(Value::BulkString(k)) => k.clone(),
+            _ => return,
+        };
+        let channel = match items.get(1) {
+            Some(Value::BulkString(c)) => String::from_utf8_lossy(c).into_owned(),
+            _ => return,
+        };
+        if channel == self.probe {
+            self.last_probe_seen.set(Instant::now());
+            return;
+        }
+        let Some(name) = channel.strip_prefix(&self.prefix).map(str::to_string) else {
+            return;
+        };
+        match kind.as_slice() {
+            b"message" => {
+                if let Some(Value::BulkString(payload)) = items.pop() {
+                    on_push(Push::Message {
+                        channel: name,
+                        payload,
+                    });
+                }
+            }
+            b"subscribe" => on_push(Push::Subscribed { channel: name }),
+            _ => {}
+        }
+    }
+}
+
+/// Pulls the next complete value out of `rbuf`, `None` when more bytes are needed.
+fn next_value(parser: &mut redis::Parser, rbuf: &mut BytesMut) -> io::Result<Option<Value>> {
+    if rbuf.is_empty() {
+        return Ok(None);
+    }
+    match parser.parse_value(Feed(rbuf)) {
+        Ok(v) => Ok(Some(v)),
+        // The parser keeps its partial state: it asks again once more bytes arrived.
+        Err(e) if e.is_timeout() || e.is_io_error() && rbuf.is_empty() => Ok(None),
+        Err(e) => Err(io::Error::new(io::ErrorKind::InvalidData, e.to_string())),
+    }
+}
+
+/// A reader over the bytes received so far that says `WouldBlock` when they run out.
+struct Feed<'a>(&'a mut BytesMut);
+
+impl Read for Feed<'_> {
+    fn read(&mut self, out: &mut [u8]) -> io::Result<usize> {
+        if self.0.is_empty() {
+            return Err(io::ErrorKind::WouldBlock.into());
+        }
+        let n = out.len().min(self.0.len());
+        out[..n].copy_from_slice(&self.0[..n]);
+        self.0.advance(n);
+        Ok(n)
+    }
+}
+
+async fn connect(target: &Target) -> io::Result<TcpStream> {
+    let addr = target.addr()?;
+    let connect = async { TcpStream::connect(addr).await.map_err(io::Error::from) };
+    let timeout = async {
+        glommio::timer::sleep(Duration::from_secs(2)).await;
+        Err(io::Error::new(io::ErrorKind::TimedOut, "connect timed out"))
+    };
+    let stream = futures_lite::future::or(connect, timeout).await?;
+    stream.set_nodelay(true)?;
+    let stream = RefCell::new(stream);
+    let mut rbuf = BytesMut::new();
+    let mut parser = redis::Parser::new();
+    for hello in target.hello() {
+        write_all(&stream, &hello).await?;
+        let reply = loop {
+            if let Some(v) = next_value(&mut parser, &mut rbuf)? {
+                break v;
+            }
+            read_into(&stream, &mut rbuf).await?;
+        };
+        if let Value::ServerError(e) = reply {
+            return Err(io::Error::new(
+                io::ErrorKind::PermissionDenied,
+                e.to_string(),
+            ));
+        }
+    }
+    Ok(stream.into_inner())
+}
+
+async fn read_into(stream: &RefCell<TcpStream>, rbuf: &mut BytesMut) -> io::Result<()> {
+    let mut chunk = [0u8; 16 * 1024];
+    let n = poll_fn(|cx| Pin::new(&mut *stream.borrow_mut()).poll_read(cx, &mut chunk)).await?;
+    if n == 0 {
+        return Err(io::ErrorKind::UnexpectedEof.into());
+    }
+    rbuf.extend_from_slice(&chunk[..n]);
+    Ok(())
+}
+
+async fn write_all(stream: &RefCell<TcpStream>, mut data: &[u8]) -> io::Result<()> {
+    while !data.is_empty() {
+        let n = poll_fn(|cx| Pin::new(&mut *stream.borrow_mut()).poll_write(cx, data)).await?;
+        if n == 0 {
+            return Err(io::ErrorKind::WriteZero.into());
+        }
+        data = &data[n..];
+    }
+    Ok(())
+}
+
+/// Capped exponential backoff with full jitter.
+#[derive(Default)]
+struct Backoff {
+    attempt: u32,
+}
+
+impl Backoff {
+    fn next(&mut self) -> Duration {
+        let cap = BACKOFF_MIN
+            .saturating_mul(1 << self.attempt.min(10))
+            .min(BACKOFF_MAX);
+        self.attempt += 1;
+        // Jitter from the clock's low bits: good enough to spread reconnects of many cores.
+        let clock = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default();
+        let nanos = clock.subsec_nanos() ^ std::process::id().rotate_left(self.attempt);
+        let jitter = (nanos % 1000) as f64 / 1000.0;
+        BACKOFF_MIN.max(cap.mul_f64(0.5 + jitter / 2.0))
+    }
+
+    fn reset(&mut self) {
+        self.attempt = 0;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_redis_urls() {
+        let t = Target::parse("redis://127.0.0.1:6390/2").unwrap();
+        assert_eq!(
+            (t.host.as_str(), t.port, t.db, t.password),
+            ("127.0.0.1", 6390, 2, None)
+        );
+        let t = Target::parse("redis://:s3cret@localhost").unwrap();
+        assert_eq!(
+            (t.port, t.user, t.password.as_deref()),
+            (6379, None, Some("s3cret"))
+        );
+        let t = Target::parse("redis://bob:pw@h:1/").unwrap();
+        assert_eq!(
+            (t.user.as_deref(), t.password.as_deref(), t.db),
+            (Some("bob"), Some("pw"), 0)
+        );
+        assert!(Target::parse("http://x").is_err());
+        assert!(Target::parse("redis://h:port").is_err());
+        assert!(Target::parse("redis://h/db").is_err());
+    }
+
+    #[test]
+    fn the_parser_resumes_across_split_reads() {
+        let mut parser = redis::Parser::new();
+        let whole = b"*3\r\n$7\r\nmessage\r\n$2\r\nch\r\n$5\r\nhello\r\n:7\r\n";
+        let mut rbuf = BytesMut::new();
+        let mut values = Vec::new();
+        for byte in whole {
+            rbuf.extend_from_slice(&[*byte]);
+            while let Some(v) = next_value(&mut parser, &mut rbuf).unwrap() {
+                values.push(v);
+            }
+        }
+        assert_eq!(values.len(), 2, "{values:?}");
+        assert_eq!(values[1], Value::Int(7));
+        let Value::Array(items) = &values[0] else {
+            panic!("{values:?}")
+        };
+        assert_eq!(items[2], Value::BulkString(b"hello".to_vec()));
+    }
+
+    #[test]
+    fn backoff_grows_to_its_cap() {
+        let mut b = Backoff::default();
+        let first = b.next();
+        assert!(first >= BACKOFF_MIN && first <= BACKOFF_MIN * 2);
+        let later: Vec<Duration> = (0..20).map(|_| b.next()).collect();
+        assert!(later.iter().all(|d| *d <= BACKOFF_MAX));
+        assert!(later.last().unwrap() >= &(BACKOFF_MAX / 2));
+    }
+}

@@ -1,0 +1,340 @@
+//! Presence on a shard: users' connections counted on their owner core, changes broadcast once
+//! per core, and — with Redis — the same made cluster-wide.
+//!
+//! Cluster model: each instance keeps `<prefix>:instance:<id>` alive with a TTL
+//! (`broker.instance_ttl_ms`) and lists its users in the set `<prefix>:instance:<id>:users`;
+//! it announces a user's first and last local connection on the channel `<prefix>:presence`
+//! (`up|down <instance> <tenant> <user>`, and `gone <instance>` when it stops). A user is online
+//! while any instance has a connection of theirs; an instance whose key expired is gone, and
+//! its users leave (after the grace) on the others. After a Redis outage every instance
+//! re-announces its users and reloads the others' sets, so missed messages heal.
+
+use std::rc::Rc;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use tracing::{info, warn};
+
+use super::{Fanned, Message, Shard};
+use crate::handle::Kind;
+use crate::presence::{Transition, UserKey};
+use crate::protocol::server_event;
+use crate::route::shard_for;
+
+/// The presence channel, prefix stripped.
+pub const PRESENCE_CHANNEL: &str = "presence";
+
+/// The typist of a `presence.typing` payload as this server builds it, if it is one.
+pub fn typing_payload_user(payload: &[u8]) -> Option<Arc<str>> {
+    let rest = payload.strip_prefix(br#"{"type":"presence.typing","userId":""#)?;
+    let end = rest.iter().position(|&b| b == b'"')?;
+    std::str::from_utf8(&rest[..end]).ok().map(Arc::from)
+}
+
+impl Shard {
+    fn user_owner(&self, (tenant, user): &UserKey) -> usize {
+        shard_for(format!("{tenant}:u:{user}").as_bytes(), self.count)
+    }
+
+    /// Tells `user`'s owner that one of its connections opened or closed.
+    pub(super) async fn route_connection(self: &Rc<Self>, user: UserKey, up: bool) {
+        let owner = self.user_owner(&user);
+        if owner == self.id {
+            self.connection_at_owner(user, up);
+        } else {
+            self.send(owner, Message::Connection { user, up }).await;
+        }
+    }
+
+    pub(super) fn connection_at_owner(self: &Rc<Self>, user: UserKey, up: bool) {
+        let (transition, edge) = if up {
+            self.users.borrow_mut().up(&user)
+        } else {
+            self.users.borrow_mut().down(&user)
+        };
+        if edge {
+            self.announce_user(&user, up);
+        }
+        self.apply(user, transition);
+    }
+
+    pub(super) fn remote_at_owner(self: &Rc<Self>, user: UserKey, instance: Arc<str>, up: bool) {
+        let transition = self.users.borrow_mut().remote(&user, &instance, up);
+        self.apply(user, transition);
+    }
+
+    pub(super) fn members_here(self: &Rc<Self>, instance: &Arc<str>, users: &[UserKey]) {
+        let mine: Vec<UserKey> = users
+            .iter()
+            .filter(|u| self.user_owner(u) == self.id)
+            .cloned()
+            .collect();
+        let changes = self.users.borrow_mut().replace_instance(instance, &mine);
+        for (user, transition) in changes {
+            self.apply(user, transition);
+        }
+    }
+
+    /// Acts on what a change means: tell the tenant now, or after the grace period.
+    fn apply(self: &Rc<Self>, user: UserKey, transition: Transition) {
+        match transition {
+            Transition::Unchanged => {}
+            Transition::Online => self.broadcast_presence(user, true),
+            Transition::Leaving(generation) => {
+                let me = self.clone();
+                let grace = Duration::from_millis(self.config.presence.offline_grace_ms);
+                glommio::spawn_local(async move {
+                    glommio::timer::sleep(grace).await;
+                    if me.users.borrow_mut().expire(&user, generation) {
+                        me.broadcast_presence(user, false);
+                    }
+                })
+                .detach();
+            }
+        }
+    }
+
+    /// From a user's owner: one message per core, each delivering to its own connections.
+    fn broadcast_presence(self: &Rc<Self>, user: UserKey, online: bool) {
+        let kind = if online { "online" } else { "offline" };
+        let frame = crate::ws::text(server_event::presence(kind, &user.1).as_bytes());
+        for core in (0..self.count).filter(|&c| c != self.id) {
+            let msg = Message::Presence {
+                user: user.clone(),
+                online,
+                frame: frame.clone(),
+            };
+            self.send_later(core, msg);
+        }
+        self.presence_here(user, online, frame);
+    }
+
+    pub(super) fn presence_here(&self, user: UserKey, online: bool, frame: Bytes) {
+        self.online.borrow_mut().apply(&user, online);
+        let tenants = self.tenants.borrow();
+        let Some(conns) = tenants.get(&user.0) else {
+            return;
+        };
+        let out = Fanned {
+            frame,
+            kind: Kind::Event,
+            except: Some(user.1),
+        };
+        self.push_all(conns.values().map(|c| &**c), &out);
+    }
+
+    /// The tenant's online users (cluster-wide with Redis, grace period included), sorted.
+    pub fn online_users(&self, tenant: &str) -> Vec<Arc<str>> {
+        self.online.borrow().snapshot(tenant)
+    }
+
+    // ---- across instances ------------------------------------------------------------------
+
+    fn key(&self, what: &str) -> String {
+        format!("{}:{what}", self.config.broker.channel_prefix)
+    }
+
+    fn instance_key(&self, instance: &str) -> String {
+        self.key(&format!("instance:{instance}"))
+    }
+
+    /// Tells the other instances about a user's first or last connection here. Best effort:
+    /// while Redis is down it is skipped, and the re-announce after the reconnect covers it.
+    fn announce_user(self: &Rc<Self>, (tenant, user): &UserKey, up: bool) {
+        let Some(broker) = self.broker.clone() else {
+            return;
+        };
+        let set = format!("{}:users", self.instance_key(&self.instance));
+        let member = format!("{tenant} {user}");
+        let note = format!(
+            "{} {} {tenant} {user}",
+            if up { "up" } else { "down" },
+            self.instance
+        );
+        let ttl = self.config.broker.instance_ttl_ms;
+        let channel = broker.channel(PRESENCE_CHANNEL);
+        glommio::spawn_local(async move {
+            let change = if up {
+                redis::cmd("SADD").arg(&set).arg(&member).clone()
+            } else {
+                redis::cmd("SREM").arg(&set).arg(&member).clone()
+            };
+            let commands = [
+                change,
+                redis::cmd("PEXPIRE").arg(&set).arg(ttl).clone(),
+                redis::cmd("PUBLISH").arg(&channel).arg(&note).clone(),
+            ];
+            let _ = broker.transaction(&commands).await;
+        })
+        .detach();
+    }
+
+    /// On core 0: a message of the presence channel.
+    pub(super) fn on_presence_message(self: &Rc<Self>, payload: &[u8]) {
+        let text = String::from_utf8_lossy(payload);
+        let words: Vec<&str> = text.split(' ').collect();
+        match words.as_slice() {
+            [verb @ ("up" | "down"), instance, tenant, user] if *instance != &*self.instance => {
+                let user: UserKey = ((*tenant).into(), (*user).into());
+                let msg = Message::Remote {
+                    user: user.clone(),
+                    instance: (*instance).into(),
+                    up: *verb == "up",
+                };
+                match self.user_owner(&user) {
+                    owner if owner == self.id => self.handle(msg),
+                    owner => self.send_later(owner, msg),
+                }
+            }
+            ["gone", instance] if *instance != &*self.instance => {
+                self.instance_members((*instance).into(), Arc::from([]))
+            }
+            [_, instance, ..] if *instance == &*self.instance => {}
+            _ => warn!(message = %text, "unrecognized presence message"),
+        }
+    }
+
+    /// Every core learns `instance`'s full membership.
+    fn instance_members(self: &Rc<Self>, instance: Arc<str>, users: Arc<[UserKey]>) {
+        for core in (0..self.count).filter(|&c| c != self.id) {
+            self.send_later(
+                core,
+                Message::Members {
+                    instance: instance.clone(),
+                    users: users.clone(),
+                },
+            );
+        }
+        self.members_here(&instance, &users);
+    }
+
+    /// Periodic, on every core: after the broker (re)connects, re-announce this core's users;
+    /// on core 0 also keep this instance alive, notice instances that died, and after a
+    /// (re)connect reload the others' memberships.
+    pub async fn cluster_tick(self: &Rc<Self>, reconnected: bool) {
+        let Some(broker) = self.broker.clone() else {
+            return;
+        };
+        if !broker.is_up() {
+            return;
+        }
+        if reconnected {
+            for user in self.users.borrow().local_users() {
+                self.announce_user(&user, true);
+            }
+        }
+        if self.id != 0 {
+            return;
+        }
+        let ttl = self.config.broker.instance_ttl_ms;
+        let me = self.instance_key(&self.instance);
+        let instances = self.key("instances");
+        let alive = [
+            redis::cmd("SET").arg(&me).arg(1).arg("PX").arg(ttl).clone(),
+            redis::cmd("PEXPIRE")
+                .arg(format!("{me}:users"))
+                .arg(ttl)
+                .clone(),
+            redis::cmd("SADD")
+                .arg(&instances)
+                .arg(&*self.instance)
+                .clone(),
+        ];
+        if broker.transaction(&alive).await.is_err() {
+            return;
+        }
+        let Ok(redis::Value::Array(others)) = broker
+            .command(redis::cmd("SMEMBERS").arg(&instances).get_packed_command())
+            .await
+        else {
+            return;
+        };
+        for other in others {
+            let redis::Value::BulkString(id) = other else {
+                continue;
+            };
+            let id = String::from_utf8_lossy(&id).into_owned();
+            if id == *self.instance {
+                continue;
+            }
+            let key = self.instance_key(&id);
+            match broker
+                .command(redis::cmd("EXISTS").arg(&key).get_packed_command())
+                .await
+            {
+                Ok(redis::Value::Int(0)) => {
+                    info!(instance = %id, "instance gone (its liveness key expired)");
+                    let forget = [
+                        redis::cmd("SREM").arg(&instances).arg(&id).clone(),
+                        redis::cmd("DEL").arg(format!("{key}:users")).clone(),
+                    ];
+                    let _ = broker.transaction(&forget).await;
+                    self.instance_members(id.into(), Arc::from([]));
+                }
+                Ok(_) if reconnected => {
+                    let members = broker
+                        .command(
+                            redis::cmd("SMEMBERS")
+                                .arg(format!("{key}:users"))
+                                .get_packed_command(),
+                        )
+                        .await;
+                    if let Ok(redis::Value::Array(members)) = members {
+                        let users: Arc<[UserKey]> = members
+                            .iter()
+                            .filter_map(|m| match m {
+                                redis::Value::BulkString(b) => {
+                                    let text = String::from_utf8_lossy(b);
+                                    let (t, u) = text.split_once(' ')?;
+                                    Some((Arc::from(t), Arc::from(u)))
+                                }
+                                _ => None,
+                            })
+                            .collect();
+                        self.instance_members(id.into(), users);
+                    }
+                }
+                _ => {}
+            }
+        }
+    }
+
+    /// On core 0, when stopping: this instance's users leave the cluster at once.
+    pub async fn leave_cluster(&self) {
+        let Some(broker) = &self.broker else { return };
+        let me = self.instance_key(&self.instance);
+        let leave = [
+            redis::cmd("DEL")
+                .arg(&me)
+                .arg(format!("{me}:users"))
+                .clone(),
+            redis::cmd("SREM")
+                .arg(self.key("instances"))
+                .arg(&*self.instance)
+                .clone(),
+            redis::cmd("PUBLISH")
+                .arg(broker.channel(PRESENCE_CHANNEL))
+                .arg(format!("gone {}", self.instance))
+                .clone(),
+        ];
+        if let Err(e) = broker.transaction(&leave).await {
+            warn!(error = %e, "could not remove this instance's presence from redis");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn recognizes_typing_payloads() {
+        let p = server_event::typing("u1", "c1");
+        assert_eq!(typing_payload_user(p.as_bytes()).as_deref(), Some("u1"));
+        assert_eq!(
+            typing_payload_user(br#"{"type":"conversation.updated","conversationId":"c1"}"#),
+            None
+        );
+    }
+}
