@@ -450,9 +450,8 @@ impl Broker {
 
 /// Pulls the next complete value out of `rbuf`, `None` when more bytes are needed.
 fn next_value(parser: &mut redis::Parser, rbuf: &mut BytesMut) -> io::Result<Option<Value>> {
-    if rbuf.is_empty() {
-        return Ok(None);
-    }
+    // Asked even when `rbuf` is empty: the parser buffers what it read, and may hold more
+    // complete values than it returned so far.
     match parser.parse_value(Feed(rbuf)) {
         Ok(v) => Ok(Some(v)),
         // The parser keeps its partial state: it asks again once more bytes arrived.
@@ -592,6 +591,17 @@ mod tests {
             }
         }
         assert_eq!(values.len(), 2, "{values:?}");
+        // Two values in one read come out one after the other.
+        rbuf.extend_from_slice(b":1\r\n:2\r\n");
+        assert_eq!(
+            next_value(&mut parser, &mut rbuf).unwrap(),
+            Some(Value::Int(1))
+        );
+        assert_eq!(
+            next_value(&mut parser, &mut rbuf).unwrap(),
+            Some(Value::Int(2))
+        );
+        assert_eq!(next_value(&mut parser, &mut rbuf).unwrap(), None);
         assert_eq!(values[1], Value::Int(7));
         let Value::Array(items) = &values[0] else {
             panic!("{values:?}")

@@ -145,7 +145,8 @@ impl Shard {
         let Some(broker) = self.broker.clone() else {
             return;
         };
-        let set = format!("{}:users", self.instance_key(&self.instance));
+        let me = self.instance_key(&self.instance);
+        let set = format!("{me}:users");
         let member = format!("{tenant} {user}");
         let note = format!(
             "{} {} {tenant} {user}",
@@ -153,15 +154,17 @@ impl Shard {
             self.instance
         );
         let ttl = self.config.broker.instance_ttl_ms;
+        let instances = self.key("instances");
+        let instance = self.instance.clone();
         let channel = broker.channel(PRESENCE_CHANNEL);
         glommio::spawn_local(async move {
-            let change = if up {
-                redis::cmd("SADD").arg(&set).arg(&member).clone()
-            } else {
-                redis::cmd("SREM").arg(&set).arg(&member).clone()
-            };
+            let change = if up { "SADD" } else { "SREM" };
+            // The liveness key and the instance list are written with the news, so that an
+            // instance that crashes right after it is still found and cleaned up.
             let commands = [
-                change,
+                redis::cmd("SET").arg(&me).arg(1).arg("PX").arg(ttl).clone(),
+                redis::cmd("SADD").arg(&instances).arg(&*instance).clone(),
+                redis::cmd(change).arg(&set).arg(&member).clone(),
                 redis::cmd("PEXPIRE").arg(&set).arg(ttl).clone(),
                 redis::cmd("PUBLISH").arg(&channel).arg(&note).clone(),
             ];

@@ -1,0 +1,221 @@
+//! Scale-out over Redis: several instances on one real `redis-server` share events and
+//! presence, and survive Redis going away and an instance crashing.
+mod support;
+
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+use support::*;
+
+fn config(redis: &Redis) -> String {
+    format!(
+        "[server]\nshards = 2\n[broker]\nkind = \"redis\"\nredis_url = \"{}\"\ninstance_ttl_ms = 1000\nsubscribe_timeout_ms = 1000\n[presence]\noffline_grace_ms = 300",
+        redis.url()
+    )
+}
+
+/// Starts an instance and waits until it is ready (Redis connected on every core).
+fn instance(redis: &Redis) -> Server {
+    let server = Server::start(&config(redis));
+    wait_for("readiness", || {
+        (server.http("GET", "/readyz", &[], b"").status == 200).then_some(())
+    });
+    server
+}
+
+fn presence(kind: &str, user: &str) -> Value {
+    json!({"type": format!("presence.{kind}"), "userId": user})
+}
+
+#[test]
+fn events_published_anywhere_reach_subscribers_everywhere_once_and_in_order() {
+    let redis = Redis::start();
+    let (a, b) = (instance(&redis), instance(&redis));
+    let mut on_a = a.connect("t1", "fan");
+    let mut on_b = b.connect("t1", "fan");
+    on_a.subscribe("c1");
+    on_b.subscribe("c1");
+    // Through the API of either instance.
+    for seq in 0..300 {
+        let via = if seq % 2 == 0 { &a } else { &b };
+        via.publish_ok("t1", vec![updated("c1", seq)]);
+    }
+    // Straight into Redis, as a backend may do.
+    let direct =
+        r#"{"type":"message.received","conversationId":"c1","messageId":"m9","extra":true}"#;
+    // One Redis subscriber per instance for the channel: its owner core.
+    assert_eq!(
+        redis
+            .command(&["PUBLISH", "fanfare:t1:c:c1", direct])
+            .unwrap(),
+        ":2\r\n"
+    );
+    for c in [&mut on_a, &mut on_b] {
+        for seq in 0..300 {
+            assert_eq!(c.recv()["seq"], seq);
+        }
+        match c.ws.read().unwrap() {
+            tungstenite::Message::Text(t) => assert_eq!(t.as_str(), direct),
+            other => panic!("{other:?}"),
+        }
+        // Exactly once: nothing else is queued.
+        assert_eq!(c.request(json!({"type": "ping"}), "end")["type"], "pong");
+    }
+}
+
+#[test]
+fn tenants_stay_apart_across_instances() {
+    let redis = Redis::start();
+    let (a, b) = (instance(&redis), instance(&redis));
+    let mut ta = a.connect("tenant-a", "u");
+    let mut tb = b.connect("tenant-b", "u");
+    ta.subscribe("c1");
+    tb.subscribe("c1");
+    b.publish_ok("tenant-a", vec![updated("c1", 1)]);
+    a.publish_ok("tenant-b", vec![updated("c1", 2)]);
+    assert_eq!(ta.recv()["seq"], 1);
+    assert_eq!(tb.recv()["seq"], 2);
+    assert_eq!(ta.request(json!({"type": "ping"}), "p")["type"], "pong");
+    assert_eq!(tb.request(json!({"type": "ping"}), "p")["type"], "pong");
+}
+
+#[test]
+fn presence_typing_and_snapshots_are_cluster_wide() {
+    let redis = Redis::start();
+    let (a, b) = (instance(&redis), instance(&redis));
+    let mut alice = a.connect("t1", "alice");
+    let mut bob = b.connect("t1", "bob");
+    assert_eq!(alice.recv_any(), presence("online", "bob"));
+    // Bob came later: Alice, online on the other instance, is in his snapshot.
+    assert_eq!(
+        bob.request(json!({"type": "presence.query"}), "q")["userIds"],
+        json!(["alice", "bob"])
+    );
+    for c in [&mut alice, &mut bob] {
+        c.subscribe("c1");
+    }
+    bob.request(
+        json!({"type": "presence.activity", "activity": "typing", "conversationId": "c1"}),
+        "t",
+    );
+    assert_eq!(
+        alice.recv_any(),
+        json!({"type": "presence.typing", "userId": "bob", "conversationId": "c1"})
+    );
+    let snap = alice.request(json!({"type": "presence.query"}), "q");
+    assert_eq!(snap["userIds"], json!(["alice", "bob"]));
+    let auth = format!("Bearer {API_KEY}");
+    assert_eq!(
+        a.http("GET", "/v1/presence/t1", &[("Authorization", &auth)], b"")
+            .json()["userIds"],
+        json!(["alice", "bob"])
+    );
+    // Bob's second connection on A is no news; leaving one instance is not leaving.
+    let bob_on_a = a.connect("t1", "bob");
+    drop(bob);
+    drop(bob_on_a);
+    let left = Instant::now();
+    assert_eq!(alice.recv_any(), presence("offline", "bob"));
+    assert!(left.elapsed() >= Duration::from_millis(250));
+}
+
+#[test]
+fn a_crashed_instance_s_users_go_offline_within_ttl_plus_grace() {
+    let redis = Redis::start();
+    let a = instance(&redis);
+    let mut b = instance(&redis);
+    let mut alice = a.connect("t1", "alice");
+    let _bob = b.connect("t1", "bob");
+    assert_eq!(alice.recv_any(), presence("online", "bob"));
+    let killed = Instant::now();
+    b.signal(libc::SIGKILL);
+    b.wait_exit();
+    assert_eq!(alice.recv_any(), presence("offline", "bob"));
+    let took = killed.elapsed();
+    // ttl 1 s + grace 0.3 s, checked every ttl/3.
+    assert!(took < Duration::from_millis(2500), "offline after {took:?}");
+    assert!(took >= Duration::from_millis(300));
+    let auth = format!("Bearer {API_KEY}");
+    assert_eq!(
+        a.http("GET", "/v1/presence/t1", &[("Authorization", &auth)], b"")
+            .json()["userIds"],
+        json!(["alice"]),
+        "no ghosts"
+    );
+}
+
+#[test]
+fn a_stopping_instance_removes_its_presence_at_once() {
+    let redis = Redis::start();
+    let a = instance(&redis);
+    let mut b = instance(&redis);
+    let mut alice = a.connect("t1", "alice");
+    let mut bob = b.connect("t1", "bob");
+    assert_eq!(alice.recv_any(), presence("online", "bob"));
+    let stopped = Instant::now();
+    b.signal(libc::SIGTERM);
+    assert_eq!(bob.expect_close().code, 1001);
+    assert!(b.wait_exit().success());
+    assert_eq!(alice.recv_any(), presence("offline", "bob"));
+    // The grace (0.3 s), not the TTL (1 s) plus the grace.
+    assert!(
+        stopped.elapsed() < Duration::from_millis(1200),
+        "offline after {:?}",
+        stopped.elapsed()
+    );
+}
+
+#[test]
+fn redis_outage_then_recovery_without_client_action() {
+    let mut redis = Redis::start();
+    let (a, b) = (instance(&redis), instance(&redis));
+    let mut on_b = b.connect("t1", "reader");
+    on_b.subscribe("c1");
+    let mut alice = a.connect("t1", "alice");
+    a.publish_ok("t1", vec![updated("c1", 0)]);
+    assert_eq!(on_b.recv()["seq"], 0);
+
+    redis.kill();
+    wait_for("readyz 503", || {
+        (a.http("GET", "/readyz", &[], b"").status == 503).then_some(())
+    });
+    let r = a.publish(&json!({"tenantId": "t1", "event": updated("c1", 1)}));
+    assert_eq!(
+        (r.status, r.header("Retry-After")),
+        (503, Some("1")),
+        "{}",
+        r.body
+    );
+    // A new subscribe waits for Redis, then says unavailable.
+    let e = alice.request(json!({"type": "subscribe", "conversationId": "c2"}), "s");
+    assert_eq!(
+        (e["type"].as_str(), e["code"].as_str()),
+        (Some("error"), Some("unavailable"))
+    );
+    // Presence among this instance's own connections keeps working.
+    let _carol = a.connect("t1", "carol");
+    assert_eq!(alice.recv_any(), presence("online", "carol"));
+
+    redis.restart();
+    let back = Instant::now();
+    wait_for("readyz 200 again", || {
+        (a.http("GET", "/readyz", &[], b"").status == 200
+            && b.http("GET", "/readyz", &[], b"").status == 200)
+            .then_some(())
+    });
+    // The reader's subscription was restored without it doing anything.
+    // Publishing is accepted again (the first tries may still meet a reconnecting core).
+    wait_for("publishing to be accepted", || {
+        (a.publish(&json!({"tenantId": "t1", "event": updated("c1", 2)}))
+            .status
+            == 202)
+            .then_some(())
+    });
+    assert_eq!(on_b.recv()["seq"], 2);
+    assert!(
+        back.elapsed() < Duration::from_secs(5),
+        "recovered after {:?}",
+        back.elapsed()
+    );
+    alice.subscribe("c2");
+}
