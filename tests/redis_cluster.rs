@@ -219,3 +219,54 @@ fn redis_outage_then_recovery_without_client_action() {
     );
     alice.subscribe("c2");
 }
+
+#[test]
+fn a_dropped_subscriber_connection_is_renewed_and_resubscribed() {
+    let redis = Redis::start();
+    let (a, b) = (instance(&redis), instance(&redis));
+    let mut reader = b.connect("t1", "reader");
+    reader.subscribe("c1");
+    // Redis drops every subscriber connection (as it does past its output-buffer limit).
+    assert!(redis
+        .command(&["CLIENT", "KILL", "TYPE", "pubsub"])
+        .unwrap()
+        .starts_with(':'));
+    let dropped = Instant::now();
+    let mut seq = 0usize;
+    // Keep publishing until deliveries flow again; each accepted event must then arrive.
+    let first = wait_for("delivery after the subscriber reconnects", || {
+        seq += 1;
+        assert_eq!(
+            a.publish(&json!({"tenantId": "t1", "event": updated("c1", seq)}))
+                .status,
+            202
+        );
+        reader
+            .ws
+            .get_ref()
+            .set_read_timeout(Some(Duration::from_millis(50)))
+            .unwrap();
+        let got = match reader.ws.read() {
+            Ok(tungstenite::Message::Text(t)) => serde_json::from_str::<Value>(&t).ok(),
+            _ => None,
+        };
+        reader
+            .ws
+            .get_ref()
+            .set_read_timeout(Some(DEADLINE))
+            .unwrap();
+        got
+    });
+    assert!(
+        dropped.elapsed() < Duration::from_secs(5),
+        "resubscribed after {:?}",
+        dropped.elapsed()
+    );
+    let first = first["seq"].as_u64().unwrap() as usize;
+    a.publish_ok("t1", vec![updated("c1", 1000)]);
+    // Everything after the first delivered event arrives, in order.
+    for s in first + 1..=seq {
+        assert_eq!(reader.recv()["seq"], s);
+    }
+    assert_eq!(reader.recv()["seq"], 1000);
+}

@@ -598,9 +598,11 @@ fn idle(cli: &Cli, connections: usize) {
                 let mut streams = Vec::with_capacity(connections);
                 let mut pending = Vec::new();
                 for i in 0..connections {
+                    // A tenant each: presence of N users in one tenant is N² frames
+                    // (PROTOCOL.md), which is the storm scenario, not the idle one.
+                    let tenant = format!("idle{i}");
                     let token =
-                        fanfare::auth::mint_hs256(&auth, TENANT, &format!("idle{i}"), 3600, now_s)
-                            .expect("token");
+                        fanfare::auth::mint_hs256(&auth, &tenant, "u", 3600, now_s).expect("token");
                     pending.push(glommio::spawn_local(async move {
                         open_subscribed(addr, i, &token, &format!("c{}", i % 100)).await
                     }));
