@@ -309,11 +309,10 @@ fn fanout(
         ..Default::default()
     };
     let now_s = fanfare::auth::now_ms() / 1000;
-    let tokens: Vec<String> = (0..connections)
-        .map(|i| {
-            fanfare::auth::mint_hs256(&auth, TENANT, &format!("u{i}"), 3600, now_s).expect("token")
-        })
-        .collect();
+    // One user for every connection: N users of one tenant would first be an N² presence
+    // storm (PROTOCOL.md), which is not what this mode measures.
+    let token = fanfare::auth::mint_hs256(&auth, TENANT, "fan", 3600, now_s).expect("token");
+    let tokens = vec![token; connections];
     let receiver = {
         let (stop, opened, addr) = (stop.clone(), opened.clone(), cli.addr);
         std::thread::spawn(move || {
