@@ -1,36 +1,23 @@
 //! Fan-out of one published event to N local subscribers, up to the point of the write: the
-//! frame built once, the owner's lookup, one `Bytes` refcount bump and queue push per subscriber, and each writer
-//! taking its frame off its queue.
+//! frame built once, the owner's lookup, one `Bytes` refcount bump and queue push per
+//! subscriber, and each writer taking its frame off its queue.
 use std::rc::Rc;
-use std::sync::Arc;
 use std::task::{Context, Waker};
+
+mod common;
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use fanfare::handle::ConnHandle;
 use fanfare::publish::Routed;
-use fanfare::shard::{room_key, Message, Shard};
+use fanfare::shard::room_key;
 use futures_lite::future::block_on;
-use glommio::channels::channel_mesh::{Full, MeshBuilder};
 
 fn fanout(c: &mut Criterion) {
     let executor = glommio::LocalExecutorBuilder::default()
         .make()
         .expect("executor");
     executor.run(async {
-        let (senders, _receivers) = MeshBuilder::<Message, Full>::full(1, 16)
-            .join()
-            .await
-            .expect("mesh");
-        let config = Arc::new(fanfare::config::Config::default());
-        let verifier = Arc::new(fanfare::auth::Verifier::new(&config.auth).expect("verifier"));
-        let shard = Shard::new(
-            senders,
-            config,
-            verifier,
-            fanfare::metrics::registry(1),
-            None,
-            "bench".into(),
-        );
+        let (shard, _receivers) = common::single_core_shard().await;
         let payload = bytes::Bytes::from_static(&[b'x'; 100]);
         let mut cx = Context::from_waker(Waker::noop());
         let mut g = c.benchmark_group("fanout");

@@ -5,11 +5,12 @@ use std::rc::Rc;
 use std::sync::Arc;
 use std::task::{Context, Waker};
 
+mod common;
+
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use fanfare::handle::ConnHandle;
-use fanfare::shard::{Message, Shard};
+use fanfare::shard::Message;
 use futures_lite::future::block_on;
-use glommio::channels::channel_mesh::{Full, MeshBuilder};
 
 const USERS: u64 = 10_000;
 
@@ -18,20 +19,7 @@ fn presence(c: &mut Criterion) {
         .make()
         .expect("executor");
     executor.run(async {
-        let (senders, _receivers) = MeshBuilder::<Message, Full>::full(1, 16)
-            .join()
-            .await
-            .expect("mesh");
-        let config = Arc::new(fanfare::config::Config::default());
-        let verifier = Arc::new(fanfare::auth::Verifier::new(&config.auth).expect("verifier"));
-        let shard = Rc::new(Shard::new(
-            senders,
-            config,
-            verifier,
-            fanfare::metrics::registry(1),
-            None,
-            "bench".into(),
-        ));
+        let (shard, _receivers) = common::single_core_shard().await;
         let mut cx = Context::from_waker(Waker::noop());
         let tenant: Arc<str> = "tenant".into();
         let conns: Vec<Rc<ConnHandle>> = (0..USERS)

@@ -2,6 +2,8 @@
 mod support;
 
 use serde_json::json;
+use std::io::Write;
+
 use support::*;
 use tungstenite::Message;
 
@@ -70,23 +72,11 @@ fn fragmented_messages_are_reassembled() {
 fn invalid_utf8_text_closes_with_1007_and_others_are_unaffected() {
     let server = Server::start("");
     let mut other = server.connect("t1", "bob");
-    let mut raw = std::net::TcpStream::connect(server.addr).unwrap();
-    raw.set_read_timeout(Some(DEADLINE)).unwrap();
-    let t = token("t1", "eve", 60);
-    use std::io::{Read, Write};
-    write!(raw, "GET /ws?token={t} HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n").unwrap();
+    let mut raw = raw_upgrade(&server, "eve");
     // A masked text frame (mask of zeros) holding invalid UTF-8.
     raw.write_all(&[0x81, 0x80 | 2, 0, 0, 0, 0, 0xC3, 0x28])
         .unwrap();
-    let mut seen = Vec::new();
-    let mut buf = [0u8; 4096];
-    let close_at = wait_for("a close frame", || {
-        let n = raw.read(&mut buf).ok()?;
-        seen.extend_from_slice(&buf[..n]);
-        seen.windows(2).position(|w| w[0] == 0x88)
-    });
-    let code = u16::from_be_bytes([seen[close_at + 2], seen[close_at + 3]]);
-    assert_eq!(code, 1007);
+    assert_eq!(read_until_close(&mut raw).1, 1007);
     assert_eq!(
         other.request(json!({"type": "ping"}), "still")["type"],
         "pong"
@@ -96,23 +86,9 @@ fn invalid_utf8_text_closes_with_1007_and_others_are_unaffected() {
 #[test]
 fn unmasked_client_frames_close_with_1002() {
     let server = Server::start("");
-    let mut raw = std::net::TcpStream::connect(server.addr).unwrap();
-    raw.set_read_timeout(Some(DEADLINE)).unwrap();
-    let t = token("t1", "eve", 60);
-    use std::io::{Read, Write};
-    write!(raw, "GET /ws?token={t} HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n").unwrap();
+    let mut raw = raw_upgrade(&server, "eve");
     raw.write_all(&[0x81, 2, b'{', b'}']).unwrap();
-    let mut seen = Vec::new();
-    let mut buf = [0u8; 4096];
-    let close_at = wait_for("a close frame", || {
-        let n = raw.read(&mut buf).ok()?;
-        seen.extend_from_slice(&buf[..n]);
-        seen.windows(2).position(|w| w[0] == 0x88)
-    });
-    assert_eq!(
-        u16::from_be_bytes([seen[close_at + 2], seen[close_at + 3]]),
-        1002
-    );
+    assert_eq!(read_until_close(&mut raw).1, 1002);
 }
 
 #[test]

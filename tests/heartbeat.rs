@@ -1,7 +1,6 @@
 //! Heartbeat: pings every interval; a silent connection is closed with 4009 and cleaned up.
 mod support;
 
-use std::io::{Read, Write};
 use std::time::{Duration, Instant};
 
 use serde_json::json;
@@ -12,37 +11,17 @@ const CONFIG: &str = "[heartbeat]\ninterval_ms = 200\ntimeout_ms = 600";
 #[test]
 fn a_silent_connection_is_closed_with_4009_and_cleaned_up() {
     let server = Server::start(CONFIG);
-    let mut raw = std::net::TcpStream::connect(server.addr).unwrap();
-    raw.set_read_timeout(Some(DEADLINE)).unwrap();
-    let t = token("t1", "ghost", 60);
-    write!(raw, "GET /ws?token={t} HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n").unwrap();
+    let mut raw = raw_upgrade(&server, "ghost");
     wait_for("the connection to register", || {
         (server.metric("fanfare_connections_open") == 1).then_some(())
     });
     let opened = Instant::now();
-    // Read everything the server sends, answering nothing: pings, then a 4009 close.
-    let mut seen = Vec::new();
-    let mut buf = [0u8; 1024];
-    loop {
-        let n = raw
-            .read(&mut buf)
-            .expect("the server closes, not the deadline");
-        if n == 0 {
-            break;
-        }
-        seen.extend_from_slice(&buf[..n]);
-    }
+    // Read what the server sends, answering nothing: pings, then a 4009 close.
+    let (frames, code) = read_until_close(&mut raw);
     let silent_for = opened.elapsed();
-    let close_at = seen
-        .windows(2)
-        .rposition(|w| w == [0x88, 2 + "heartbeat timeout".len() as u8])
-        .expect("a close frame");
-    assert_eq!(
-        u16::from_be_bytes([seen[close_at + 2], seen[close_at + 3]]),
-        4009
-    );
+    assert_eq!(code, 4009);
     assert!(
-        seen.windows(2).any(|w| w == [0x89, 0]),
+        frames.iter().any(|(op, _)| *op == 0x9),
         "pings were sent before the timeout"
     );
     assert!(

@@ -523,6 +523,69 @@ pub fn updated(conversation: &str, seq: usize) -> Value {
     json!({"type": "conversation.updated", "conversationId": conversation, "seq": seq})
 }
 
+/// Opens a WebSocket by hand on a raw socket as `user` of tenant `t1`, for tests that send what
+/// a client library would refuse to. The 101 answer and the frames are left to read.
+pub fn raw_upgrade(server: &Server, user: &str) -> TcpStream {
+    let mut raw = TcpStream::connect(server.addr).expect("connect");
+    raw.set_read_timeout(Some(DEADLINE)).expect("timeout");
+    let t = token("t1", user, 60);
+    write!(
+        raw,
+        "GET /ws?token={t} HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\
+         Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n"
+    )
+    .expect("write upgrade");
+    raw
+}
+
+/// Reads a raw upgraded socket: skips the 101 head, collects server frames (opcode, payload)
+/// until a close frame, and returns them with the close code.
+pub fn read_until_close(raw: &mut TcpStream) -> (Vec<(u8, Vec<u8>)>, u16) {
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 4096];
+    let mut head_done = false;
+    let mut frames = Vec::new();
+    loop {
+        if !head_done {
+            if let Some(at) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                assert!(
+                    buf.starts_with(b"HTTP/1.1 101"),
+                    "upgrade refused: {}",
+                    String::from_utf8_lossy(&buf)
+                );
+                buf.drain(..at + 4);
+                head_done = true;
+            }
+        }
+        while head_done && buf.len() >= 2 {
+            let (len, at) = match buf[1] & 0x7F {
+                126 if buf.len() >= 4 => (u16::from_be_bytes([buf[2], buf[3]]) as usize, 4),
+                127 if buf.len() >= 10 => (
+                    u64::from_be_bytes(buf[2..10].try_into().unwrap()) as usize,
+                    10,
+                ),
+                126 | 127 => break,
+                n => (n as usize, 2),
+            };
+            if buf.len() < at + len {
+                break;
+            }
+            let opcode = buf[0] & 0x0F;
+            let payload = buf[at..at + len].to_vec();
+            buf.drain(..at + len);
+            if opcode == 0x8 {
+                return (frames, u16::from_be_bytes([payload[0], payload[1]]));
+            }
+            frames.push((opcode, payload));
+        }
+        let n = raw
+            .read(&mut chunk)
+            .expect("the server closes before the deadline");
+        assert!(n > 0, "connection ended without a close frame");
+        buf.extend_from_slice(&chunk[..n]);
+    }
+}
+
 /// A `redis-server` of the test's own on a free loopback port, killed on drop.
 pub struct Redis {
     pub port: u16,
