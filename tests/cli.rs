@@ -154,3 +154,58 @@ fn token_refuses_bad_ids() {
     assert_ne!(code, 0);
     assert!(err.contains("tenant"), "{err}");
 }
+
+#[test]
+fn json_logs_are_one_object_per_line_without_tokens() {
+    let f = TempFile::new(&base_config("[log]\nformat = \"json\""));
+    let mut child = Command::new(bin())
+        .args(["serve", "--config", f.0.to_str().unwrap()])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let lines = std::sync::Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+    {
+        let lines = lines.clone();
+        std::thread::spawn(move || {
+            use std::io::BufRead;
+            for l in std::io::BufReader::new(stdout)
+                .lines()
+                .map_while(Result::ok)
+            {
+                lines.lock().unwrap().push(l);
+            }
+        });
+    }
+    let parsed = |lines: &[String]| -> Vec<serde_json::Value> {
+        lines
+            .iter()
+            .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
+            .collect()
+    };
+    let addr: std::net::SocketAddr = wait_for("the listening line", || {
+        let logs = parsed(&lines.lock().unwrap());
+        logs.iter()
+            .find(|v| v["fields"]["message"] == "listening")?["fields"]["addr"]
+            .as_str()?
+            .parse()
+            .ok()
+    });
+    let t = token("t1", "u1", 60);
+    let c = connect_at(addr, &format!("ws://{addr}/ws?token={t}"), &[]).unwrap();
+    drop(c);
+    let logs = wait_for("connect and disconnect lines", || {
+        let logs = parsed(&lines.lock().unwrap());
+        let has = |m: &str| logs.iter().any(|v| v["fields"]["message"] == m);
+        (has("connect") && has("disconnect")).then_some(logs)
+    });
+    let disconnect = logs
+        .iter()
+        .find(|v| v["fields"]["message"] == "disconnect")
+        .unwrap();
+    assert_eq!(disconnect["fields"]["user"], "u1");
+    assert!(disconnect["fields"]["duration_ms"].is_u64());
+    assert!(!lines.lock().unwrap().iter().any(|l| l.contains(&t)));
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    assert!(wait_for("exit", || child.try_wait().ok().flatten()).success());
+}
