@@ -269,7 +269,7 @@ async fn housekeeping(shard: Rc<Shard>, shutdown: Arc<AtomicBool>) {
     let cluster_every = Duration::from_millis(shard.config.broker.instance_ttl_ms / 3);
     let (mut last_sweep, mut last_prune) = (Instant::now(), Instant::now());
     let mut last_cluster = Instant::now() - cluster_every;
-    let mut was_up = false;
+    let mut was_ready = false;
     let ping = crate::ws::frame(crate::ws::OP_PING, b"");
     loop {
         glommio::timer::sleep(TICK).await;
@@ -310,13 +310,21 @@ async fn housekeeping(shard: Rc<Shard>, shutdown: Arc<AtomicBool>) {
             shard.prune_buckets();
             shard.prune_typing();
         }
-        let up = shard.broker.as_ref().is_some_and(|b| b.is_up());
-        let reconnected = up && !was_up;
-        was_up = up;
+        let ready = shard.broker_ready();
+        let reconnected = ready && !was_ready;
+        was_ready = ready;
         if reconnected || now.duration_since(last_cluster) >= cluster_every {
             last_cluster = now;
-            shard.cluster_tick(reconnected).await;
+            // A reload that Redis cut short is tried again at the next tick.
+            if !shard.cluster_tick(reconnected).await && reconnected {
+                was_ready = false;
+            }
         }
+        // Ready for /readyz only once the reload after a (re)connect is done.
+        shard
+            .stats()
+            .broker_up
+            .set(u64::from(was_ready && shard.broker_ready()));
     }
 }
 
@@ -370,9 +378,12 @@ async fn handle_client(shard: Rc<Shard>, mut stream: TcpStream) {
             }
         };
         let _ = buf.split_to(req.head_len);
-        let keep_alive = req.keep_alive();
+        // Only the publish API reads a body; after any other request with one, the connection
+        // cannot tell where the next request starts, so it ends.
+        let has_body = !matches!(req.content_length(), Ok(0));
+        let keep_alive = req.keep_alive() && (!has_body || req.path == "/v1/publish");
         let response = match (req.method.as_str(), req.path.as_str()) {
-            (_, "/ws") if req.method == "GET" => {
+            ("GET", "/ws") => {
                 if let Some(identity) = upgrade(&shard, &mut stream, &req, peer).await {
                     // Its own task: the connection's future carries none of the HTTP state.
                     glommio::spawn_local(conn::serve(shard, stream, buf, identity, peer)).detach();

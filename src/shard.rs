@@ -189,6 +189,8 @@ pub struct Shard {
     /// This instance's id among the instances sharing a Redis.
     pub instance: Arc<str>,
     owned: RefCell<Map<RoomKey, OwnedRoom>>,
+    /// On core 0 with Redis: the presence channel's subscription is confirmed.
+    presence_live: Cell<bool>,
     local: RefCell<Map<RoomKey, LocalRoom>>,
     conns: RefCell<Conns>,
     /// This core's connections by tenant, for presence delivery.
@@ -227,6 +229,7 @@ impl Shard {
             broker,
             instance,
             owned: RefCell::default(),
+            presence_live: Cell::new(false),
             local: RefCell::default(),
             conns: RefCell::default(),
             tenants: RefCell::default(),
@@ -603,6 +606,13 @@ impl Shard {
     // ---- Redis ---------------------------------------------------------------------------
 
     /// Every channel this core wants from Redis (prefix stripped), for a (re)connect.
+    /// Both Redis connections are up and, on core 0, the presence channel is subscribed: from
+    /// then on no presence news is missed, and a reload of the others' state is complete.
+    pub fn broker_ready(&self) -> bool {
+        self.broker.as_ref().is_some_and(|b| b.is_up())
+            && (self.id != 0 || self.presence_live.get())
+    }
+
     pub fn wanted_channels(&self) -> Vec<String> {
         let mut channels: Vec<String> = self.owned.borrow().keys().map(|r| r.to_string()).collect();
         if self.id == 0 {
@@ -633,6 +643,9 @@ impl Shard {
                 };
                 self.fan_out(&room, out);
             }
+            Push::Subscribed { channel } if channel == users::PRESENCE_CHANNEL => {
+                self.presence_live.set(true)
+            }
             Push::Subscribed { channel } => {
                 if let Some(room) = self.owned.borrow().get(channel.as_str()) {
                     if room.live.get().is_none() {
@@ -640,13 +653,13 @@ impl Shard {
                     }
                 }
             }
-            Push::Link(up) => {
-                self.stats().broker_up.set(u64::from(up));
-                if !up {
-                    // New subscribers wait for the resubscription; the ones acked stay.
-                    for room in self.owned.borrow_mut().values_mut() {
-                        room.live = Rc::new(Latch::default());
-                    }
+            Push::Link(true) => {}
+            Push::Link(false) => {
+                self.stats().broker_up.set(0);
+                self.presence_live.set(false);
+                // New subscribers wait for the resubscription; the ones acked stay.
+                for room in self.owned.borrow_mut().values_mut() {
+                    room.live = Rc::new(Latch::default());
                 }
             }
         }

@@ -214,13 +214,13 @@ impl Shard {
 
     /// Periodic, on every core: after the broker (re)connects, re-announce this core's users;
     /// on core 0 also keep this instance alive, notice instances that died, and after a
-    /// (re)connect reload the others' memberships.
-    pub async fn cluster_tick(self: &Rc<Self>, reconnected: bool) {
+    /// (re)connect reload the others' memberships. False when Redis cut it short.
+    pub async fn cluster_tick(self: &Rc<Self>, reconnected: bool) -> bool {
         let Some(broker) = self.broker.clone() else {
-            return;
+            return true;
         };
         if !broker.is_up() {
-            return;
+            return false;
         }
         if reconnected {
             for user in self.users.borrow().local_users() {
@@ -228,7 +228,7 @@ impl Shard {
             }
         }
         if self.id != 0 {
-            return;
+            return true;
         }
         let ttl = self.config.broker.instance_ttl_ms;
         let me = self.instance_key(&self.instance);
@@ -245,13 +245,12 @@ impl Shard {
                 .clone(),
         ];
         if broker.transaction(&alive).await.is_err() {
-            return;
+            return false;
         }
-        let Ok(redis::Value::Array(others)) = broker
-            .command(redis::cmd("SMEMBERS").arg(&instances).get_packed_command())
-            .await
-        else {
-            return;
+        let smembers =
+            |key: &str| broker.command(redis::cmd("SMEMBERS").arg(key).get_packed_command());
+        let Ok(redis::Value::Array(others)) = smembers(&instances).await else {
+            return false;
         };
         for other in others {
             let redis::Value::BulkString(id) = other else {
@@ -276,31 +275,28 @@ impl Shard {
                     self.instance_members(id.into(), Arc::from([]));
                 }
                 Ok(_) if reconnected => {
-                    let members = broker
-                        .command(
-                            redis::cmd("SMEMBERS")
-                                .arg(format!("{key}:users"))
-                                .get_packed_command(),
-                        )
-                        .await;
-                    if let Ok(redis::Value::Array(members)) = members {
-                        let users: Arc<[UserKey]> = members
-                            .iter()
-                            .filter_map(|m| match m {
-                                redis::Value::BulkString(b) => {
-                                    let text = String::from_utf8_lossy(b);
-                                    let (t, u) = text.split_once(' ')?;
-                                    Some((Arc::from(t), Arc::from(u)))
-                                }
-                                _ => None,
-                            })
-                            .collect();
-                        self.instance_members(id.into(), users);
-                    }
+                    let Ok(redis::Value::Array(members)) = smembers(&format!("{key}:users")).await
+                    else {
+                        return false;
+                    };
+                    let users: Arc<[UserKey]> = members
+                        .iter()
+                        .filter_map(|m| match m {
+                            redis::Value::BulkString(b) => {
+                                let text = String::from_utf8_lossy(b);
+                                let (t, u) = text.split_once(' ')?;
+                                Some((Arc::from(t), Arc::from(u)))
+                            }
+                            _ => None,
+                        })
+                        .collect();
+                    self.instance_members(id.into(), users);
                 }
-                _ => {}
+                Ok(_) => {}
+                Err(_) => return false,
             }
         }
+        true
     }
 
     /// On core 0, when stopping: this instance's users leave the cluster at once.
