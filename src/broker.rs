@@ -38,6 +38,8 @@ const SUBSCRIBE_BATCH: usize = 512;
 pub enum BrokerError {
     #[error("redis is not connected")]
     Down,
+    #[error("redis did not answer in time")]
+    Timeout,
     #[error("redis answered an error: {0}")]
     Server(String),
 }
@@ -142,6 +144,7 @@ pub enum Push {
 
 pub struct Broker {
     target: Target,
+    timeout: Duration,
     /// `<channel_prefix>:`.
     prefix: String,
     /// The probe channel of this core, prefix included.
@@ -159,9 +162,17 @@ pub struct Broker {
 }
 
 impl Broker {
-    pub fn new(target: Target, channel_prefix: &str, instance: &str, core: usize) -> Broker {
+    /// `timeout` bounds every wait for Redis (`broker.subscribe_timeout_ms`).
+    pub fn new(
+        target: Target,
+        channel_prefix: &str,
+        instance: &str,
+        core: usize,
+        timeout: Duration,
+    ) -> Broker {
         Broker {
             target,
+            timeout,
             prefix: format!("{channel_prefix}:"),
             probe: format!("{channel_prefix}:probe:{instance}:{core}"),
             unsent: RefCell::default(),
@@ -187,7 +198,7 @@ impl Broker {
     /// Sends one packed command and waits for its reply.
     pub async fn command(&self, packed: Vec<u8>) -> Result<Value, BrokerError> {
         let slot = self.enqueue(packed)?;
-        Self::reply(slot).await
+        self.reply(slot).await
     }
 
     /// Queues a command at once (so that commands queued together stay together).
@@ -206,19 +217,25 @@ impl Broker {
         Ok(slot)
     }
 
-    async fn reply(slot: Rc<Slot>) -> Result<Value, BrokerError> {
-        poll_fn(|cx| match slot.value.borrow_mut().take() {
+    /// Waits for a reply, at most `timeout`: a Redis that stopped answering is as good as down.
+    async fn reply(&self, slot: Rc<Slot>) -> Result<Value, BrokerError> {
+        let answered = poll_fn(|cx| match slot.value.borrow_mut().take() {
             Some(v) => Poll::Ready(v),
             None => {
                 *slot.waker.borrow_mut() = Some(cx.waker().clone());
                 Poll::Pending
             }
-        })
-        .await
-        .and_then(|v| match v {
-            Value::ServerError(e) => Err(BrokerError::Server(e.to_string())),
-            v => Ok(v),
-        })
+        });
+        let late = async {
+            glommio::timer::sleep(self.timeout).await;
+            Err(BrokerError::Timeout)
+        };
+        futures_lite::future::or(answered, late)
+            .await
+            .and_then(|v| match v {
+                Value::ServerError(e) => Err(BrokerError::Server(e.to_string())),
+                v => Ok(v),
+            })
     }
 
     /// Runs `commands` atomically (MULTI … EXEC): all of them or none.
@@ -233,7 +250,7 @@ impl Broker {
             .collect::<Result<Vec<_>, _>>()?;
         let mut result = Ok(());
         for slot in slots {
-            if let Err(e) = Self::reply(slot).await {
+            if let Err(e) = self.reply(slot).await {
                 result = Err(e);
             }
         }
@@ -400,15 +417,14 @@ impl Broker {
                         "subscription went silent (probe lost)",
                     ));
                 }
-                // Fire and forget: the answer that matters arrives on the subscriber.
-                let _ = self
-                    .command(
-                        redis::cmd("PUBLISH")
-                            .arg(&self.probe)
-                            .arg("probe")
-                            .get_packed_command(),
-                    )
-                    .await;
+                // Not awaited: the answer that matters arrives on the subscriber, and a Redis
+                // that holds commands back must not stop this check.
+                let _ = self.enqueue(
+                    redis::cmd("PUBLISH")
+                        .arg(&self.probe)
+                        .arg("probe")
+                        .get_packed_command(),
+                );
             }
         };
         futures_lite::future::or(reader, futures_lite::future::or(writer, watchdog)).await

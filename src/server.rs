@@ -179,11 +179,13 @@ async fn run_shard(start: Start, listener: socket2::Socket) -> Result<(), String
         BrokerKind::Redis => {
             let target = Target::parse(&config.broker.redis_url)
                 .map_err(|e| format!("broker.redis_url: {e}"))?;
+            let timeout = Duration::from_millis(config.broker.subscribe_timeout_ms);
             Some(Rc::new(Broker::new(
                 target,
                 &config.broker.channel_prefix,
                 &instance,
                 core,
+                timeout,
             )))
         }
     };

@@ -270,3 +270,29 @@ fn a_dropped_subscriber_connection_is_renewed_and_resubscribed() {
     }
     assert_eq!(reader.recv()["seq"], 1000);
 }
+
+#[test]
+fn a_subscription_that_goes_silent_is_renewed() {
+    let redis = Redis::start();
+    let (a, b) = (instance(&redis), instance(&redis));
+    let mut reader = b.connect("t1", "reader");
+    reader.subscribe("c1");
+    // Redis holds every write back (PUBLISH included) for 4 s: no probe comes back, and the
+    // subscriber connections must notice within their 3 s probe timeout.
+    assert!(redis
+        .command(&["CLIENT", "PAUSE", "4000", "WRITE"])
+        .unwrap()
+        .starts_with("+OK"));
+    wait_for("the silence to be noticed", || {
+        b.logs()
+            .iter()
+            .any(|l| l.contains("subscription went silent"))
+            .then_some(())
+    });
+    // Once Redis writes again, events flow to the renewed subscription without client action.
+    wait_for("readiness after the pause", || {
+        (b.http("GET", "/readyz", &[], b"").status == 200).then_some(())
+    });
+    a.publish_ok("t1", vec![updated("c1", 7)]);
+    assert_eq!(reader.recv()["seq"], 7);
+}
