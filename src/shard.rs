@@ -126,16 +126,20 @@ pub enum Verdict {
 }
 
 /// A one-shot value that any number of local tasks can wait for.
+///
+/// A waiter that gives up (its future dropped, e.g. by a timeout or `or`) takes its waker
+/// back: a long-lived latch such as `Shard::stopping` must not collect one per request.
 #[derive(Default)]
 pub struct Latch {
     value: Cell<Option<Verdict>>,
-    wakers: RefCell<Vec<Waker>>,
+    waiters: RefCell<HashMap<u64, Waker>>,
+    next_waiter: Cell<u64>,
 }
 
 impl Latch {
     pub fn set(&self, v: Verdict) {
         self.value.set(Some(v));
-        for w in self.wakers.take() {
+        for (_, w) in self.waiters.take() {
             w.wake();
         }
     }
@@ -144,17 +148,43 @@ impl Latch {
         self.value.get()
     }
 
-    pub fn wait(&self) -> impl Future<Output = Verdict> + '_ {
-        std::future::poll_fn(move |cx| match self.value.get() {
-            Some(v) => Poll::Ready(v),
-            None => {
-                let mut wakers = self.wakers.borrow_mut();
-                if !wakers.iter().any(|w| w.will_wake(cx.waker())) {
-                    wakers.push(cx.waker().clone());
-                }
-                Poll::Pending
-            }
-        })
+    pub fn wait(&self) -> LatchWait<'_> {
+        LatchWait {
+            latch: self,
+            key: None,
+        }
+    }
+}
+
+/// The future of [`Latch::wait`].
+pub struct LatchWait<'a> {
+    latch: &'a Latch,
+    key: Option<u64>,
+}
+
+impl Future for LatchWait<'_> {
+    type Output = Verdict;
+
+    fn poll(mut self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> Poll<Verdict> {
+        if let Some(v) = self.latch.value.get() {
+            return Poll::Ready(v);
+        }
+        let latch = self.latch;
+        let key = *self.key.get_or_insert_with(|| {
+            let k = latch.next_waiter.get();
+            latch.next_waiter.set(k + 1);
+            k
+        });
+        latch.waiters.borrow_mut().insert(key, cx.waker().clone());
+        Poll::Pending
+    }
+}
+
+impl Drop for LatchWait<'_> {
+    fn drop(&mut self) {
+        if let Some(key) = self.key {
+            self.latch.waiters.borrow_mut().remove(&key);
+        }
     }
 }
 
@@ -192,8 +222,7 @@ pub struct Shard {
     /// On core 0 with Redis: the presence channel's subscription is confirmed.
     presence_live: Cell<bool>,
     local: RefCell<Map<RoomKey, LocalRoom>>,
-    conns: RefCell<Conns>,
-    /// This core's connections by tenant, for presence delivery.
+    /// This core's connections, by tenant (for presence delivery) and id.
     tenants: RefCell<Map<Arc<str>, Conns>>,
     /// Users this core owns.
     users: RefCell<presence::Owned>,
@@ -231,7 +260,6 @@ impl Shard {
             owned: RefCell::default(),
             presence_live: Cell::new(false),
             local: RefCell::default(),
-            conns: RefCell::default(),
             tenants: RefCell::default(),
             users: RefCell::default(),
             online: RefCell::default(),
@@ -265,37 +293,41 @@ impl Shard {
             .borrow_mut()
             .entry(conn.tenant.clone())
             .or_default()
-            .insert(conn.id, conn.clone());
-        self.conns.borrow_mut().insert(conn.id, conn);
+            .insert(conn.id, conn);
         self.route_connection(user, true).await;
     }
 
     /// Removes a connection from this core's indexes; its user may go offline after the grace.
     pub async fn unregister(self: &Rc<Self>, conn: &ConnHandle) {
-        if self.conns.borrow_mut().remove(&conn.id).is_none() {
-            return;
-        }
-        self.stats().connections_open.dec();
         {
             let mut tenants = self.tenants.borrow_mut();
-            if let Some(conns) = tenants.get_mut(&conn.tenant) {
-                conns.remove(&conn.id);
-                if conns.is_empty() {
-                    tenants.remove(&conn.tenant);
-                }
+            let Some(conns) = tenants.get_mut(&conn.tenant) else {
+                return;
+            };
+            if conns.remove(&conn.id).is_none() {
+                return;
+            }
+            if conns.is_empty() {
+                tenants.remove(&conn.tenant);
             }
         }
+        self.stats().connections_open.dec();
         self.route_connection((conn.tenant.clone(), conn.user.clone()), false)
             .await;
     }
 
     pub fn connection_count(&self) -> usize {
-        self.conns.borrow().len()
+        self.stats().connections_open.get() as usize
     }
 
     /// Calls `f` on every connection of this core.
     pub fn for_each_connection(&self, mut f: impl FnMut(&ConnHandle)) {
-        for c in self.conns.borrow().values() {
+        for c in self
+            .tenants
+            .borrow()
+            .values()
+            .flat_map(|conns| conns.values())
+        {
             f(c);
         }
     }
@@ -725,5 +757,33 @@ fn ip_bytes(ip: &IpAddr) -> [u8; 16] {
     match ip {
         IpAddr::V4(v4) => v4.to_ipv6_mapped().octets(),
         IpAddr::V6(v6) => v6.octets(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::task::Context;
+
+    #[test]
+    fn a_latch_forgets_waiters_that_gave_up() {
+        let latch = Latch::default();
+        let mut cx = Context::from_waker(Waker::noop());
+        for _ in 0..100 {
+            let mut wait = std::pin::pin!(latch.wait());
+            assert!(wait.as_mut().poll(&mut cx).is_pending());
+            assert!(
+                wait.as_mut().poll(&mut cx).is_pending(),
+                "polled twice, registered once"
+            );
+        }
+        assert!(
+            latch.waiters.borrow().is_empty(),
+            "dropped waits left their wakers behind"
+        );
+        let mut kept = std::pin::pin!(latch.wait());
+        assert!(kept.as_mut().poll(&mut cx).is_pending());
+        latch.set(Verdict::Granted);
+        assert_eq!(kept.as_mut().poll(&mut cx), Poll::Ready(Verdict::Granted));
     }
 }
