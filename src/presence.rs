@@ -7,15 +7,12 @@
 //!   broadcasts, so that snapshots are answered locally.
 //! - [`Throttle`]: on a conversation's owner, the last forwarded typing event per user.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use xxhash_rust::xxh3::Xxh3Builder;
-
+use crate::route::Map;
 use crate::shard::RoomKey;
-
-type Map<K, V> = HashMap<K, V, Xxh3Builder>;
 
 /// A user within a tenant.
 pub type UserKey = (Arc<str>, Arc<str>);
@@ -152,7 +149,7 @@ fn settle(state: &mut UserState) -> Transition {
 
 #[derive(Default)]
 pub struct Replica {
-    online: Map<Arc<str>, HashSet<Arc<str>, Xxh3Builder>>,
+    online: Map<Arc<str>, HashSet<Arc<str>, foldhash::fast::RandomState>>,
 }
 
 impl Replica {

@@ -16,7 +16,6 @@
 mod users;
 
 use std::cell::{Cell, RefCell};
-use std::collections::HashMap;
 use std::future::Future;
 use std::net::IpAddr;
 use std::rc::Rc;
@@ -26,7 +25,6 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use glommio::channels::channel_mesh::Senders;
-use xxhash_rust::xxh3::Xxh3Builder;
 
 use crate::broker::{Broker, BrokerError, Push};
 use crate::config::Config;
@@ -36,7 +34,7 @@ use crate::metrics::{CoreStats, Registry};
 use crate::presence::{self, UserKey};
 use crate::protocol::server_event;
 use crate::publish::Routed;
-use crate::route::shard_for;
+use crate::route::{shard_for, Map};
 
 /// The routing key of a conversation: `<tenantId>:c:<conversationId>` (tenant IDs contain no
 /// `:`, so the key is unambiguous). It is also the Redis channel name after the prefix.
@@ -132,7 +130,7 @@ pub enum Verdict {
 #[derive(Default)]
 pub struct Latch {
     value: Cell<Option<Verdict>>,
-    waiters: RefCell<HashMap<u64, Waker>>,
+    waiters: RefCell<Map<u64, Waker>>,
     next_waiter: Cell<u64>,
 }
 
@@ -203,9 +201,8 @@ struct LocalRoom {
     live: Rc<Latch>,
 }
 
-type Map<K, V> = HashMap<K, V, Xxh3Builder>;
 /// Connections by id.
-type Conns = HashMap<u64, Rc<ConnHandle>>;
+type Conns = Map<u64, Rc<ConnHandle>>;
 
 pub struct Shard {
     pub id: usize,
@@ -230,9 +227,9 @@ pub struct Shard {
     online: RefCell<presence::Replica>,
     /// Typing events forwarded, for rooms this core owns.
     typing: RefCell<presence::Throttle>,
-    pending: RefCell<HashMap<u64, Rc<Latch>>>,
+    pending: RefCell<Map<u64, Rc<Latch>>>,
     next_id: Cell<u64>,
-    buckets: RefCell<HashMap<IpAddr, TokenBucket>>,
+    buckets: RefCell<Map<IpAddr, TokenBucket>>,
     /// Set when the server is stopping.
     pub stopping: Latch,
     /// Every read of this core lands here first; connections keep only incomplete frames.
