@@ -38,6 +38,15 @@ const RATE_LIMIT_GRACE: Duration = Duration::from_secs(5);
 /// Drops further apart than this start a new episode.
 const RATE_EPISODE_GAP: Duration = Duration::from_secs(1);
 
+/// A connection id as clients see it (hex), for logs.
+struct ConnId(u64);
+
+impl std::fmt::Display for ConnId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:x}", self.0)
+    }
+}
+
 /// How a connection ended, for the disconnect log line.
 enum End {
     /// The close handshake ran; `code` is what the server sent.
@@ -84,18 +93,21 @@ pub async fn serve(
         config.limits.outbound_queue_bytes,
         identity.expires_at_ms,
     ));
-    let conn_id = format!("{:x}", out.id);
-    let ready = server_event::session_ready(
-        &conn_id,
-        &out.user,
-        &out.tenant,
-        config.heartbeat.interval_ms,
-    );
     // session.ready is the first frame: queued before anything else can reach the connection.
-    out.push(ws::text(ready.as_bytes()));
+    // Built from temporaries: a String kept in this future would live as long as the connection.
+    let interval = config.heartbeat.interval_ms;
+    out.push(ws::text(
+        server_event::session_ready(
+            &ConnId(out.id).to_string(),
+            &out.user,
+            &out.tenant,
+            interval,
+        )
+        .as_bytes(),
+    ));
     Box::pin(shard.register(out.clone())).await;
     shard.stats().connects_total.inc();
-    info!(conn = %conn_id, tenant = %out.tenant, user = %out.user, %peer, core = shard.id, "connect");
+    info!(conn = %ConnId(out.id), tenant = %out.tenant, user = %out.user, %peer, core = shard.id, "connect");
 
     let stream = RefCell::new(stream);
     let peer_closed = Latch::default();
@@ -130,13 +142,13 @@ pub async fn serve(
     let peer_code = conn.peer_close.flatten();
     match end {
         End::Closed { code } => info!(
-            conn = %conn_id, %tenant, %user, code = code.code(), reason = code.reason(), peer_code, duration_ms, "disconnect"
+            conn = %ConnId(out.id), %tenant, %user, code = code.code(), reason = code.reason(), peer_code, duration_ms, "disconnect"
         ),
         End::Dropped(reason) => {
-            info!(conn = %conn_id, %tenant, %user, code = 1006, reason, duration_ms, "disconnect")
+            info!(conn = %ConnId(out.id), %tenant, %user, code = 1006, reason, duration_ms, "disconnect")
         }
         End::Io(e) => {
-            info!(conn = %conn_id, %tenant, %user, code = 1006, reason = %e, duration_ms, "disconnect")
+            info!(conn = %ConnId(out.id), %tenant, %user, code = 1006, reason = %e, duration_ms, "disconnect")
         }
     }
 }
@@ -157,7 +169,7 @@ impl Conn {
                     Ok(Some(h)) if rbuf.len() >= h.header_len + h.payload_len => h,
                     Ok(_) => break,
                     Err(e) => {
-                        debug!(conn = %format_args!("{:x}", self.out.id), error = %e, "bad frame");
+                        debug!(conn = %ConnId(self.out.id), error = %e, "bad frame");
                         self.out.close(e.close_code());
                         garbled = true;
                         break;
@@ -279,7 +291,7 @@ impl Conn {
                         self.error(ErrorCode::Unavailable, message, id);
                         return Ok(());
                     }
-                    info!(conn = %format_args!("{:x}", self.out.id), room = %room, "subscribe");
+                    info!(conn = %ConnId(self.out.id), room = %room, "subscribe");
                 }
                 self.ack(id);
             }
@@ -288,7 +300,7 @@ impl Conn {
                 if let Some(at) = self.subscriptions.iter().position(|r| *r == room) {
                     self.subscriptions.remove(at);
                     self.shard.unsubscribe(&room, self.out.id).await;
-                    info!(conn = %format_args!("{:x}", self.out.id), room = %room, "unsubscribe");
+                    info!(conn = %ConnId(self.out.id), room = %room, "unsubscribe");
                 }
                 self.ack(id);
             }

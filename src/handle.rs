@@ -153,8 +153,8 @@ impl ConnHandle {
             frames.extend(s.queue.pop_front().map(|(f, _)| f));
         }
         s.queued_bytes -= taken;
-        if s.queue.capacity() > 64 && s.queue.is_empty() {
-            // A burst is over: give its memory back (idle connections stay small).
+        if s.queue.is_empty() {
+            // Drained: give the memory back, so that an idle connection holds no queue.
             s.queue = VecDeque::new();
         }
         Poll::Ready(Next::Frames(frames))
