@@ -322,11 +322,10 @@ async fn housekeeping(shard: Rc<Shard>, shutdown: Arc<AtomicBool>) {
                 was_ready = false;
             }
         }
-        // Ready for /readyz only once the reload after a (re)connect is done.
-        shard
-            .stats()
-            .broker_up
-            .set(u64::from(was_ready && shard.broker_ready()));
+        // Ready only once the reload after a (re)connect is done.
+        if shard.broker.is_some() {
+            shard.set_broker_ready(was_ready && shard.broker_ready());
+        }
     }
 }
 

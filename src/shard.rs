@@ -218,6 +218,8 @@ pub struct Shard {
     owned: RefCell<Map<RoomKey, OwnedRoom>>,
     /// On core 0 with Redis: the presence channel's subscription is confirmed.
     presence_live: Cell<bool>,
+    /// With Redis: set while this core's broker is ready (see `set_broker_ready`).
+    broker_ready: RefCell<Rc<Latch>>,
     local: RefCell<Map<RoomKey, LocalRoom>>,
     /// This core's connections, by tenant (for presence delivery) and id.
     tenants: RefCell<Map<Arc<str>, Conns>>,
@@ -256,6 +258,7 @@ impl Shard {
             instance,
             owned: RefCell::default(),
             presence_live: Cell::new(false),
+            broker_ready: RefCell::default(),
             local: RefCell::default(),
             tenants: RefCell::default(),
             users: RefCell::default(),
@@ -332,7 +335,20 @@ impl Shard {
     // ---- subscriptions (connection side) ---------------------------------------------
 
     /// Adds `conn` to `room` and resolves once an event published from now on reaches it.
+    /// With Redis, waits first for the broker (at most `broker.subscribe_timeout_ms`), so that
+    /// joining a room that was live before an outage is not acked while Redis is away.
     pub async fn subscribe(&self, room: &RoomKey, conn: &Rc<ConnHandle>) -> Verdict {
+        let ready = self.broker_ready.borrow().clone();
+        if self.broker.is_some() && ready.get().is_none() {
+            let timeout = Duration::from_millis(self.config.broker.subscribe_timeout_ms);
+            let expired = async {
+                glommio::timer::sleep(timeout).await;
+                Verdict::Unavailable
+            };
+            if futures_lite::future::or(ready.wait(), expired).await == Verdict::Unavailable {
+                return Verdict::Unavailable;
+            }
+        }
         let joined = self.local.borrow_mut().get_mut(room).map(|r| {
             r.conns.push(conn.clone());
             r.live.clone()
@@ -635,6 +651,18 @@ impl Shard {
     // ---- Redis ---------------------------------------------------------------------------
 
     /// Every channel this core wants from Redis (prefix stripped), for a (re)connect.
+    /// Records whether this core's broker is ready (up, and reloaded after a reconnect): for
+    /// `/readyz` and for subscribes waiting on it.
+    pub fn set_broker_ready(&self, ready: bool) {
+        self.stats().broker_up.set(u64::from(ready));
+        let mut latch = self.broker_ready.borrow_mut();
+        match (ready, latch.get().is_some()) {
+            (true, false) => latch.set(Verdict::Granted),
+            (false, true) => *latch = Rc::new(Latch::default()),
+            _ => {}
+        }
+    }
+
     /// Both Redis connections are up and, on core 0, the presence channel is subscribed: from
     /// then on no presence news is missed, and a reload of the others' state is complete.
     pub fn broker_ready(&self) -> bool {
@@ -684,7 +712,7 @@ impl Shard {
             }
             Push::Link(true) => {}
             Push::Link(false) => {
-                self.stats().broker_up.set(0);
+                self.set_broker_ready(false);
                 self.presence_live.set(false);
                 // New subscribers wait for the resubscription; the ones acked stay.
                 for room in self.owned.borrow_mut().values_mut() {

@@ -171,7 +171,11 @@ fn redis_outage_then_recovery_without_client_action() {
     let (a, b) = (instance(&redis), instance(&redis));
     let mut on_b = b.connect("t1", "reader");
     on_b.subscribe("c1");
+    // Dan first: Alice, who reads presence frames below, never hears of him.
+    let mut dan = a.connect("t1", "dan");
     let mut alice = a.connect("t1", "alice");
+    alice.subscribe("c3");
+    dan.subscribe("c3");
     a.publish_ok("t1", vec![updated("c1", 0)]);
     assert_eq!(on_b.recv()["seq"], 0);
 
@@ -186,8 +190,15 @@ fn redis_outage_then_recovery_without_client_action() {
         "{}",
         r.body
     );
-    // A new subscribe waits for Redis, then says unavailable.
+    // A new subscribe waits for Redis, then says unavailable: to a new conversation, and to one
+    // that already has live subscribers on that core.
     let e = alice.request(json!({"type": "subscribe", "conversationId": "c2"}), "s");
+    assert_eq!(
+        (e["type"].as_str(), e["code"].as_str()),
+        (Some("error"), Some("unavailable"))
+    );
+    let mut late = b.connect("t1", "late");
+    let e = late.request(json!({"type": "subscribe", "conversationId": "c1"}), "s");
     assert_eq!(
         (e["type"].as_str(), e["code"].as_str()),
         (Some("error"), Some("unavailable"))
@@ -195,6 +206,15 @@ fn redis_outage_then_recovery_without_client_action() {
     // Presence among this instance's own connections keeps working.
     let _carol = a.connect("t1", "carol");
     assert_eq!(alice.recv_any(), presence("online", "carol"));
+    // So does typing among them.
+    dan.request(
+        json!({"type": "presence.activity", "activity": "typing", "conversationId": "c3"}),
+        "t",
+    );
+    assert_eq!(
+        alice.recv_any(),
+        json!({"type": "presence.typing", "userId": "dan", "conversationId": "c3"})
+    );
 
     redis.restart();
     let back = Instant::now();
@@ -218,6 +238,7 @@ fn redis_outage_then_recovery_without_client_action() {
         back.elapsed()
     );
     alice.subscribe("c2");
+    late.subscribe("c1");
 }
 
 #[test]
