@@ -86,11 +86,12 @@ fn presence_typing_and_snapshots_are_cluster_wide() {
     let mut alice = a.connect("t1", "alice");
     let mut bob = b.connect("t1", "bob");
     assert_eq!(alice.recv_any(), presence("online", "bob"));
-    // Bob came later: Alice, online on the other instance, is in his snapshot.
-    assert_eq!(
-        bob.request(json!({"type": "presence.query"}), "q")["userIds"],
-        json!(["alice", "bob"])
-    );
+    // Bob came later: Alice, online on the other instance, is in his snapshot (as soon as A's
+    // announcement of her, sent asynchronously at her connect, has crossed Redis).
+    wait_for("Alice in Bob's snapshot", || {
+        (bob.request(json!({"type": "presence.query"}), "q")["userIds"] == json!(["alice", "bob"]))
+            .then_some(())
+    });
     for c in [&mut alice, &mut bob] {
         c.subscribe("c1");
     }
