@@ -72,26 +72,11 @@ fn bad_configuration_stops_start_up_naming_the_key() {
 #[test]
 fn serve_runs_on_embedded_defaults_and_token_mints_for_it() {
     // No --config: built-in defaults, with only the port moved off 8080 for the test.
-    let mut child = Command::new(bin())
-        .arg("serve")
-        .env("FANFARE_SERVER__LISTEN", "127.0.0.1:0")
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let stdout = child.stdout.take().unwrap();
-    let lines = std::sync::Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
-    {
-        let lines = lines.clone();
-        std::thread::spawn(move || {
-            use std::io::BufRead;
-            for l in std::io::BufReader::new(stdout)
-                .lines()
-                .map_while(Result::ok)
-            {
-                lines.lock().unwrap().push(l);
-            }
-        });
-    }
+    let (mut child, lines) = spawn_logged(
+        Command::new(bin())
+            .arg("serve")
+            .env("FANFARE_SERVER__LISTEN", "127.0.0.1:0"),
+    );
     let addr: std::net::SocketAddr = wait_for("listening", || {
         lines
             .lock()
@@ -158,25 +143,8 @@ fn token_refuses_bad_ids() {
 #[test]
 fn json_logs_are_one_object_per_line_without_tokens() {
     let f = TempFile::new(&base_config("[log]\nformat = \"json\""));
-    let mut child = Command::new(bin())
-        .args(["serve", "--config", f.0.to_str().unwrap()])
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let stdout = child.stdout.take().unwrap();
-    let lines = std::sync::Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
-    {
-        let lines = lines.clone();
-        std::thread::spawn(move || {
-            use std::io::BufRead;
-            for l in std::io::BufReader::new(stdout)
-                .lines()
-                .map_while(Result::ok)
-            {
-                lines.lock().unwrap().push(l);
-            }
-        });
-    }
+    let (mut child, lines) =
+        spawn_logged(Command::new(bin()).args(["serve", "--config", f.0.to_str().unwrap()]));
     let parsed = |lines: &[String]| -> Vec<serde_json::Value> {
         lines
             .iter()

@@ -35,11 +35,37 @@ pub fn wait_for<T>(what: &str, mut check: impl FnMut() -> Option<T>) -> T {
     }
 }
 
+/// Lines a child process printed, stdout and stderr together.
+pub type Logs = Arc<Mutex<Vec<String>>>;
+
+/// Spawns `command` with its stdout and stderr collected line by line.
+pub fn spawn_logged(command: &mut Command) -> (Child, Logs) {
+    let mut child = command
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    let logs = Logs::default();
+    let pipes: [Box<dyn Read + Send>; 2] = [
+        Box::new(child.stdout.take().expect("stdout")),
+        Box::new(child.stderr.take().expect("stderr")),
+    ];
+    for pipe in pipes {
+        let logs = logs.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(pipe).lines().map_while(Result::ok) {
+                logs.lock().unwrap().push(line);
+            }
+        });
+    }
+    (child, logs)
+}
+
 /// A running `fanfare serve`, killed on drop.
 pub struct Server {
     pub addr: SocketAddr,
     child: Child,
-    logs: Arc<Mutex<Vec<String>>>,
+    logs: Logs,
     _config: TempFile,
 }
 
@@ -113,33 +139,12 @@ impl Server {
 
     pub fn start_with_env(extra: &str, env: &[(&str, &str)]) -> Server {
         let config = TempFile::new(&base_config(extra));
-        let mut child = Command::new(bin())
-            .args(["serve", "--config"])
-            .arg(&config.0)
-            .envs(env.iter().copied())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn fanfare");
-        let logs = Arc::new(Mutex::new(Vec::new()));
-        for pipe in [
-            child
-                .stdout
-                .take()
-                .map(|s| Box::new(s) as Box<dyn Read + Send>),
-            child
-                .stderr
-                .take()
-                .map(|s| Box::new(s) as Box<dyn Read + Send>),
-        ] {
-            let logs = logs.clone();
-            let pipe = pipe.expect("piped output");
-            std::thread::spawn(move || {
-                for line in BufReader::new(pipe).lines().map_while(Result::ok) {
-                    logs.lock().unwrap().push(line);
-                }
-            });
-        }
+        let (mut child, logs) = spawn_logged(
+            Command::new(bin())
+                .args(["serve", "--config"])
+                .arg(&config.0)
+                .envs(env.iter().copied()),
+        );
         let addr = wait_for("the listening log line", || {
             if let Ok(Some(status)) = child.try_wait() {
                 panic!(
