@@ -16,7 +16,7 @@ use std::io::{self, Read};
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::pin::Pin;
 use std::rc::Rc;
-use std::task::{Poll, Waker};
+use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 
 use bytes::{Buf, BytesMut};
@@ -307,45 +307,31 @@ impl Broker {
         let stream = RefCell::new(connect(&self.target).await?);
         self.command_up.set(true);
         info!(target = %format_args!("{}:{}", self.target.host, self.target.port), "redis command connection up");
-        let reader = async {
-            let mut rbuf = BytesMut::new();
-            let mut parser = redis::Parser::new();
-            loop {
-                read_into(&stream, &mut rbuf).await?;
-                while let Some(value) = next_value(&mut parser, &mut rbuf)? {
-                    match self.inflight.borrow_mut().pop_front() {
-                        Some(slot) => slot.fill(Ok(value)),
-                        None => {
-                            return Err(io::Error::new(
-                                io::ErrorKind::InvalidData,
-                                "reply without a command",
-                            ))
-                        }
-                    }
-                }
+        let queued = |cx: &mut Context<'_>| {
+            let mut unsent = self.unsent.borrow_mut();
+            if unsent.is_empty() {
+                *self.command_waker.borrow_mut() = Some(cx.waker().clone());
+                return Poll::Pending;
             }
-        };
-        let writer = async {
-            loop {
-                let batch = poll_fn(|cx| {
-                    let mut unsent = self.unsent.borrow_mut();
-                    if unsent.is_empty() {
-                        *self.command_waker.borrow_mut() = Some(cx.waker().clone());
-                        return Poll::Pending;
-                    }
-                    let mut bytes = Vec::new();
-                    let mut inflight = self.inflight.borrow_mut();
-                    for (packed, slot) in unsent.drain(..) {
-                        bytes.extend_from_slice(&packed);
-                        inflight.push_back(slot);
-                    }
-                    Poll::Ready(bytes)
-                })
-                .await;
-                write_all(&stream, &batch).await?;
+            let mut bytes = Vec::new();
+            let mut inflight = self.inflight.borrow_mut();
+            for (packed, slot) in unsent.drain(..) {
+                bytes.extend_from_slice(&packed);
+                inflight.push_back(slot);
             }
+            Poll::Ready(bytes)
         };
-        futures_lite::future::or(reader, writer).await
+        let reply = |value: Value| match self.inflight.borrow_mut().pop_front() {
+            Some(slot) => {
+                slot.fill(Ok(value));
+                Ok(())
+            }
+            None => Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                "reply without a command",
+            )),
+        };
+        pump(&stream, queued, reply).await
     }
 
     /// Keeps the subscriber connection up, for ever, handing what arrives to `on_push`.
@@ -384,29 +370,17 @@ impl Broker {
         self.subscribe(&channels.iter().map(String::as_str).collect::<Vec<_>>());
         info!(channels = channels.len(), "redis subscriber connection up");
         on_push(Push::Link(true));
-        let reader = async {
-            let mut rbuf = BytesMut::new();
-            let mut parser = redis::Parser::new();
-            loop {
-                read_into(&stream, &mut rbuf).await?;
-                while let Some(value) = next_value(&mut parser, &mut rbuf)? {
-                    self.on_subscriber_value(value, on_push);
-                }
+        let queued = |cx: &mut Context<'_>| {
+            let mut out = self.sub_out.borrow_mut();
+            if out.is_empty() {
+                *self.sub_waker.borrow_mut() = Some(cx.waker().clone());
+                return Poll::Pending;
             }
+            Poll::Ready(std::mem::take(&mut *out))
         };
-        let writer = async {
-            loop {
-                let bytes = poll_fn(|cx| {
-                    let mut out = self.sub_out.borrow_mut();
-                    if out.is_empty() {
-                        *self.sub_waker.borrow_mut() = Some(cx.waker().clone());
-                        return Poll::Pending;
-                    }
-                    Poll::Ready(std::mem::take(&mut *out))
-                })
-                .await;
-                write_all(&stream, &bytes).await?;
-            }
+        let pushed = |value: Value| {
+            self.on_subscriber_value(value, on_push);
+            Ok(())
         };
         let watchdog = async {
             loop {
@@ -427,7 +401,7 @@ impl Broker {
                 );
             }
         };
-        futures_lite::future::or(reader, futures_lite::future::or(writer, watchdog)).await
+        futures_lite::future::or(pump(&stream, queued, pushed), watchdog).await
     }
 
     fn on_subscriber_value(&self, value: Value, on_push: &impl Fn(Push)) {
@@ -462,6 +436,32 @@ impl Broker {
             _ => {}
         }
     }
+}
+
+/// Runs one connection until it fails: writes whatever `queued` hands over, and gives every
+/// value read to `on_value`.
+async fn pump(
+    stream: &RefCell<TcpStream>,
+    mut queued: impl FnMut(&mut Context<'_>) -> Poll<Vec<u8>>,
+    mut on_value: impl FnMut(Value) -> io::Result<()>,
+) -> io::Result<()> {
+    let reader = async {
+        let mut rbuf = BytesMut::new();
+        let mut parser = redis::Parser::new();
+        loop {
+            read_into(stream, &mut rbuf).await?;
+            while let Some(value) = next_value(&mut parser, &mut rbuf)? {
+                on_value(value)?;
+            }
+        }
+    };
+    let writer = async {
+        loop {
+            let bytes = poll_fn(&mut queued).await;
+            write_all(stream, &bytes).await?;
+        }
+    };
+    futures_lite::future::or(reader, writer).await
 }
 
 /// Pulls the next complete value out of `rbuf`, `None` when more bytes are needed.
