@@ -400,6 +400,8 @@ impl Conn {
 
     fn error(&self, code: ErrorCode, message: &str, id: Option<&str>) {
         self.shard.stats().client_errors_total.inc();
+        // Debug level: a misbehaving client must not be able to flood the log.
+        debug!(conn = %ConnId(self.out.id), code = code.as_str(), message, "client event refused");
         self.out
             .push(ws::text(server_event::error(code, message, id).as_bytes()));
     }

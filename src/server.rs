@@ -425,6 +425,9 @@ async fn handle_client(shard: Rc<Shard>, mut stream: TcpStream) {
             ),
         };
         let (status, content_type, body, headers) = response;
+        if status >= 400 {
+            info!(%peer, method = %req.method, target = %req.redacted_target(), status, %body, "request refused");
+        }
         let headers: Vec<(&str, &str)> = headers
             .iter()
             .map(|(k, v): &(&str, String)| (*k, v.as_str()))
@@ -683,6 +686,7 @@ async fn publish_request(
     let limit = shard.config.limits.max_publish_bytes;
     if length > limit {
         let reason = format!("body over limits.max_publish_bytes ({limit})");
+        info!(status = 413, length, %reason, "request refused");
         let body = http::error_body("payload_too_large", &reason);
         let _ = stream
             .write_all(&http::response(413, "application/json", &body, &[], false))
