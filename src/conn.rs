@@ -433,23 +433,15 @@ async fn write_loop(
     stall: Duration,
 ) -> End {
     loop {
-        match poll_fn(|cx| out.poll_next(cx, WRITE_BATCH_BYTES)).await {
-            Next::Frames(frames) => {
-                let written = if let [one] = frames.as_slice() {
-                    Box::pin(write_all(stream, one, stall)).await
-                } else {
-                    let mut batch = Vec::with_capacity(frames.iter().map(|f| f.len()).sum());
-                    for f in &frames {
-                        batch.extend_from_slice(f);
-                    }
-                    Box::pin(write_all(stream, &batch, stall)).await
-                };
-                match written {
-                    Ok(n) => shard.stats().bytes_written_total.add(n as u64),
-                    Err(e) => return End::Io(e),
-                }
-            }
-            Next::Close(code) => return Box::pin(close(stream, code, peer_closed, stall)).await,
+        let next = poll_fn(|cx| out.poll_next(cx, WRITE_BATCH_BYTES)).await;
+        let bytes: &[u8] = match &next {
+            Next::One(frame) => frame,
+            Next::Many(batch) => batch,
+            Next::Close(code) => return Box::pin(close(stream, *code, peer_closed, stall)).await,
+        };
+        match Box::pin(write_all(stream, bytes, stall)).await {
+            Ok(n) => shard.stats().bytes_written_total.add(n as u64),
+            Err(e) => return End::Io(e),
         }
     }
 }

@@ -59,8 +59,10 @@ pub enum Pushed {
 
 /// What the writer should do next.
 pub enum Next {
-    /// Write these frames, in order.
-    Frames(Vec<Bytes>),
+    /// Write this one frame (the shared bytes, no copy).
+    One(Bytes),
+    /// Write these bytes: several frames coalesced into one buffer for one `send`.
+    Many(Vec<u8>),
     /// Everything queued is written: send the close frame with this code.
     Close(CloseCode),
 }
@@ -143,21 +145,30 @@ impl ConnHandle {
                 }
             };
         }
-        let mut frames = Vec::new();
-        let mut taken = 0;
-        while let Some((f, _)) = s.queue.front() {
-            if !frames.is_empty() && taken + f.len() > max_bytes {
+        // How many frames fit in one batch (at least one).
+        let (mut count, mut taken) = (0, 0);
+        for (f, _) in &s.queue {
+            if count > 0 && taken + f.len() > max_bytes {
                 break;
             }
+            count += 1;
             taken += f.len();
-            frames.extend(s.queue.pop_front().map(|(f, _)| f));
         }
         s.queued_bytes -= taken;
+        let next = if count == 1 {
+            Next::One(s.queue.pop_front().map(|(f, _)| f).unwrap_or_default())
+        } else {
+            let mut batch = Vec::with_capacity(taken);
+            for (f, _) in s.queue.drain(..count) {
+                batch.extend_from_slice(&f);
+            }
+            Next::Many(batch)
+        };
         if s.queue.is_empty() {
             // Drained: give the memory back, so that an idle connection holds no queue.
             s.queue = VecDeque::new();
         }
-        Poll::Ready(Next::Frames(frames))
+        Poll::Ready(next)
     }
 }
 
@@ -189,14 +200,21 @@ mod tests {
         for i in 0..5u8 {
             assert_eq!(o.push(Bytes::from(vec![i; 10])), Pushed::Queued);
         }
-        let Some(Next::Frames(batch)) = next(&o, 25) else {
-            panic!("expected frames")
+        let Some(Next::Many(batch)) = next(&o, 25) else {
+            panic!("expected a batch")
         };
-        assert_eq!(batch.iter().map(|f| f[0]).collect::<Vec<_>>(), vec![0, 1]);
-        let Some(Next::Frames(batch)) = next(&o, 1000) else {
-            panic!("expected frames")
+        assert_eq!(batch, [vec![0; 10], vec![1; 10]].concat());
+        let Some(Next::Many(batch)) = next(&o, 1000) else {
+            panic!("expected a batch")
         };
-        assert_eq!(batch.len(), 3);
+        assert_eq!(batch.len(), 30);
+        o.push(Bytes::from(vec![9; 50]));
+        o.push(Bytes::from(vec![8; 10]));
+        assert!(
+            matches!(next(&o, 40), Some(Next::One(f)) if f[0] == 9),
+            "a frame over the batch size goes alone"
+        );
+        assert!(matches!(next(&o, 40), Some(Next::One(f)) if f[0] == 8));
         assert!(next(&o, 1000).is_none());
     }
 
@@ -227,10 +245,10 @@ mod tests {
         );
         // An event that does not fit sheds the queued ephemeral frame instead of closing.
         assert_eq!(o.push(Bytes::from(vec![4; 15])), Pushed::Queued);
-        let Some(Next::Frames(batch)) = next(&o, 1000) else {
-            panic!("expected frames")
+        let Some(Next::Many(batch)) = next(&o, 1000) else {
+            panic!("expected a batch")
         };
-        assert_eq!(batch.iter().map(|f| f[0]).collect::<Vec<_>>(), vec![2, 4]);
+        assert_eq!(batch, [vec![2; 10], vec![4; 15]].concat());
         assert!(o.close_code().is_none());
     }
 
@@ -240,7 +258,7 @@ mod tests {
         o.push(Bytes::from_static(b"a"));
         o.close(CloseCode::GoingAway);
         o.close(CloseCode::Normal);
-        assert!(matches!(next(&o, 1000), Some(Next::Frames(_))));
+        assert!(matches!(next(&o, 1000), Some(Next::One(_))));
         assert!(matches!(
             next(&o, 1000),
             Some(Next::Close(CloseCode::GoingAway))
