@@ -75,6 +75,35 @@ pub fn registry(shards: usize) -> Registry {
         .collect()
 }
 
+/// A process's CPU time and resident memory, from `/proc` (Linux).
+#[derive(Debug, Clone, Copy)]
+pub struct ProcessUsage {
+    pub cpu_s: f64,
+    pub rss_kib: u64,
+}
+
+impl ProcessUsage {
+    pub fn of(pid: u32) -> Option<ProcessUsage> {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+        // After the command name (which may hold spaces), utime and stime are fields 12 and 13.
+        let fields: Vec<&str> = stat[stat.rfind(')')? + 2..].split_whitespace().collect();
+        // SAFETY: sysconf has no memory effects.
+        let tick = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+        let cpu_s =
+            (fields.get(11)?.parse::<f64>().ok()? + fields.get(12)?.parse::<f64>().ok()?) / tick;
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+        let rss_kib = status.lines().find_map(|l| {
+            l.strip_prefix("VmRSS:")?
+                .trim()
+                .strip_suffix("kB")?
+                .trim()
+                .parse()
+                .ok()
+        })?;
+        Some(ProcessUsage { cpu_s, rss_kib })
+    }
+}
+
 /// Prometheus text exposition of the sums over all cores.
 pub fn render(registry: &Registry) -> String {
     let mut totals: Vec<(&str, &str, &str, u64)> = Vec::new();
@@ -100,6 +129,17 @@ pub fn render(registry: &Registry) -> String {
         "# HELP fanfare_shards executor cores\n# TYPE fanfare_shards gauge\nfanfare_shards {}\n",
         registry.len()
     );
+    if let Some(p) = ProcessUsage::of(std::process::id()) {
+        let _ = write!(
+            out,
+            "# HELP process_cpu_seconds_total user and system CPU time\n\
+             # TYPE process_cpu_seconds_total counter\nprocess_cpu_seconds_total {}\n\
+             # HELP process_resident_memory_bytes resident set size\n\
+             # TYPE process_resident_memory_bytes gauge\nprocess_resident_memory_bytes {}\n",
+            p.cpu_s,
+            p.rss_kib * 1024
+        );
+    }
     out
 }
 
@@ -122,5 +162,6 @@ mod tests {
         );
         assert!(text.contains("\nfanfare_connections_open 1\n"));
         assert!(text.contains("# TYPE fanfare_connections_open gauge"));
+        assert!(text.contains("\nprocess_resident_memory_bytes "), "{text}");
     }
 }

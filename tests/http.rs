@@ -21,6 +21,7 @@ fn health_readiness_and_metrics() {
         "fanfare_connects_total 1",
         "# TYPE fanfare_frames_delivered_total counter",
         "fanfare_shards ",
+        "process_resident_memory_bytes ",
     ] {
         assert!(m.body.contains(name), "{name} missing:\n{}", m.body);
     }

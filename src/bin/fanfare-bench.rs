@@ -19,6 +19,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use clap::{Parser, Subcommand};
+use fanfare::metrics::ProcessUsage;
 use futures_lite::{AsyncReadExt, AsyncWriteExt};
 use hdrhistogram::Histogram;
 
@@ -101,31 +102,8 @@ fn main() {
 
 // ---- what the server used ---------------------------------------------------------------
 
-#[derive(Clone, Copy)]
-struct Usage {
-    cpu_s: f64,
-    rss_kib: u64,
-}
-
-fn server_usage(pid: Option<u32>) -> Option<Usage> {
-    let pid = pid?;
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // Fields after the command name, which may hold spaces: utime and stime are 14th and 15th.
-    let rest = &stat[stat.rfind(')')? + 2..];
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    // SAFETY: sysconf has no memory effects.
-    let tick = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
-    let cpu_s = (f.get(11)?.parse::<f64>().ok()? + f.get(12)?.parse::<f64>().ok()?) / tick;
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    let rss_kib = status.lines().find_map(|l| {
-        l.strip_prefix("VmRSS:")?
-            .trim()
-            .strip_suffix("kB")?
-            .trim()
-            .parse()
-            .ok()
-    })?;
-    Some(Usage { cpu_s, rss_kib })
+fn server_usage(pid: Option<u32>) -> Option<ProcessUsage> {
+    ProcessUsage::of(pid?)
 }
 
 fn thread_cpu_s() -> f64 {

@@ -248,19 +248,9 @@ impl Server {
 
     /// Resident set size of the server process, in KiB.
     pub fn rss_kib(&self) -> u64 {
-        let status =
-            std::fs::read_to_string(format!("/proc/{}/status", self.pid())).expect("proc status");
-        status
-            .lines()
-            .find_map(|l| {
-                l.strip_prefix("VmRSS:")?
-                    .trim()
-                    .strip_suffix("kB")?
-                    .trim()
-                    .parse()
-                    .ok()
-            })
-            .expect("VmRSS")
+        fanfare::metrics::ProcessUsage::of(self.pid())
+            .expect("/proc of the server")
+            .rss_kib
     }
 
     /// Opens a WebSocket as `user` of `tenant` and reads `session.ready`.
