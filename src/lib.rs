@@ -4,8 +4,9 @@
 //! ([`server`], [`http`]), rate-limited ([`limit`]) and authenticated ([`auth`]), upgraded
 //! ([`ws`]) and served ([`conn`]); its events ([`protocol`]) are routed to the owning core
 //! ([`route`]) of the per-core state ([`shard`]), which fans frames out to each subscriber's
-//! bounded queue ([`handle`]). Published events enter through [`publish`]. [`config`] and
-//! [`metrics`] stand beside the path.
+//! bounded queue ([`handle`]). Published events enter through [`publish`]. Presence rules live
+//! in [`presence`]; with Redis, [`broker`] carries events and presence between instances.
+//! [`config`] and [`metrics`] stand beside the path.
 
 pub mod auth;
 pub mod broker;
