@@ -179,35 +179,57 @@ pub fn reason(status: u16) -> &'static str {
 }
 
 /// A complete response with a body.
-pub fn response(
-    status: u16,
-    content_type: &str,
-    body: &str,
-    extra_headers: &[(&str, &str)],
-    keep_alive: bool,
-) -> Vec<u8> {
-    let mut head = format!(
-        "HTTP/1.1 {status} {}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\n",
-        reason(status),
-        body.len()
-    );
-    for (name, value) in extra_headers {
-        // Writing into a String cannot fail.
-        let _ = write!(head, "{name}: {value}\r\n");
-    }
-    head.push_str(if keep_alive {
-        "Connection: keep-alive\r\n\r\n"
-    } else {
-        "Connection: close\r\n\r\n"
-    });
-    let mut out = head.into_bytes();
-    out.extend_from_slice(body.as_bytes());
-    out
+pub struct Response {
+    pub status: u16,
+    pub content_type: &'static str,
+    pub body: String,
+    pub headers: Vec<(&'static str, String)>,
 }
 
-/// A JSON error body: `{"error":<error>,"reason":<reason>}`.
-pub fn error_body(error: &str, reason: &str) -> String {
-    serde_json::json!({ "error": error, "reason": reason }).to_string()
+impl Response {
+    pub fn json(status: u16, body: String) -> Response {
+        Response {
+            status,
+            content_type: "application/json",
+            body,
+            headers: Vec::new(),
+        }
+    }
+
+    /// A JSON error: `{"error":<error>,"reason":<reason>}`.
+    pub fn error(status: u16, error: &str, reason: &str) -> Response {
+        Response::json(
+            status,
+            serde_json::json!({ "error": error, "reason": reason }).to_string(),
+        )
+    }
+
+    pub fn with_header(mut self, name: &'static str, value: impl Into<String>) -> Response {
+        self.headers.push((name, value.into()));
+        self
+    }
+
+    pub fn to_bytes(&self, keep_alive: bool) -> Vec<u8> {
+        let mut head = format!(
+            "HTTP/1.1 {} {}\r\nContent-Type: {}\r\nContent-Length: {}\r\n",
+            self.status,
+            reason(self.status),
+            self.content_type,
+            self.body.len()
+        );
+        for (name, value) in &self.headers {
+            // Writing into a String cannot fail.
+            let _ = write!(head, "{name}: {value}\r\n");
+        }
+        head.push_str(if keep_alive {
+            "Connection: keep-alive\r\n\r\n"
+        } else {
+            "Connection: close\r\n\r\n"
+        });
+        let mut out = head.into_bytes();
+        out.extend_from_slice(self.body.as_bytes());
+        out
+    }
 }
 
 #[cfg(test)]

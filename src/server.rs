@@ -24,7 +24,7 @@ use crate::auth::{self, Verifier};
 use crate::broker::{Broker, Target};
 use crate::config::BrokerKind;
 use crate::config::Config;
-use crate::http::{self, Request};
+use crate::http::{self, Request, Response};
 use crate::metrics::{self, Registry};
 use crate::protocol::{server_event, CloseCode, ErrorCode};
 use crate::shard::{Message, Shard, Verdict};
@@ -365,16 +365,8 @@ async fn handle_client(shard: Rc<Shard>, mut stream: TcpStream) {
             HeadEnd::Bad(status, reason) => {
                 shard.stats().rejected_bad_request_total.inc();
                 info!(%peer, status, %reason, "bad request");
-                let body = http::error_body("bad_request", &reason);
-                let _ = stream
-                    .write_all(&http::response(
-                        status,
-                        "application/json",
-                        &body,
-                        &[],
-                        false,
-                    ))
-                    .await;
+                let answer = Response::error(status, "bad_request", &reason);
+                let _ = stream.write_all(&answer.to_bytes(false)).await;
                 return;
             }
         };
@@ -398,49 +390,27 @@ async fn handle_client(shard: Rc<Shard>, mut stream: TcpStream) {
                     None => return,
                 }
             }
-            ("GET", "/healthz") => (
-                200,
-                "application/json",
-                r#"{"status":"ok"}"#.to_string(),
-                vec![],
-            ),
+            ("GET", "/healthz") => Response::json(200, r#"{"status":"ok"}"#.into()),
             ("GET", "/readyz") => readiness(&shard),
-            ("GET", "/metrics") => (
-                200,
-                "text/plain; version=0.0.4",
-                metrics::render(&shard.registry),
-                vec![],
-            ),
-            (_, "/ws" | "/v1/publish" | "/healthz" | "/readyz" | "/metrics") => (
-                405,
-                "application/json",
-                http::error_body("method_not_allowed", &req.method),
-                vec![],
-            ),
-            _ => (
-                404,
-                "application/json",
-                http::error_body("not_found", &req.path),
-                vec![],
-            ),
+            ("GET", "/metrics") => Response {
+                content_type: "text/plain; version=0.0.4",
+                ..Response::json(200, metrics::render(&shard.registry))
+            },
+            (_, "/ws" | "/v1/publish" | "/healthz" | "/readyz" | "/metrics") => {
+                Response::error(405, "method_not_allowed", &req.method)
+            }
+            (_, path) if path.starts_with("/v1/presence/") => {
+                Response::error(405, "method_not_allowed", &req.method)
+            }
+            _ => Response::error(404, "not_found", &req.path),
         };
-        let (status, content_type, body, headers) = response;
-        if status >= 400 {
+        if response.status >= 400 {
+            let (status, body) = (response.status, &response.body);
             info!(%peer, method = %req.method, target = %req.redacted_target(), status, %body, "request refused");
         }
-        let headers: Vec<(&str, &str)> = headers
-            .iter()
-            .map(|(k, v): &(&str, String)| (*k, v.as_str()))
-            .collect();
         let keep_alive = keep_alive && shard.stopping.get().is_none();
         if stream
-            .write_all(&http::response(
-                status,
-                content_type,
-                &body,
-                &headers,
-                keep_alive,
-            ))
+            .write_all(&response.to_bytes(keep_alive))
             .await
             .is_err()
             || !keep_alive
@@ -491,17 +461,6 @@ async fn read_head(shard: &Shard, stream: &mut TcpStream, buf: &mut BytesMut) ->
     }
 }
 
-type Response = (u16, &'static str, String, Vec<(&'static str, String)>);
-
-fn json_error(status: u16, error: &str, reason: &str) -> Response {
-    (
-        status,
-        "application/json",
-        http::error_body(error, reason),
-        vec![],
-    )
-}
-
 /// Checks a `/ws` request and answers it: `101` and the identity, or an error response.
 async fn upgrade(
     shard: &Shard,
@@ -509,11 +468,6 @@ async fn upgrade(
     req: &Request,
     peer: SocketAddr,
 ) -> Option<auth::Identity> {
-    let refused = |status: u16, error: &str, reason: &str, headers: Vec<(&'static str, String)>| {
-        let body = http::error_body(error, reason);
-        let headers: Vec<(&str, &str)> = headers.iter().map(|(k, v)| (*k, v.as_str())).collect();
-        http::response(status, "application/json", &body, &headers, false)
-    };
     let answer = check_upgrade(shard, req, peer.ip()).await;
     let bytes = match &answer {
         Ok((_, key)) => format!(
@@ -521,14 +475,15 @@ async fn upgrade(
             tungstenite::handshake::derive_accept_key(key.as_bytes())
         )
         .into_bytes(),
-        Err((status, error, reason, headers)) => refused(*status, error, reason, headers.clone()),
+        Err(refusal) => refusal.to_bytes(false),
     };
     let written = stream.write_all(&bytes).await;
     match answer {
         Ok((identity, _)) if written.is_ok() => Some(identity),
         Ok(_) => None,
-        Err((status, _, reason, _)) => {
-            info!(%peer, target = %req.redacted_target(), status, %reason, "connection refused");
+        Err(refusal) => {
+            let (status, body) = (refusal.status, &refusal.body);
+            info!(%peer, target = %req.redacted_target(), status, %body, "connection refused");
             None
         }
     }
@@ -541,51 +496,48 @@ async fn check_upgrade(
 ) -> Result<(auth::Identity, String), Response> {
     let stats = shard.stats();
     if !req.is_websocket_upgrade() {
-        return Err((
+        return Err(Response::error(
             426,
             "upgrade_required",
-            "this endpoint speaks WebSocket".into(),
-            vec![],
+            "this endpoint speaks WebSocket",
         ));
     }
     if req.header("sec-websocket-version") != Some("13") {
-        return Err((
+        return Err(Response::error(
             426,
             "upgrade_required",
-            "Sec-WebSocket-Version 13 is required".into(),
-            vec![("Sec-WebSocket-Version", "13".into())],
-        ));
+            "Sec-WebSocket-Version 13 is required",
+        )
+        .with_header("Sec-WebSocket-Version", "13"));
     }
     let Some(key) = req.header("sec-websocket-key").filter(|k| !k.is_empty()) else {
-        return Err((
+        return Err(Response::error(
             400,
             "bad_request",
-            "Sec-WebSocket-Key is missing".into(),
-            vec![],
+            "Sec-WebSocket-Key is missing",
         ));
     };
     if shard.stopping.get().is_some() {
-        return Err((503, "unavailable", "server shutting down".into(), vec![]));
+        return Err(Response::error(503, "unavailable", "server shutting down"));
     }
     if let Verdict::RetryAfterMs(ms) = shard.admit(ip).await {
         stats.rejected_rate_limited_total.inc();
         let seconds = ms.div_ceil(1000).max(1);
-        return Err((
+        return Err(Response::error(
             429,
             "rate_limited",
-            "too many connection attempts from this address".into(),
-            vec![("Retry-After", seconds.to_string())],
-        ));
+            "too many connection attempts from this address",
+        )
+        .with_header("Retry-After", seconds.to_string()));
     }
     let origins = &shard.config.server.allowed_origins;
     if let Some(origin) = req.header("origin") {
         if !origins.is_empty() && !origins.iter().any(|o| o == origin) {
             stats.rejected_origin_total.inc();
-            return Err((
+            return Err(Response::error(
                 403,
                 "forbidden",
-                format!("origin {origin} is not allowed"),
-                vec![],
+                &format!("origin {origin} is not allowed"),
             ));
         }
     }
@@ -597,7 +549,7 @@ async fn check_upgrade(
         Ok(identity) => Ok((identity, key.to_string())),
         Err(e) => {
             stats.rejected_unauthorized_total.inc();
-            Err((401, "unauthorized", e.to_string(), vec![]))
+            Err(Response::error(401, "unauthorized", &e.to_string()))
         }
     }
 }
@@ -610,19 +562,9 @@ fn readiness(shard: &Shard) -> Response {
     {
         "broker unavailable"
     } else {
-        return (
-            200,
-            "application/json",
-            r#"{"status":"ready"}"#.to_string(),
-            vec![],
-        );
+        return Response::json(200, r#"{"status":"ready"}"#.into());
     };
-    (
-        503,
-        "application/json",
-        serde_json::json!({ "status": status }).to_string(),
-        vec![],
-    )
+    Response::json(503, serde_json::json!({ "status": status }).to_string())
 }
 
 /// A random-enough id for this instance: time, pid and address-space noise.
@@ -656,18 +598,19 @@ fn has_api_key(shard: &Shard, req: &Request) -> bool {
 /// `GET /v1/presence/<tenantId>`: the tenant's online users.
 fn presence_request(shard: &Shard, req: &Request) -> Response {
     if !has_api_key(shard, req) {
-        return json_error(401, "unauthorized", "missing or unknown API key");
+        return Response::error(401, "unauthorized", "missing or unknown API key");
     }
     let tenant = req.path.trim_start_matches("/v1/presence/");
     if !crate::protocol::is_tenant_id(tenant) {
-        return json_error(
+        return Response::error(
             400,
             "bad_request",
             "tenantId does not match [A-Za-z0-9._-]{1,64}",
         );
     }
-    let users = serde_json::json!({ "userIds": shard.online_users(tenant).iter().map(|u| &**u).collect::<Vec<_>>() });
-    (200, "application/json", users.to_string(), vec![])
+    let users = shard.online_users(tenant);
+    let users: Vec<&str> = users.iter().map(|u| &**u).collect();
+    Response::json(200, serde_json::json!({ "userIds": users }).to_string())
 }
 
 /// `POST /v1/publish`. `None` when the connection must close without an answer.
@@ -680,17 +623,18 @@ async fn publish_request(
     let authorized = has_api_key(shard, req);
     let length = match req.content_length() {
         Ok(n) => n,
-        Err(e) => return Some(json_error(400, "bad_request", &e.to_string())),
+        Err(e) => return Some(Response::error(400, "bad_request", &e.to_string())),
     };
     // The body is read even for a refused request so that the connection stays usable.
     let limit = shard.config.limits.max_publish_bytes;
     if length > limit {
-        let reason = format!("body over limits.max_publish_bytes ({limit})");
-        info!(status = 413, length, %reason, "request refused");
-        let body = http::error_body("payload_too_large", &reason);
-        let _ = stream
-            .write_all(&http::response(413, "application/json", &body, &[], false))
-            .await;
+        let answer = Response::error(
+            413,
+            "payload_too_large",
+            &format!("body over limits.max_publish_bytes ({limit})"),
+        );
+        info!(status = 413, length, body = %answer.body, "request refused");
+        let _ = stream.write_all(&answer.to_bytes(false)).await;
         // Swallow what the client is still sending, so that it reads the 413 instead of a reset.
         read_body(shard, stream, buf, length, false).await;
         return None;
@@ -700,19 +644,17 @@ async fn publish_request(
     }
     let body = buf.split_to(length);
     if !authorized {
-        return Some(json_error(
+        return Some(Response::error(
             401,
             "unauthorized",
             "missing or unknown API key",
         ));
     }
     if shard.stopping.get().is_some() {
-        return Some((
-            503,
-            "application/json",
-            http::error_body("unavailable", "server shutting down"),
-            vec![("Retry-After", "1".into())],
-        ));
+        return Some(
+            Response::error(503, "unavailable", "server shutting down")
+                .with_header("Retry-After", "1"),
+        );
     }
     match publish::parse(&body) {
         Ok(events) => {
@@ -720,22 +662,15 @@ async fn publish_request(
             if let Err(e) = shard.publish(events).await {
                 // Nothing was published (one transaction): the backend retries.
                 warn!(error = %e, "publish refused: broker unavailable");
-                return Some((
-                    503,
-                    "application/json",
-                    http::error_body("unavailable", &e.to_string()),
-                    vec![("Retry-After", "1".into())],
-                ));
+                return Some(
+                    Response::error(503, "unavailable", &e.to_string())
+                        .with_header("Retry-After", "1"),
+                );
             }
             shard.stats().events_published_total.add(accepted as u64);
-            Some((
-                202,
-                "application/json",
-                format!("{{\"accepted\":{accepted}}}"),
-                vec![],
-            ))
+            Some(Response::json(202, format!("{{\"accepted\":{accepted}}}")))
         }
-        Err(reason) => Some(json_error(400, "bad_request", &reason)),
+        Err(reason) => Some(Response::error(400, "bad_request", &reason)),
     }
 }
 
