@@ -4,7 +4,6 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
-use fanfare::handle::Kind;
 use fanfare::shard::{room_key, Fanned, Message};
 use glommio::channels::channel_mesh::{Full, MeshBuilder};
 use glommio::{LocalExecutorPoolBuilder, PoolPlacement};
@@ -29,11 +28,7 @@ fn mesh_hop(c: &mut Criterion) {
                         }
                     });
                     let room = room_key("tenant", "room");
-                    let out = Fanned {
-                        frame: fanfare::ws::text(&[b'x'; 100]),
-                        kind: Kind::Event,
-                        except: None,
-                    };
+                    let out = Fanned::event(fanfare::ws::text(&[b'x'; 100]));
                     match ask {
                         // The driver: N round trips per request from criterion.
                         Some(ask) => {

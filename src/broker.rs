@@ -133,11 +133,12 @@ impl Slot {
 }
 
 /// What the subscriber connection hands to its core.
-pub enum Push {
+/// Borrowed from the value just read: handing an event over allocates nothing.
+pub enum Push<'a> {
     /// A message on `channel` (prefix stripped).
-    Message { channel: String, payload: Vec<u8> },
+    Message { channel: &'a str, payload: &'a [u8] },
     /// Redis confirmed a SUBSCRIBE of `channel` (prefix stripped).
-    Subscribed { channel: String },
+    Subscribed { channel: &'a str },
     /// The subscriber connection came up (`true`) or went down.
     Link(bool),
 }
@@ -339,7 +340,7 @@ impl Broker {
     pub async fn run_subscriber(
         self: Rc<Self>,
         wanted: impl Fn() -> Vec<String>,
-        on_push: impl Fn(Push),
+        on_push: impl Fn(Push<'_>),
     ) {
         let mut backoff = Backoff::default();
         loop {
@@ -358,7 +359,7 @@ impl Broker {
     async fn subscriber_session(
         &self,
         wanted: &impl Fn() -> Vec<String>,
-        on_push: &impl Fn(Push),
+        on_push: &impl Fn(Push<'_>),
     ) -> io::Result<()> {
         let stream = RefCell::new(connect(&self.target).await?);
         let mut first = redis::cmd("SUBSCRIBE");
@@ -404,35 +405,25 @@ impl Broker {
         futures_lite::future::or(pump(&stream, queued, pushed), watchdog).await
     }
 
-    fn on_subscriber_value(&self, value: Value, on_push: &impl Fn(Push)) {
-        let Value::Array(mut items) = value else {
+    fn on_subscriber_value(&self, value: Value, on_push: &impl Fn(Push<'_>)) {
+        let Value::Array(items) = value else { return };
+        let [Value::BulkString(kind), Value::BulkString(channel), rest @ ..] = items.as_slice()
+        else {
             return;
         };
-        let kind = match items.first() {
-            Some(Value::BulkString(k)) => k.clone(),
-            _ => return,
-        };
-        let channel = match items.get(1) {
-            Some(Value::BulkString(c)) => String::from_utf8_lossy(c).into_owned(),
-            _ => return,
-        };
-        if channel == self.probe {
+        if channel.as_slice() == self.probe.as_bytes() {
             self.last_probe_seen.set(Instant::now());
             return;
         }
-        let Some(name) = channel.strip_prefix(&self.prefix).map(str::to_string) else {
-            return;
-        };
-        match kind.as_slice() {
-            b"message" => {
-                if let Some(Value::BulkString(payload)) = items.pop() {
-                    on_push(Push::Message {
-                        channel: name,
-                        payload,
-                    });
-                }
+        let name = channel
+            .strip_prefix(self.prefix.as_bytes())
+            .and_then(|n| std::str::from_utf8(n).ok());
+        let Some(channel) = name else { return };
+        match (kind.as_slice(), rest) {
+            (b"message", [Value::BulkString(payload)]) => {
+                on_push(Push::Message { channel, payload })
             }
-            b"subscribe" => on_push(Push::Subscribed { channel: name }),
+            (b"subscribe", _) => on_push(Push::Subscribed { channel }),
             _ => {}
         }
     }

@@ -115,6 +115,17 @@ pub struct Fanned {
     pub except: Option<Arc<str>>,
 }
 
+impl Fanned {
+    /// A published event: for everyone, never shed.
+    pub fn event(frame: Bytes) -> Fanned {
+        Fanned {
+            frame,
+            kind: Kind::Event,
+            except: None,
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Verdict {
     Granted,
@@ -439,14 +450,7 @@ impl Shard {
             let frame = crate::ws::text(&payload);
             let owner = self.owner_of(&room);
             if owner == self.id {
-                self.fan_out(
-                    &room,
-                    Fanned {
-                        frame,
-                        kind: Kind::Event,
-                        except: None,
-                    },
-                );
+                self.fan_out(&room, Fanned::event(frame));
             } else {
                 self.send(owner, Message::Publish { room, frame }).await;
             }
@@ -650,7 +654,6 @@ impl Shard {
 
     // ---- Redis ---------------------------------------------------------------------------
 
-    /// Every channel this core wants from Redis (prefix stripped), for a (re)connect.
     /// Records whether this core's broker is ready (up, and reloaded after a reconnect): for
     /// `/readyz` and for subscribes waiting on it.
     pub fn set_broker_ready(&self, ready: bool) {
@@ -670,6 +673,7 @@ impl Shard {
             && (self.id != 0 || self.presence_live.get())
     }
 
+    /// Every channel this core wants from Redis (prefix stripped), for a (re)connect.
     pub fn wanted_channels(&self) -> Vec<String> {
         let mut channels: Vec<String> = self.owned.borrow().keys().map(|r| r.to_string()).collect();
         if self.id == 0 {
@@ -679,24 +683,30 @@ impl Shard {
     }
 
     /// What the subscriber connection hands over.
-    pub fn on_push(self: &Rc<Self>, push: Push) {
+    pub fn on_push(self: &Rc<Self>, push: Push<'_>) {
         match push {
             Push::Message { channel, payload } if channel == users::PRESENCE_CHANNEL => {
-                self.on_presence_message(&payload)
+                self.on_presence_message(payload)
             }
             Push::Message { channel, payload } => {
-                let room: RoomKey = channel.into();
-                let out = match users::typing_payload_user(&payload) {
+                // The room's own key: no allocation per event. A room not owned (any more) has
+                // no subscribers here.
+                let Some(room) = self
+                    .owned
+                    .borrow()
+                    .get_key_value(channel)
+                    .map(|(k, _)| k.clone())
+                else {
+                    return;
+                };
+                let frame = crate::ws::text(payload);
+                let out = match users::typing_payload_user(payload) {
                     Some(user) => Fanned {
-                        frame: crate::ws::text(&payload),
+                        frame,
                         kind: Kind::Ephemeral,
                         except: Some(user),
                     },
-                    None => Fanned {
-                        frame: crate::ws::text(&payload),
-                        kind: Kind::Event,
-                        except: None,
-                    },
+                    None => Fanned::event(frame),
                 };
                 self.fan_out(&room, out);
             }
@@ -704,7 +714,7 @@ impl Shard {
                 self.presence_live.set(true)
             }
             Push::Subscribed { channel } => {
-                if let Some(room) = self.owned.borrow().get(channel.as_str()) {
+                if let Some(room) = self.owned.borrow().get(channel) {
                     if room.live.get().is_none() {
                         room.live.set(Verdict::Granted);
                     }
@@ -737,14 +747,7 @@ impl Shard {
                 self.when_live(live, move |v| me.reply(from, req, v));
             }
             Message::Unsubscribe { room, from } => self.remove_interest(&room, from),
-            Message::Publish { room, frame } => self.fan_out(
-                &room,
-                Fanned {
-                    frame,
-                    kind: Kind::Event,
-                    except: None,
-                },
-            ),
+            Message::Publish { room, frame } => self.fan_out(&room, Fanned::event(frame)),
             Message::Deliver { room, out } => self.deliver(&room, &out),
             Message::Typing { room, user } => self.typing_at_owner(&room, user),
             Message::Connection { user, up } => self.connection_at_owner(user, up),
