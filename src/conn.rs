@@ -63,8 +63,6 @@ struct Conn {
     out: Rc<ConnHandle>,
     /// In subscription order: the last is the default conversation of `presence.activity`.
     subscriptions: Vec<RoomKey>,
-    /// The conversation the user last said it is viewing.
-    viewing: Option<RoomKey>,
     bucket: TokenBucket,
     /// First and last dropped event of the current over-limit episode.
     drops: Option<(Instant, Instant)>,
@@ -115,7 +113,6 @@ pub async fn serve(
         shard: shard.clone(),
         out: out.clone(),
         subscriptions: Vec::new(),
-        viewing: None,
         bucket: TokenBucket::full(config.limits.msg_burst, started),
         drops: None,
         last_rate_error: None,
@@ -319,17 +316,22 @@ impl Conn {
                         }
                     },
                 };
-                if !self.subscriptions.contains(&room) {
-                    self.error(
-                        ErrorCode::Forbidden,
-                        "not subscribed to this conversation",
-                        id,
-                    );
-                    return Ok(());
-                }
                 match activity {
+                    // PROTOCOL.md: typing needs a subscription; viewing does not.
+                    Activity::Typing if !self.subscriptions.contains(&room) => {
+                        self.error(
+                            ErrorCode::Forbidden,
+                            "not subscribed to this conversation",
+                            id,
+                        );
+                        return Ok(());
+                    }
                     Activity::Typing => self.shard.typing(room, self.out.user.clone()).await,
-                    Activity::Viewing => self.viewing = Some(room),
+                    // Nothing reads "active in a conversation" yet (watch-mode presence will):
+                    // it is recorded in the log only.
+                    Activity::Viewing => {
+                        debug!(conn = %ConnId(self.out.id), room = %room, "viewing")
+                    }
                 }
                 // Acked even when throttled: throttling is invisible to the typist.
                 self.ack(id);

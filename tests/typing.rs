@@ -135,6 +135,12 @@ fn typing_where_not_subscribed_is_forbidden_and_viewing_is_acked_quietly() {
         "v",
     );
     assert_eq!(v["type"], "ack");
-    // Nothing reached Bob for either.
+    // Viewing needs no subscription (only typing does, PROTOCOL.md).
+    let v = alice.request(
+        json!({"type": "presence.activity", "activity": "viewing", "conversationId": "c9"}),
+        "v9",
+    );
+    assert_eq!(v["type"], "ack", "{v}");
+    // Nothing reached Bob for any of them.
     assert_eq!(bob.request(json!({"type": "ping"}), "p")["type"], "pong");
 }
