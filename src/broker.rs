@@ -245,17 +245,15 @@ impl Broker {
         let mut packed = vec![redis::cmd("MULTI").get_packed_command()];
         packed.extend(commands.iter().map(redis::Cmd::get_packed_command));
         packed.push(redis::cmd("EXEC").get_packed_command());
-        let slots = packed
+        let mut slots = packed
             .into_iter()
             .map(|p| self.enqueue(p))
             .collect::<Result<Vec<_>, _>>()?;
-        let mut result = Ok(());
-        for slot in slots {
-            if let Err(e) = self.reply(slot).await {
-                result = Err(e);
-            }
-        }
-        result
+        // Replies come in order, so EXEC's is the last to arrive and speaks for the whole
+        // transaction (a bad command inside makes it EXECABORT). Waiting for one reply keeps
+        // the wait at one timeout, whatever the number of commands.
+        let exec = slots.pop().ok_or(BrokerError::Down)?;
+        self.reply(exec).await.map(drop)
     }
 
     /// Queues a SUBSCRIBE; the confirmation comes back as [`Push::Subscribed`]. While the

@@ -91,10 +91,12 @@ impl Owned {
         members: &[UserKey],
     ) -> Vec<(UserKey, Transition)> {
         let mut changes = Vec::new();
+        // A set: an instance may list tens of thousands of users.
+        let listed: HashSet<&UserKey, foldhash::fast::RandomState> = members.iter().collect();
         let stale: Vec<UserKey> = self
             .users
             .iter()
-            .filter(|(user, s)| s.remote.contains(instance) && !members.contains(user))
+            .filter(|(user, s)| s.remote.contains(instance) && !listed.contains(user))
             .map(|(user, _)| user.clone())
             .collect();
         for user in stale {
