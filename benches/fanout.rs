@@ -1,6 +1,6 @@
 //! Fan-out of one published event to N local subscribers, up to the point of the write: the
-//! frame built once, the owner's lookup, one `Bytes` refcount bump and queue push per
-//! subscriber, and each writer taking its frame off its queue.
+//! owner's lookup, one `Bytes` refcount bump and queue push per subscriber, and each writer
+//! taking its frame off its queue.
 use std::rc::Rc;
 use std::task::{Context, Waker};
 
@@ -18,7 +18,7 @@ fn fanout(c: &mut Criterion) {
         .expect("executor");
     executor.run(async {
         let (shard, _receivers) = common::single_core_shard().await;
-        let payload = bytes::Bytes::from_static(&[b'x'; 100]);
+        let frame = fanfare::ws::text(&[b'x'; 100]);
         let mut cx = Context::from_waker(Waker::noop());
         let mut g = c.benchmark_group("fanout");
         for n in [10u64, 1_000, 10_000] {
@@ -43,7 +43,7 @@ fn fanout(c: &mut Criterion) {
                     // The owner is this core, so publishing completes without awaiting.
                     let event = Routed {
                         room: room.clone(),
-                        payload: payload.clone(),
+                        frame: frame.clone(),
                     };
                     let _ = block_on(shard.publish(vec![event]));
                     for conn in &conns {

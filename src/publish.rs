@@ -11,6 +11,7 @@ use serde_json::value::RawValue;
 
 use crate::protocol::{is_entity_id, is_tenant_id};
 use crate::shard::{room_key, RoomKey};
+use crate::ws;
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -35,10 +36,11 @@ struct EventHead<'a> {
     user_id: Option<Cow<'a, str>>,
 }
 
-/// One event ready to route: its room and the publisher's bytes.
+/// One event ready to route: its room and its frame, built once from the publisher's bytes
+/// (`ws::payload_of` gives them back, for Redis).
 pub struct Routed {
     pub room: RoomKey,
-    pub payload: Bytes,
+    pub frame: Bytes,
 }
 
 /// Validates a publish body. The error is a sentence for the `400` answer.
@@ -60,7 +62,7 @@ pub fn parse(body: &[u8]) -> Result<Vec<Routed>, String> {
             let conversation = validate(raw).map_err(|e| format!("event {i}: {e}"))?;
             Ok(Routed {
                 room: room_key(&body.tenant_id, &conversation),
-                payload: Bytes::copy_from_slice(raw.get().as_bytes()),
+                frame: ws::text(raw.get().as_bytes()),
             })
         })
         .collect()
@@ -100,7 +102,7 @@ mod tests {
         assert_eq!(routed.len(), 1);
         assert_eq!(&*routed[0].room, "t1:c:c1");
         assert_eq!(
-            &routed[0].payload[..],
+            ws::payload_of(&routed[0].frame),
             br#"{ "type" : "message.received","conversationId":"c1","messageId":"m1","x":[1, 2]}"#
         );
     }

@@ -440,14 +440,13 @@ impl Shard {
                 .map(|e| {
                     redis::cmd("PUBLISH")
                         .arg(broker.channel(&e.room))
-                        .arg(&e.payload[..])
+                        .arg(crate::ws::payload_of(&e.frame))
                         .clone()
                 })
                 .collect();
             return broker.transaction(&publishes).await;
         }
-        for Routed { room, payload } in events {
-            let frame = crate::ws::text(&payload);
+        for Routed { room, frame } in events {
             let owner = self.owner_of(&room);
             if owner == self.id {
                 self.fan_out(&room, Fanned::event(frame));

@@ -47,6 +47,16 @@ pub fn text(payload: &[u8]) -> Bytes {
     frame(OP_TEXT, payload)
 }
 
+/// The payload of a server frame built by [`frame`].
+pub fn payload_of(frame: &[u8]) -> &[u8] {
+    let at = match frame.get(1) {
+        Some(126) => 4,
+        Some(127) => 10,
+        _ => 2,
+    };
+    frame.get(at..).unwrap_or_default()
+}
+
 /// A close frame carrying `code` and its reason.
 pub fn close(code: CloseCode) -> Bytes {
     let reason = code.reason().as_bytes();
@@ -179,6 +189,7 @@ mod tests {
             let f = frame(OP_TEXT, &payload);
             assert_eq!(f.len(), header_len(len) + len);
             assert_eq!(f[0], 0x81);
+            assert_eq!(payload_of(&f), &payload[..]);
             let mut reader =
                 tungstenite::protocol::frame::FrameHeader::parse(&mut std::io::Cursor::new(&f[..]))
                     .unwrap()
