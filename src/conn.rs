@@ -441,7 +441,7 @@ async fn write_loop(
             Next::Many(batch) => batch,
             Next::Close(code) => return Box::pin(close(stream, *code, peer_closed, stall)).await,
         };
-        match Box::pin(write_all(stream, bytes, stall)).await {
+        match write_all(stream, bytes, stall).await {
             Ok(n) => shard.stats().bytes_written_total.add(n as u64),
             Err(e) => return End::Io(e),
         }
@@ -469,24 +469,18 @@ async fn close(
 }
 
 /// Writes all of `data`. A peer that accepts no byte for `stall` is given up on.
+///
+/// The usual case — the socket takes the bytes at once — needs no timer and no allocation;
+/// only a full socket pays for the boxed wait (which keeps this future, and so every idle
+/// connection's, small).
 async fn write_all(stream: &RefCell<TcpStream>, data: &[u8], stall: Duration) -> io::Result<usize> {
     let mut at = 0;
     while at < data.len() {
-        let mut write =
-            poll_fn(|cx| Pin::new(&mut *stream.borrow_mut()).poll_write(cx, &data[at..]));
-        // The timer is armed only when the socket is full.
-        let n = match futures_lite::future::poll_once(&mut write).await {
+        let rest = &data[at..];
+        let write = poll_fn(|cx| Pin::new(&mut *stream.borrow_mut()).poll_write(cx, rest));
+        let n = match futures_lite::future::poll_once(write).await {
             Some(r) => r?,
-            None => {
-                let timeout = async {
-                    glommio::timer::sleep(stall).await;
-                    Err(io::Error::new(
-                        io::ErrorKind::TimedOut,
-                        "peer read nothing for heartbeat.timeout_ms",
-                    ))
-                };
-                futures_lite::future::or(write, timeout).await?
-            }
+            None => Box::pin(write_when_ready(stream, rest, stall)).await?,
         };
         if n == 0 {
             return Err(io::ErrorKind::WriteZero.into());
@@ -494,4 +488,21 @@ async fn write_all(stream: &RefCell<TcpStream>, data: &[u8], stall: Duration) ->
         at += n;
     }
     Ok(data.len())
+}
+
+/// Waits, at most `stall`, for the socket to take some of `data`.
+async fn write_when_ready(
+    stream: &RefCell<TcpStream>,
+    data: &[u8],
+    stall: Duration,
+) -> io::Result<usize> {
+    let write = poll_fn(|cx| Pin::new(&mut *stream.borrow_mut()).poll_write(cx, data));
+    let timeout = async {
+        glommio::timer::sleep(stall).await;
+        Err(io::Error::new(
+            io::ErrorKind::TimedOut,
+            "peer read nothing for heartbeat.timeout_ms",
+        ))
+    };
+    futures_lite::future::or(write, timeout).await
 }
