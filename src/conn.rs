@@ -459,11 +459,8 @@ async fn close(
         return End::Io(e);
     }
     if peer_closed.get().is_none() {
-        let timeout = async {
-            glommio::timer::sleep(CLOSE_WAIT).await;
-            Verdict::Granted
-        };
-        futures_lite::future::or(peer_closed.wait(), timeout).await;
+        // Whether the peer answered or not, the connection ends now.
+        peer_closed.wait_at_most(CLOSE_WAIT).await;
     }
     End::Closed { code }
 }

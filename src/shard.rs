@@ -163,6 +163,15 @@ impl Latch {
             key: None,
         }
     }
+
+    /// The value, or `Unavailable` if it is not set within `timeout`.
+    pub async fn wait_at_most(&self, timeout: Duration) -> Verdict {
+        let expired = async {
+            glommio::timer::sleep(timeout).await;
+            Verdict::Unavailable
+        };
+        futures_lite::future::or(self.wait(), expired).await
+    }
 }
 
 /// The future of [`Latch::wait`].
@@ -349,14 +358,13 @@ impl Shard {
     /// With Redis, waits first for the broker (at most `broker.subscribe_timeout_ms`), so that
     /// joining a room that was live before an outage is not acked while Redis is away.
     pub async fn subscribe(&self, room: &RoomKey, conn: &Rc<ConnHandle>) -> Verdict {
-        let ready = self.broker_ready.borrow().clone();
-        if self.broker.is_some() && ready.get().is_none() {
-            let timeout = Duration::from_millis(self.config.broker.subscribe_timeout_ms);
-            let expired = async {
-                glommio::timer::sleep(timeout).await;
-                Verdict::Unavailable
-            };
-            if futures_lite::future::or(ready.wait(), expired).await == Verdict::Unavailable {
+        let ready = self
+            .broker
+            .as_ref()
+            .map(|_| self.broker_ready.borrow().clone());
+        let timeout = Duration::from_millis(self.config.broker.subscribe_timeout_ms);
+        if let Some(ready) = ready.filter(|r| r.get().is_none()) {
+            if ready.wait_at_most(timeout).await == Verdict::Unavailable {
                 return Verdict::Unavailable;
             }
         }
@@ -641,14 +649,7 @@ impl Shard {
             return answer(v);
         }
         let timeout = Duration::from_millis(self.config.broker.subscribe_timeout_ms);
-        glommio::spawn_local(async move {
-            let expired = async {
-                glommio::timer::sleep(timeout).await;
-                Verdict::Unavailable
-            };
-            answer(futures_lite::future::or(live.wait(), expired).await);
-        })
-        .detach();
+        glommio::spawn_local(async move { answer(live.wait_at_most(timeout).await) }).detach();
     }
 
     // ---- Redis ---------------------------------------------------------------------------
