@@ -15,12 +15,18 @@ fn short_token(user: &str, seconds: i64) -> (String, i64) {
     )
 }
 
-#[test]
-fn expiry_sends_token_expired_then_closes_with_4001() {
-    let server = Server::start("");
+/// A connection of `u1` whose token expires in 2 s; returns it with the `exp` (seconds).
+fn connect_expiring(server: &Server) -> (Client, i64) {
     let (t, exp) = short_token("u1", 2);
     let mut c = server.connect_raw(&format!("/ws?token={t}")).unwrap();
     c.expect("session.ready");
+    (c, exp)
+}
+
+#[test]
+fn expiry_sends_token_expired_then_closes_with_4001() {
+    let server = Server::start("");
+    let (mut c, exp) = connect_expiring(&server);
     let e = c.expect("error");
     assert_eq!(e["code"], "token_expired");
     assert_eq!(c.expect_close().code, 4001);
@@ -34,9 +40,7 @@ fn expiry_sends_token_expired_then_closes_with_4001() {
 #[test]
 fn a_refresh_outlives_the_first_token() {
     let server = Server::start("");
-    let (t, exp) = short_token("u1", 2);
-    let mut c = server.connect_raw(&format!("/ws?token={t}")).unwrap();
-    c.expect("session.ready");
+    let (mut c, exp) = connect_expiring(&server);
     let (fresh, _) = short_token("u1", 60);
     assert_eq!(
         c.request(json!({"type": "auth", "token": fresh}), "r")["type"],
@@ -52,9 +56,7 @@ fn a_refresh_outlives_the_first_token() {
 #[test]
 fn a_refresh_for_another_user_or_a_bad_token_is_refused() {
     let server = Server::start("");
-    let (t, exp) = short_token("u1", 2);
-    let mut c = server.connect_raw(&format!("/ws?token={t}")).unwrap();
-    c.expect("session.ready");
+    let (mut c, exp) = connect_expiring(&server);
     let (other, _) = short_token("u2", 60);
     let e = c.request(json!({"type": "auth", "token": other}), "o");
     assert_eq!(
