@@ -7,12 +7,13 @@
 //! buffer; only bytes of an incomplete frame are kept per connection, so an idle connection
 //! holds no buffers. Queued frames are coalesced into one `send` per batch.
 
-use std::cell::RefCell;
-use std::future::poll_fn;
+use std::cell::{Cell, RefCell};
+use std::future::{poll_fn, Future};
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::rc::Rc;
+use std::task::Poll;
 use std::time::{Duration, Instant};
 
 use bytes::{Buf, BytesMut};
@@ -26,7 +27,7 @@ use crate::limit::TokenBucket;
 use crate::protocol::{
     parse_client_event, server_event, Activity, ClientEvent, CloseCode, ErrorCode,
 };
-use crate::shard::{room_key, Latch, RoomKey, Shard, Verdict};
+use crate::shard::{room_key, RoomKey, Shard, Verdict};
 use crate::ws;
 
 /// Most bytes coalesced into one write.
@@ -58,32 +59,52 @@ enum End {
     Io(io::Error),
 }
 
+/// The reader's state. The writer shares only the `ConnHandle` and the [`Wire`].
 struct Conn {
     shard: Rc<Shard>,
     out: Rc<ConnHandle>,
+    /// Bytes of an incomplete frame; empty (unallocated) on an idle connection.
+    rbuf: BytesMut,
     /// In subscription order: the last is the default conversation of `presence.activity`.
     subscriptions: Vec<RoomKey>,
     bucket: TokenBucket,
-    /// First and last dropped event of the current over-limit episode.
-    drops: Option<(Instant, Instant)>,
-    last_rate_error: Option<Instant>,
+    /// Set once the connection goes over its event rate; boxed, as most never do.
+    over_rate: Option<Box<OverRate>>,
     /// A fragmented message being assembled: its opcode and bytes so far.
-    fragments: Option<(u8, BytesMut)>,
-    /// The code in the peer's close frame, once it sent one.
-    peer_close: Option<Option<u16>>,
+    fragments: Option<Box<(u8, BytesMut)>>,
+    started: Instant,
 }
 
-/// Serves one upgraded connection until it closes. `pending` holds bytes that arrived after
-/// the request head.
-pub async fn serve(
+/// What the reader and the writer share besides the queue.
+struct Wire {
+    stream: RefCell<TcpStream>,
+    /// The code in the peer's close frame, once it sent one.
+    peer_close: Cell<Option<Option<u16>>>,
+    /// The code of the close frame the server wrote, once written.
+    close_sent: Cell<Option<CloseCode>>,
+}
+
+struct OverRate {
+    /// First and last dropped event of the current episode.
+    first_drop: Instant,
+    last_drop: Instant,
+    last_error: Option<Instant>,
+}
+
+/// The task serving one upgraded connection until it closes. `pending` holds bytes that
+/// arrived after the request head.
+///
+/// Not an `async fn`: the arguments of one would stay in the task's future for the whole life
+/// of the connection. This builds the state once, and the future holds it once.
+pub fn serve(
     shard: Rc<Shard>,
     stream: TcpStream,
     pending: BytesMut,
     identity: Identity,
     peer: SocketAddr,
-) {
+) -> impl Future<Output = ()> {
     let started = Instant::now();
-    let config = shard.config.clone();
+    let config = &shard.config;
     let out = Rc::new(ConnHandle::new(
         shard.next_id(),
         identity.tenant.into(),
@@ -92,78 +113,80 @@ pub async fn serve(
         identity.expires_at_ms,
     ));
     // session.ready is the first frame: queued before anything else can reach the connection.
-    // Built from temporaries: a String kept in this future would live as long as the connection.
-    let interval = config.heartbeat.interval_ms;
     out.push(ws::text(
         server_event::session_ready(
             &ConnId(out.id).to_string(),
             &out.user,
             &out.tenant,
-            interval,
+            config.heartbeat.interval_ms,
         )
         .as_bytes(),
     ));
-    Box::pin(shard.register(out.clone())).await;
-    shard.stats().connects_total.inc();
     info!(conn = %ConnId(out.id), tenant = %out.tenant, user = %out.user, %peer, core = shard.id, "connect");
-
-    let stream = RefCell::new(stream);
-    let peer_closed = Latch::default();
-    let mut conn = Conn {
-        shard: shard.clone(),
-        out: out.clone(),
-        subscriptions: Vec::new(),
+    let conn = Conn {
         bucket: TokenBucket::full(config.limits.msg_burst, started),
-        drops: None,
-        last_rate_error: None,
+        shard,
+        out,
+        rbuf: pending,
+        subscriptions: Vec::new(),
+        over_rate: None,
         fragments: None,
-        peer_close: None,
+        started,
     };
-    let stall = Duration::from_millis(config.heartbeat.timeout_ms);
-    let end = futures_lite::future::or(
-        conn.read_loop(&stream, pending, &peer_closed),
-        write_loop(&shard, &out, &stream, &peer_closed, stall),
-    )
-    .await;
-
-    // Boxed, like every rarely taken await of this task: see `read_loop`.
-    Box::pin(async {
-        for room in std::mem::take(&mut conn.subscriptions) {
-            shard.unsubscribe(&room, out.id).await;
-        }
-        shard.unregister(&out).await;
-    })
-    .await;
-    let duration_ms = started.elapsed().as_millis() as u64;
-    let (tenant, user) = (&out.tenant, &out.user);
-    let peer_code = conn.peer_close.flatten();
-    match end {
-        End::Closed { code } => info!(
-            conn = %ConnId(out.id), %tenant, %user, code = code.code(), reason = code.reason(), peer_code, duration_ms, "disconnect"
-        ),
-        End::Dropped(reason) => {
-            info!(conn = %ConnId(out.id), %tenant, %user, code = 1006, reason, duration_ms, "disconnect")
-        }
-        End::Io(e) => {
-            info!(conn = %ConnId(out.id), %tenant, %user, code = 1006, reason = %e, duration_ms, "disconnect")
-        }
-    }
+    let wire = Wire {
+        stream: RefCell::new(stream),
+        peer_close: Cell::new(None),
+        close_sent: Cell::new(None),
+    };
+    conn.run(wire)
 }
 
 impl Conn {
-    async fn read_loop(
-        &mut self,
-        stream: &RefCell<TcpStream>,
-        mut rbuf: BytesMut,
-        peer_closed: &Latch,
-    ) -> End {
+    /// The connection's whole life. Not an `async fn`, whose arguments would be held twice
+    /// (as arguments, and moved into its body): the block below holds `self` and `wire` once.
+    #[allow(clippy::manual_async_fn)] // on purpose: see above
+    fn run(mut self, wire: Wire) -> impl Future<Output = ()> {
+        async move {
+            Box::pin(self.shard.register(self.out.clone())).await;
+            self.shard.stats().connects_total.inc();
+            let (shard, out) = (self.shard.clone(), self.out.clone());
+            let end =
+                futures_lite::future::or(self.read_loop(&wire), write_loop(&shard, &out, &wire))
+                    .await;
+
+            // Boxed, like every rarely taken await of this task: see `read_loop`.
+            Box::pin(async {
+                for room in std::mem::take(&mut self.subscriptions) {
+                    shard.unsubscribe(&room, out.id).await;
+                }
+                shard.unregister(&out).await;
+            })
+            .await;
+            let duration_ms = self.started.elapsed().as_millis() as u64;
+            let (conn, tenant, user) = (ConnId(out.id), &out.tenant, &out.user);
+            match end {
+                End::Closed { code } => {
+                    let peer_code = wire.peer_close.get().flatten();
+                    info!(%conn, %tenant, %user, code = code.code(), reason = code.reason(), peer_code, duration_ms, "disconnect")
+                }
+                End::Dropped(reason) => {
+                    info!(%conn, %tenant, %user, code = 1006, reason, duration_ms, "disconnect")
+                }
+                End::Io(e) => {
+                    info!(%conn, %tenant, %user, code = 1006, reason = %e, duration_ms, "disconnect")
+                }
+            }
+        }
+    }
+
+    async fn read_loop(&mut self, wire: &Wire) -> End {
         let max = self.shard.config.limits.max_message_bytes;
         // After a protocol error the byte stream cannot be framed any more: discard it.
         let mut garbled = false;
         loop {
-            while !garbled && self.peer_close.is_none() {
-                let head = match ws::parse_frame(&rbuf, max) {
-                    Ok(Some(h)) if rbuf.len() >= h.header_len + h.payload_len => h,
+            while !garbled && wire.peer_close.get().is_none() {
+                let head = match ws::parse_frame(&self.rbuf, max) {
+                    Ok(Some(h)) if self.rbuf.len() >= h.header_len + h.payload_len => h,
                     Ok(_) => break,
                     Err(e) => {
                         debug!(conn = %ConnId(self.out.id), error = %e, "bad frame");
@@ -172,21 +195,25 @@ impl Conn {
                         break;
                     }
                 };
-                let mut payload = rbuf.split_to(head.header_len + head.payload_len);
+                let mut payload = self.rbuf.split_to(head.header_len + head.payload_len);
                 payload.advance(head.header_len);
                 ws::unmask(&mut payload, head.mask);
                 // Boxed: handling a frame is rare next to waiting, and an idle connection's
                 // future should not carry the largest state it ever passes through.
-                if let Err(code) = Box::pin(self.on_frame(head, payload, peer_closed)).await {
+                if let Err(code) = Box::pin(self.on_frame(head, payload, wire)).await {
                     self.out.close(code);
                     garbled = true;
                 }
             }
-            if garbled || self.peer_close.is_some() || rbuf.is_empty() {
-                // Nothing worth keeping: an idle connection holds no read buffer.
-                rbuf = BytesMut::new();
+            if let (Some(_), Some(code)) = (wire.peer_close.get(), wire.close_sent.get()) {
+                // Both close frames are through: the handshake is done.
+                return End::Closed { code };
             }
-            match read_some(&self.shard, stream, &mut rbuf).await {
+            if garbled || wire.peer_close.get().is_some() || self.rbuf.is_empty() {
+                // Nothing worth keeping: an idle connection holds no read buffer.
+                self.rbuf = BytesMut::new();
+            }
+            match read_some(&self.shard, &wire.stream, &mut self.rbuf).await {
                 Ok(0) => return End::Dropped("peer closed the TCP connection"),
                 Ok(_) => self.out.last_seen.set(Instant::now()),
                 Err(e) => return End::Io(e),
@@ -199,7 +226,7 @@ impl Conn {
         &mut self,
         head: ws::FrameHead,
         payload: BytesMut,
-        peer_closed: &Latch,
+        wire: &Wire,
     ) -> Result<(), CloseCode> {
         match head.opcode {
             ws::OP_PING => {
@@ -207,28 +234,28 @@ impl Conn {
             }
             ws::OP_PONG => {}
             ws::OP_CLOSE => {
-                self.peer_close = Some(ws::close_code_of(&payload));
-                peer_closed.set(Verdict::Granted);
+                wire.peer_close.set(Some(ws::close_code_of(&payload)));
                 self.out.close(CloseCode::Normal);
             }
             opcode => {
                 let (opcode, message) = match (opcode, self.fragments.take(), head.fin) {
                     (ws::OP_CONTINUATION, None, _) => return Err(CloseCode::ProtocolError),
-                    (ws::OP_CONTINUATION, Some((first, mut sofar)), fin) => {
-                        if sofar.len() + payload.len() > self.shard.config.limits.max_message_bytes
+                    (ws::OP_CONTINUATION, Some(mut sofar), fin) => {
+                        if sofar.1.len() + payload.len()
+                            > self.shard.config.limits.max_message_bytes
                         {
                             return Err(CloseCode::TooBig);
                         }
-                        sofar.extend_from_slice(&payload);
+                        sofar.1.extend_from_slice(&payload);
                         if !fin {
-                            self.fragments = Some((first, sofar));
+                            self.fragments = Some(sofar);
                             return Ok(());
                         }
-                        (first, sofar)
+                        *sofar
                     }
                     (_, Some(_), _) => return Err(CloseCode::ProtocolError),
                     (opcode, None, false) => {
-                        self.fragments = Some((opcode, payload));
+                        self.fragments = Some(Box::new((opcode, payload)));
                         return Ok(());
                     }
                     (opcode, None, true) => (opcode, payload),
@@ -372,19 +399,25 @@ impl Conn {
         {
             return true;
         }
-        let first = match self.drops {
-            Some((first, last)) if now.duration_since(last) < RATE_EPISODE_GAP => first,
-            _ => now,
-        };
-        self.drops = Some((first, now));
-        if now.duration_since(first) >= RATE_LIMIT_GRACE {
+        let over = self.over_rate.get_or_insert_with(|| {
+            Box::new(OverRate {
+                first_drop: now,
+                last_drop: now,
+                last_error: None,
+            })
+        });
+        if now.duration_since(over.last_drop) >= RATE_EPISODE_GAP {
+            over.first_drop = now;
+        }
+        over.last_drop = now;
+        if now.duration_since(over.first_drop) >= RATE_LIMIT_GRACE {
             self.shard.stats().rate_limit_closes_total.inc();
             self.out.close(CloseCode::RateLimited);
-        } else if self
-            .last_rate_error
+        } else if over
+            .last_error
             .is_none_or(|t| now.duration_since(t) >= Duration::from_secs(1))
         {
-            self.last_rate_error = Some(now);
+            over.last_error = Some(now);
             let message = format!(
                 "over {} events per second; events are being dropped",
                 limits.msg_rate
@@ -410,96 +443,85 @@ impl Conn {
 }
 
 /// Reads what the socket has into `rbuf`, through the core's scratch buffer.
-async fn read_some(
-    shard: &Shard,
-    stream: &RefCell<TcpStream>,
-    rbuf: &mut BytesMut,
-) -> io::Result<usize> {
-    poll_fn(|cx| {
+fn read_some<'a>(
+    shard: &'a Shard,
+    stream: &'a RefCell<TcpStream>,
+    rbuf: &'a mut BytesMut,
+) -> impl Future<Output = io::Result<usize>> + 'a {
+    poll_fn(move |cx| {
         let mut scratch = shard.scratch.borrow_mut();
         let polled = Pin::new(&mut *stream.borrow_mut()).poll_read(cx, &mut scratch[..]);
-        if let std::task::Poll::Ready(Ok(n)) = polled {
+        if let Poll::Ready(Ok(n)) = polled {
             rbuf.extend_from_slice(&scratch[..n]);
         }
         polled
     })
-    .await
 }
 
 /// Writes queued frames until the close handshake is done.
-async fn write_loop(
-    shard: &Shard,
-    out: &ConnHandle,
-    stream: &RefCell<TcpStream>,
-    peer_closed: &Latch,
-    stall: Duration,
-) -> End {
+async fn write_loop(shard: &Shard, out: &ConnHandle, wire: &Wire) -> End {
+    let stall = Duration::from_millis(shard.config.heartbeat.timeout_ms);
     loop {
         let next = poll_fn(|cx| out.poll_next(cx, WRITE_BATCH_BYTES)).await;
         let bytes: &[u8] = match &next {
             Next::One(frame) => frame,
             Next::Many(batch) => batch,
-            Next::Close(code) => return Box::pin(close(stream, *code, peer_closed, stall)).await,
+            Next::Close(code) => return Box::pin(close(wire, *code, stall)).await,
         };
-        match write_all(stream, bytes, stall).await {
-            Ok(n) => shard.stats().bytes_written_total.add(n as u64),
+        match write_all(&wire.stream, bytes, stall).await {
+            Ok(written) => shard.stats().bytes_written_total.add(written as u64),
             Err(e) => return End::Io(e),
         }
     }
 }
 
-/// Sends the close frame and waits, at most `CLOSE_WAIT`, for the peer's.
-async fn close(
-    stream: &RefCell<TcpStream>,
-    code: CloseCode,
-    peer_closed: &Latch,
-    stall: Duration,
-) -> End {
-    if let Err(e) = write_all(stream, &ws::close(code), stall).await {
+/// Sends the close frame and gives the peer `CLOSE_WAIT` to answer with its own (the reader
+/// ends the connection when it does).
+async fn close(wire: &Wire, code: CloseCode, stall: Duration) -> End {
+    if let Err(e) = write_all(&wire.stream, &ws::close(code), stall).await {
         return End::Io(e);
     }
-    if peer_closed.get().is_none() {
-        // Whether the peer answered or not, the connection ends now.
-        peer_closed.wait_at_most(CLOSE_WAIT).await;
+    wire.close_sent.set(Some(code));
+    if wire.peer_close.get().is_none() {
+        glommio::timer::sleep(CLOSE_WAIT).await;
     }
     End::Closed { code }
 }
 
-/// Writes all of `data`. A peer that accepts no byte for `stall` is given up on.
+/// Writes all of `data` and says how many bytes that was. A peer that accepts no byte for
+/// `stall` is given up on.
 ///
-/// The usual case — the socket takes the bytes at once — needs no timer and no allocation;
-/// only a full socket pays for the boxed wait (which keeps this future, and so every idle
-/// connection's, small).
-async fn write_all(stream: &RefCell<TcpStream>, data: &[u8], stall: Duration) -> io::Result<usize> {
-    let mut at = 0;
-    while at < data.len() {
-        let rest = &data[at..];
-        let write = poll_fn(|cx| Pin::new(&mut *stream.borrow_mut()).poll_write(cx, rest));
-        let n = match futures_lite::future::poll_once(write).await {
-            Some(r) => r?,
-            None => Box::pin(write_when_ready(stream, rest, stall)).await?,
-        };
-        if n == 0 {
-            return Err(io::ErrorKind::WriteZero.into());
-        }
-        at += n;
-    }
-    Ok(data.len())
-}
-
-/// Waits, at most `stall`, for the socket to take some of `data`.
-async fn write_when_ready(
-    stream: &RefCell<TcpStream>,
-    data: &[u8],
+/// Not an `async fn`, and its timer is made only when the socket is full: the usual write
+/// costs no allocation, and every idle connection's future stays small.
+fn write_all<'a>(
+    stream: &'a RefCell<TcpStream>,
+    data: &'a [u8],
     stall: Duration,
-) -> io::Result<usize> {
-    let write = poll_fn(|cx| Pin::new(&mut *stream.borrow_mut()).poll_write(cx, data));
-    let timeout = async {
-        glommio::timer::sleep(stall).await;
-        Err(io::Error::new(
-            io::ErrorKind::TimedOut,
-            "peer read nothing for heartbeat.timeout_ms",
-        ))
-    };
-    futures_lite::future::or(write, timeout).await
+) -> impl Future<Output = io::Result<usize>> + 'a {
+    let mut at = 0;
+    let mut stalled: Option<Pin<Box<glommio::timer::Timer>>> = None;
+    poll_fn(move |cx| {
+        while at < data.len() {
+            match Pin::new(&mut *stream.borrow_mut()).poll_write(cx, &data[at..]) {
+                Poll::Ready(Ok(0)) => return Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
+                Poll::Ready(Ok(n)) => {
+                    at += n;
+                    stalled = None;
+                }
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                Poll::Pending => {
+                    let timer =
+                        stalled.get_or_insert_with(|| Box::pin(glommio::timer::Timer::new(stall)));
+                    if timer.as_mut().poll(cx).is_ready() {
+                        return Poll::Ready(Err(io::Error::new(
+                            io::ErrorKind::TimedOut,
+                            "peer read nothing for heartbeat.timeout_ms",
+                        )));
+                    }
+                    return Poll::Pending;
+                }
+            }
+        }
+        Poll::Ready(Ok(at))
+    })
 }
