@@ -142,8 +142,9 @@ pub fn serve(
 }
 
 impl Conn {
-    /// The connection's whole life. Not an `async fn`, whose arguments would be held twice
-    /// (as arguments, and moved into its body): the block below holds `self` and `wire` once.
+    /// The connection's whole life. Not an `async fn`: an `async fn` future holds its arguments
+    /// twice (as captured, and moved into its body) for as long as it runs; the block below
+    /// holds `self` and `wire` once.
     #[allow(clippy::manual_async_fn)] // on purpose: see above
     fn run(mut self, wire: Wire) -> impl Future<Output = ()> {
         async move {
@@ -305,6 +306,8 @@ impl Conn {
                         self.error(ErrorCode::TooManySubscriptions, &message, id);
                         return Ok(());
                     }
+                    // The room's own key, when this core has one: one copy for all subscribers.
+                    let room = self.shard.room_key_of(room);
                     // Recorded before the await so that a connection torn down meanwhile still
                     // leaves the room on clean-up.
                     self.subscriptions.push(room.clone());
@@ -458,19 +461,27 @@ fn read_some<'a>(
     })
 }
 
-/// Writes queued frames until the close handshake is done.
-async fn write_loop(shard: &Shard, out: &ConnHandle, wire: &Wire) -> End {
-    let stall = Duration::from_millis(shard.config.heartbeat.timeout_ms);
-    loop {
-        let next = poll_fn(|cx| out.poll_next(cx, WRITE_BATCH_BYTES)).await;
-        let bytes: &[u8] = match &next {
-            Next::One(frame) => frame,
-            Next::Many(batch) => batch,
-            Next::Close(code) => return Box::pin(close(wire, *code, stall)).await,
-        };
-        match write_all(&wire.stream, bytes, stall).await {
-            Ok(written) => shard.stats().bytes_written_total.add(written as u64),
-            Err(e) => return End::Io(e),
+/// Writes queued frames until the close handshake is done. (Not an `async fn`, for the reason
+/// given at `Conn::run`.)
+#[allow(clippy::manual_async_fn)] // on purpose: see above
+fn write_loop<'a>(
+    shard: &'a Shard,
+    out: &'a ConnHandle,
+    wire: &'a Wire,
+) -> impl Future<Output = End> + 'a {
+    async move {
+        let stall = Duration::from_millis(shard.config.heartbeat.timeout_ms);
+        loop {
+            let next = poll_fn(|cx| out.poll_next(cx, WRITE_BATCH_BYTES)).await;
+            let bytes: &[u8] = match &next {
+                Next::One(frame) => frame,
+                Next::Many(batch) => batch,
+                Next::Close(code) => return Box::pin(close(wire, *code, stall)).await,
+            };
+            match write_all(&wire.stream, bytes, stall).await {
+                Ok(written) => shard.stats().bytes_written_total.add(written as u64),
+                Err(e) => return End::Io(e),
+            }
         }
     }
 }

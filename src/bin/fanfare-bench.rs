@@ -67,6 +67,14 @@ enum Mode {
     Idle {
         #[arg(long, default_value_t = 10_000)]
         connections: usize,
+        /// Connections per tenant, each its own user. 1 (the default) is the worst case for
+        /// memory: every connection brings its own tenant, user and conversation. Presence of
+        /// K users in one tenant is K² frames while they connect (PROTOCOL.md).
+        #[arg(long, default_value_t = 1)]
+        tenant_size: usize,
+        /// Conversations per tenant; a tenant's connections spread over them.
+        #[arg(long, default_value_t = 100)]
+        conversations: usize,
     },
 }
 
@@ -96,7 +104,11 @@ fn main() {
             seconds.min(MAX_SECONDS),
             payload,
         ),
-        Mode::Idle { connections } => idle(&cli, connections),
+        Mode::Idle {
+            connections,
+            tenant_size,
+            conversations,
+        } => idle(&cli, connections, tenant_size.max(1), conversations.max(1)),
     }
 }
 
@@ -554,7 +566,7 @@ fn raw_floor(sockets: usize, frames: u64, payload: usize, batch: usize) -> f64 {
 
 // ---- idle ---------------------------------------------------------------------------------
 
-fn idle(cli: &Cli, connections: usize) {
+fn idle(cli: &Cli, connections: usize, tenant_size: usize, conversations: usize) {
     let before = server_usage(cli.pid);
     let auth = fanfare::config::Auth {
         hs256_secret: cli.secret.clone(),
@@ -575,13 +587,13 @@ fn idle(cli: &Cli, connections: usize) {
                 let mut streams = Vec::with_capacity(connections);
                 let mut pending = Vec::new();
                 for i in 0..connections {
-                    // A tenant each: presence of N users in one tenant is N² frames
-                    // (PROTOCOL.md), which is the storm scenario, not the idle one.
-                    let tenant = format!("idle{i}");
-                    let token =
-                        fanfare::auth::mint_hs256(&auth, &tenant, "u", 3600, now_s).expect("token");
+                    let (tenant, member) = (i / tenant_size, i % tenant_size);
+                    let (tenant, user) = (format!("idle{tenant}"), format!("u{member}"));
+                    let token = fanfare::auth::mint_hs256(&auth, &tenant, &user, 3600, now_s)
+                        .expect("token");
+                    let conversation = format!("c{}", member % conversations);
                     pending.push(glommio::spawn_local(async move {
-                        open_subscribed(addr, i, &token, &format!("c{}", i % 100)).await
+                        open_subscribed(addr, i, &token, &conversation).await
                     }));
                     // Up to 256 handshakes in flight.
                     if pending.len() == 256 || i + 1 == connections {
@@ -618,7 +630,8 @@ fn idle(cli: &Cli, connections: usize) {
     release.store(true, Ordering::Relaxed);
     let _ = holder.join();
     println!(
-        "idle: {n}/{connections} subscribed connections in {open_s:.2}s ({:.0} accepted/s)",
+        "idle: {n}/{connections} subscribed connections ({tenant_size} per tenant, over \
+         {conversations} conversations each) in {open_s:.2}s ({:.0} accepted/s)",
         n as f64 / open_s
     );
     if let (Some(b), Some(a)) = (before, after) {
