@@ -479,7 +479,11 @@ fn write_loop<'a>(
                 Next::Close(code) => return Box::pin(close(wire, *code, stall)).await,
             };
             match write_all(&wire.stream, bytes, stall).await {
-                Ok(written) => shard.stats().bytes_written_total.add(written as u64),
+                Ok(written) => {
+                    let stats = shard.stats();
+                    stats.writes_total.inc();
+                    stats.bytes_written_total.add(written as u64);
+                }
                 Err(e) => return End::Io(e),
             }
         }

@@ -118,6 +118,19 @@ fn server_usage(pid: Option<u32>) -> Option<ProcessUsage> {
     ProcessUsage::of(pid?)
 }
 
+/// The value of counter `fanfare_<name>` in the server's `/metrics`.
+fn server_counter(addr: SocketAddr, name: &str) -> Option<u64> {
+    let mut http = TcpStream::connect(addr).ok()?;
+    http.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    http.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .ok()?;
+    let mut text = String::new();
+    http.read_to_string(&mut text).ok()?;
+    let line = format!("\nfanfare_{name} ");
+    let at = text.find(&line)? + line.len();
+    text[at..].split_whitespace().next()?.parse().ok()
+}
+
 fn thread_cpu_s() -> f64 {
     let mut ts = libc::timespec {
         tv_sec: 0,
@@ -348,6 +361,7 @@ fn fanout(
     let live = opened.load(Ordering::Relaxed) as usize;
     println!("connections: {live}/{connections} subscribed, {conversations} conversations, {payload} B events");
     let before = server_usage(cli.pid);
+    let writes_before = server_counter(cli.addr, "writes_total");
     let started = Instant::now();
     let published = publish(cli, conversations, rate, seconds, payload, epoch);
     let publish_s = started.elapsed().as_secs_f64();
@@ -359,6 +373,7 @@ fn fanout(
     let settle = Instant::now();
     std::thread::sleep(Duration::from_millis(500));
     let after = server_usage(cli.pid);
+    let writes_after = server_counter(cli.addr, "writes_total");
     stop.store(true, Ordering::Relaxed);
     let (received, latency) = receiver
         .join()
@@ -394,7 +409,17 @@ fn fanout(
         _ => None,
     };
     let frames = received.max(1);
-    for batch in [1usize, 16] {
+    // The batching the server reached: the floor of the matching mode is measured too.
+    let mut batches = vec![1usize, 16];
+    if let (Some(b), Some(a)) = (writes_before, writes_after) {
+        let per_send = received as f64 / a.saturating_sub(b).max(1) as f64;
+        println!("server: {per_send:.1} frames per send");
+        let matching = (per_send.round() as usize).max(1);
+        if !batches.contains(&matching) {
+            batches.insert(1, matching);
+        }
+    }
+    for batch in batches {
         let floor = raw_floor(live.max(1), frames, payload, batch);
         match per_delivery {
             Some(per) => println!(
