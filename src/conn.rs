@@ -107,7 +107,7 @@ pub fn serve(
     let config = &shard.config;
     let out = Rc::new(ConnHandle::new(
         shard.next_id(),
-        identity.tenant.into(),
+        shard.tenant_key(identity.tenant),
         identity.user.into(),
         config.limits.outbound_queue_bytes,
         identity.expires_at_ms,

@@ -641,10 +641,17 @@ fn idle(cli: &Cli, connections: usize, tenant_size: usize, conversations: usize)
         })
     };
     let deadline = Instant::now() + Duration::from_secs(300);
+    // A second reading once a tenth is open: the slope from there on is the marginal cost of a
+    // connection, free of the start-up memory the server touches with its first ones.
+    let mut tenth: Option<(u64, ProcessUsage)> = None;
     while opened.load(Ordering::Relaxed) < connections as u64
         && Instant::now() < deadline
         && !holder.is_finished()
     {
+        let n = opened.load(Ordering::Relaxed);
+        if tenth.is_none() && n >= connections as u64 / 10 {
+            tenth = server_usage(cli.pid).map(|u| (n, u));
+        }
         std::thread::sleep(Duration::from_millis(20));
     }
     let open_s = started.elapsed().as_secs_f64();
@@ -659,14 +666,22 @@ fn idle(cli: &Cli, connections: usize, tenant_size: usize, conversations: usize)
          {conversations} conversations each) in {open_s:.2}s ({:.0} accepted/s)",
         n as f64 / open_s
     );
+    let per_connection = |from: &ProcessUsage, to: &ProcessUsage, count: u64| {
+        to.rss_kib.saturating_sub(from.rss_kib) as f64 * 1024.0 / count.max(1) as f64
+    };
     if let (Some(b), Some(a)) = (before, after) {
-        let grown = a.rss_kib.saturating_sub(b.rss_kib);
         println!(
             "server RSS: {} KiB -> {} KiB, {:.0} bytes per idle subscribed connection",
             b.rss_kib,
             a.rss_kib,
-            grown as f64 * 1024.0 / n.max(1) as f64
+            per_connection(&b, &a, n)
         );
+        if let Some((n1, t)) = tenth {
+            println!(
+                "marginal: {:.0} bytes per connection from {n1} to {n} connections",
+                per_connection(&t, &a, n.saturating_sub(n1))
+            );
+        }
     }
 }
 
