@@ -62,6 +62,9 @@ enum Mode {
         /// Bytes per event.
         #[arg(long, default_value_t = 100)]
         payload: usize,
+        /// Receiving threads (each its own executor).
+        #[arg(long, default_value_t = 1)]
+        receivers: usize,
     },
     /// Idle: open N subscribed connections and report RSS per connection and accept rate.
     Idle {
@@ -96,6 +99,7 @@ fn main() {
             rate,
             seconds,
             payload,
+            receivers,
         } => fanout(
             &cli,
             connections,
@@ -103,6 +107,7 @@ fn main() {
             rate,
             seconds.min(MAX_SECONDS),
             payload,
+            receivers.max(1),
         ),
         Mode::Idle {
             connections,
@@ -303,6 +308,7 @@ fn fanout(
     rate: u64,
     seconds: u64,
     payload: usize,
+    receivers: usize,
 ) {
     let epoch = Instant::now();
     let stop = Arc::new(AtomicBool::new(false));
@@ -315,46 +321,50 @@ fn fanout(
     // One user for every connection: N users of one tenant would first be an N² presence
     // storm (PROTOCOL.md), which is not what this mode measures.
     let token = fanfare::auth::mint_hs256(&auth, TENANT, "fan", 3600, now_s).expect("token");
-    let tokens = vec![token; connections];
-    let receiver = {
-        let (stop, opened, addr) = (stop.clone(), opened.clone(), cli.addr);
-        std::thread::spawn(move || {
-            let ex = glommio::LocalExecutorBuilder::new(glommio::Placement::Unbound)
-                .make()
-                .expect("executor");
-            ex.run(async move {
-                let tally = Rc::new(Tally {
-                    received: Cell::new(0),
-                    latency: RefCell::new(Histogram::new(3).expect("histogram")),
-                });
-                let mut tasks = Vec::new();
-                for (i, token) in tokens.iter().enumerate() {
-                    let conversation = format!("c{}", i % conversations);
-                    match open_subscribed(addr, i, token, &conversation).await {
-                        Ok(stream) => {
-                            opened.fetch_add(1, Ordering::Relaxed);
-                            tasks.push(glommio::spawn_local(drain(
-                                stream,
-                                epoch,
-                                tally.clone(),
-                                stop.clone(),
-                            )));
+    // Connection i is received by thread i % receivers: one thread reading every socket would
+    // add its own serial recv time to the latency of the last frames of each event.
+    let receivers: Vec<_> = (0..receivers)
+        .map(|r| {
+            let (stop, opened, addr, token) =
+                (stop.clone(), opened.clone(), cli.addr, token.clone());
+            std::thread::spawn(move || {
+                let ex = glommio::LocalExecutorBuilder::new(glommio::Placement::Unbound)
+                    .make()
+                    .expect("executor");
+                ex.run(async move {
+                    let tally = Rc::new(Tally {
+                        received: Cell::new(0),
+                        latency: RefCell::new(Histogram::new(3).expect("histogram")),
+                    });
+                    let mut tasks = Vec::new();
+                    for i in (r..connections).step_by(receivers) {
+                        let conversation = format!("c{}", i % conversations);
+                        match open_subscribed(addr, i, &token, &conversation).await {
+                            Ok(stream) => {
+                                opened.fetch_add(1, Ordering::Relaxed);
+                                tasks.push(glommio::spawn_local(drain(
+                                    stream,
+                                    epoch,
+                                    tally.clone(),
+                                    stop.clone(),
+                                )));
+                            }
+                            Err(e) => eprintln!("connection {i}: {e}"),
                         }
-                        Err(e) => eprintln!("connection {i}: {e}"),
                     }
-                }
-                for t in tasks {
-                    t.await;
-                }
-                let latency = tally.latency.borrow().clone();
-                (tally.received.get(), latency)
+                    for t in tasks {
+                        t.await;
+                    }
+                    let latency = tally.latency.borrow().clone();
+                    (tally.received.get(), latency)
+                })
             })
         })
-    };
+        .collect();
     let deadline = Instant::now() + Duration::from_secs(60);
     while opened.load(Ordering::Relaxed) < connections as u64
         && Instant::now() < deadline
-        && !receiver.is_finished()
+        && !receivers.iter().any(|r| r.is_finished())
     {
         std::thread::sleep(Duration::from_millis(20));
     }
@@ -375,9 +385,14 @@ fn fanout(
     let after = server_usage(cli.pid);
     let writes_after = server_counter(cli.addr, "writes_total");
     stop.store(true, Ordering::Relaxed);
-    let (received, latency) = receiver
-        .join()
-        .unwrap_or_else(|_| (0, Histogram::new(3).expect("histogram")));
+    let mut received = 0;
+    let mut latency = Histogram::<u64>::new(3).expect("histogram");
+    for r in receivers {
+        if let Ok((n, h)) = r.join() {
+            received += n;
+            latency.add(h).expect("histograms of the same precision");
+        }
+    }
     let window = publish_s + settle.elapsed().as_secs_f64();
     println!(
         "published: {published} events in {publish_s:.2}s ({:.0}/s)",
@@ -448,6 +463,9 @@ fn publish(
     let mut http = TcpStream::connect(cli.addr).expect("publish connection");
     http.set_nodelay(true).ok();
     http.set_read_timeout(Some(Duration::from_secs(10))).ok();
+    // Sleeps end when asked, not up to 50 µs later (the default timer slack).
+    // SAFETY: prctl with PR_SET_TIMERSLACK changes only this thread's timer slack.
+    unsafe { libc::prctl(libc::PR_SET_TIMERSLACK, 1) };
     let start = Instant::now();
     let end = start + Duration::from_secs(seconds);
     let pad = "x".repeat(payload.saturating_sub(80));
@@ -462,7 +480,10 @@ fn publish(
             (elapsed.as_secs_f64() * rate as f64) as u64 + 1
         };
         if due <= sent {
-            std::thread::sleep(Duration::from_micros(200));
+            // Until event `sent` is due (its scheduled time is sent/rate): lateness here would
+            // count as the server's latency.
+            let next = start + Duration::from_secs_f64(sent as f64 / rate as f64);
+            std::thread::sleep(next.saturating_duration_since(Instant::now()));
             continue;
         }
         let mut body = format!(r#"{{"tenantId":"{TENANT}","events":["#);
