@@ -308,6 +308,11 @@ impl Conn {
                     }
                     // The room's own key, when this core has one: one copy for all subscribers.
                     let room = self.shard.room_key_of(room);
+                    if self.subscriptions.is_empty() {
+                        // Room for one, not the four a first push makes: many connections
+                        // never hold more.
+                        self.subscriptions.reserve_exact(1);
+                    }
                     // Recorded before the await so that a connection torn down meanwhile still
                     // leaves the room on clean-up.
                     self.subscriptions.push(room.clone());
