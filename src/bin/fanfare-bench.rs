@@ -684,7 +684,8 @@ fn idle(cli: &Cli, connections: usize, tenant_size: usize, conversations: usize)
     let _ = holder.join();
     println!(
         "idle: {n}/{connections} subscribed connections ({tenant_size} per tenant, over \
-         {conversations} conversations each) in {open_s:.2}s ({:.0} accepted/s)",
+         {} conversations each) in {open_s:.2}s ({:.0} accepted/s)",
+        conversations.min(tenant_size),
         n as f64 / open_s
     );
     let per_connection = |from: &ProcessUsage, to: &ProcessUsage, count: u64| {
