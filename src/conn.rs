@@ -59,10 +59,8 @@ enum End {
     Io(io::Error),
 }
 
-/// The reader's state. The writer shares only the `ConnHandle` and the [`Wire`].
+/// The reader's own state; what it shares with the writer is in [`Link`].
 struct Conn {
-    shard: Rc<Shard>,
-    out: Rc<ConnHandle>,
     /// Bytes of an incomplete frame; empty (unallocated) on an idle connection.
     rbuf: BytesMut,
     /// In subscription order: the last is the default conversation of `presence.activity`.
@@ -75,8 +73,10 @@ struct Conn {
     started: Instant,
 }
 
-/// What the reader and the writer share besides the queue.
-struct Wire {
+/// What the reader and the writer share.
+struct Link {
+    shard: Rc<Shard>,
+    out: Rc<ConnHandle>,
     stream: RefCell<TcpStream>,
     /// The code in the peer's close frame, once it sent one.
     peer_close: Cell<Option<Option<u16>>>,
@@ -125,49 +125,47 @@ pub fn serve(
     info!(conn = %ConnId(out.id), tenant = %out.tenant, user = %out.user, %peer, core = shard.id, "connect");
     let conn = Conn {
         bucket: TokenBucket::full(config.limits.msg_burst, started),
-        shard,
-        out,
         rbuf: pending,
         subscriptions: Vec::new(),
         over_rate: None,
         fragments: None,
         started,
     };
-    let wire = Wire {
+    let link = Link {
+        shard,
+        out,
         stream: RefCell::new(stream),
         peer_close: Cell::new(None),
         close_sent: Cell::new(None),
     };
-    conn.run(wire)
+    conn.run(link)
 }
 
 impl Conn {
     /// The connection's whole life. Not an `async fn`: an `async fn` future holds its arguments
     /// twice (as captured, and moved into its body) for as long as it runs; the block below
-    /// holds `self` and `wire` once.
+    /// holds `self` and `link` once.
     #[allow(clippy::manual_async_fn)] // on purpose: see above
-    fn run(mut self, wire: Wire) -> impl Future<Output = ()> {
+    fn run(mut self, link: Link) -> impl Future<Output = ()> {
         async move {
-            Box::pin(self.shard.register(self.out.clone())).await;
-            self.shard.stats().connects_total.inc();
-            let (shard, out) = (self.shard.clone(), self.out.clone());
-            let end =
-                futures_lite::future::or(self.read_loop(&wire), write_loop(&shard, &out, &wire))
-                    .await;
+            Box::pin(link.shard.register(link.out.clone())).await;
+            link.shard.stats().connects_total.inc();
+            let end = futures_lite::future::or(self.read_loop(&link), write_loop(&link)).await;
 
             // Boxed, like every rarely taken await of this task: see `read_loop`.
             Box::pin(async {
                 for room in std::mem::take(&mut self.subscriptions) {
-                    shard.unsubscribe(&room, out.id).await;
+                    link.shard.unsubscribe(&room, link.out.id).await;
                 }
-                shard.unregister(&out).await;
+                link.shard.unregister(&link.out).await;
             })
             .await;
             let duration_ms = self.started.elapsed().as_millis() as u64;
+            let out = &link.out;
             let (conn, tenant, user) = (ConnId(out.id), &out.tenant, &out.user);
             match end {
                 End::Closed { code } => {
-                    let peer_code = wire.peer_close.get().flatten();
+                    let peer_code = link.peer_close.get().flatten();
                     info!(%conn, %tenant, %user, code = code.code(), reason = code.reason(), peer_code, duration_ms, "disconnect")
                 }
                 End::Dropped(reason) => {
@@ -180,44 +178,51 @@ impl Conn {
         }
     }
 
-    async fn read_loop(&mut self, wire: &Wire) -> End {
-        let max = self.shard.config.limits.max_message_bytes;
-        // After a protocol error the byte stream cannot be framed any more: discard it.
-        let mut garbled = false;
-        loop {
-            while !garbled && wire.peer_close.get().is_none() {
-                let head = match ws::parse_frame(&self.rbuf, max) {
-                    Ok(Some(h)) if self.rbuf.len() >= h.header_len + h.payload_len => h,
-                    Ok(_) => break,
-                    Err(e) => {
-                        debug!(conn = %ConnId(self.out.id), error = %e, "bad frame");
-                        self.out.close(e.close_code());
+    /// Reads and answers client frames until the connection ends. (Not an `async fn`, for the
+    /// reason given at `run`.)
+    #[allow(clippy::manual_async_fn)] // on purpose: see above
+    fn read_loop<'a>(&'a mut self, link: &'a Link) -> impl Future<Output = End> + 'a {
+        async move {
+            // After a protocol error the byte stream cannot be framed any more: discard it.
+            let mut garbled = false;
+            loop {
+                while !garbled && link.peer_close.get().is_none() {
+                    let head = match ws::parse_frame(
+                        &self.rbuf,
+                        link.shard.config.limits.max_message_bytes,
+                    ) {
+                        Ok(Some(h)) if self.rbuf.len() >= h.header_len + h.payload_len => h,
+                        Ok(_) => break,
+                        Err(e) => {
+                            debug!(conn = %ConnId(link.out.id), error = %e, "bad frame");
+                            link.out.close(e.close_code());
+                            garbled = true;
+                            break;
+                        }
+                    };
+                    let mut payload = self.rbuf.split_to(head.header_len + head.payload_len);
+                    payload.advance(head.header_len);
+                    ws::unmask(&mut payload, head.mask);
+                    // Boxed: handling a frame is rare next to waiting, and an idle connection's
+                    // future should not carry the largest state it ever passes through.
+                    if let Err(code) = Box::pin(self.on_frame(head, payload, link)).await {
+                        link.out.close(code);
                         garbled = true;
-                        break;
                     }
-                };
-                let mut payload = self.rbuf.split_to(head.header_len + head.payload_len);
-                payload.advance(head.header_len);
-                ws::unmask(&mut payload, head.mask);
-                // Boxed: handling a frame is rare next to waiting, and an idle connection's
-                // future should not carry the largest state it ever passes through.
-                if let Err(code) = Box::pin(self.on_frame(head, payload, wire)).await {
-                    self.out.close(code);
-                    garbled = true;
                 }
-            }
-            if let (Some(_), Some(code)) = (wire.peer_close.get(), wire.close_sent.get()) {
-                // Both close frames are through: the handshake is done.
-                return End::Closed { code };
-            }
-            if garbled || wire.peer_close.get().is_some() || self.rbuf.is_empty() {
-                // Nothing worth keeping: an idle connection holds no read buffer.
-                self.rbuf = BytesMut::new();
-            }
-            match read_some(&self.shard, &wire.stream, &mut self.rbuf).await {
-                Ok(0) => return End::Dropped("peer closed the TCP connection"),
-                Ok(_) => self.out.last_seen.set(Instant::now()),
-                Err(e) => return End::Io(e),
+                if let (Some(_), Some(code)) = (link.peer_close.get(), link.close_sent.get()) {
+                    // Both close frames are through: the handshake is done.
+                    return End::Closed { code };
+                }
+                if garbled || link.peer_close.get().is_some() || self.rbuf.is_empty() {
+                    // Nothing worth keeping: an idle connection holds no read buffer.
+                    self.rbuf = BytesMut::new();
+                }
+                match read_some(link, &mut self.rbuf).await {
+                    Ok(0) => return End::Dropped("peer closed the TCP connection"),
+                    Ok(_) => link.out.last_seen.set(Instant::now()),
+                    Err(e) => return End::Io(e),
+                }
             }
         }
     }
@@ -227,23 +232,23 @@ impl Conn {
         &mut self,
         head: ws::FrameHead,
         payload: BytesMut,
-        wire: &Wire,
+        link: &Link,
     ) -> Result<(), CloseCode> {
         match head.opcode {
             ws::OP_PING => {
-                self.out.push(ws::frame(ws::OP_PONG, &payload));
+                link.out.push(ws::frame(ws::OP_PONG, &payload));
             }
             ws::OP_PONG => {}
             ws::OP_CLOSE => {
-                wire.peer_close.set(Some(ws::close_code_of(&payload)));
-                self.out.close(CloseCode::Normal);
+                link.peer_close.set(Some(ws::close_code_of(&payload)));
+                link.out.close(CloseCode::Normal);
             }
             opcode => {
                 let (opcode, message) = match (opcode, self.fragments.take(), head.fin) {
                     (ws::OP_CONTINUATION, None, _) => return Err(CloseCode::ProtocolError),
                     (ws::OP_CONTINUATION, Some(mut sofar), fin) => {
                         if sofar.1.len() + payload.len()
-                            > self.shard.config.limits.max_message_bytes
+                            > link.shard.config.limits.max_message_bytes
                         {
                             return Err(CloseCode::TooBig);
                         }
@@ -261,8 +266,8 @@ impl Conn {
                     }
                     (opcode, None, true) => (opcode, payload),
                 };
-                if self.out.close_code().is_none() {
-                    self.on_message(opcode, message).await?;
+                if link.out.close_code().is_none() {
+                    self.on_message(link, opcode, message).await?;
                 }
             }
         }
@@ -270,12 +275,17 @@ impl Conn {
     }
 
     /// One complete data message from the client.
-    async fn on_message(&mut self, opcode: u8, mut message: BytesMut) -> Result<(), CloseCode> {
-        if !self.within_rate() {
+    async fn on_message(
+        &mut self,
+        link: &Link,
+        opcode: u8,
+        mut message: BytesMut,
+    ) -> Result<(), CloseCode> {
+        if !self.within_rate(link) {
             return Ok(());
         }
         if opcode == ws::OP_BINARY {
-            self.error(
+            link.error(
                 ErrorCode::InvalidMessage,
                 "binary frames are not accepted; send JSON text",
                 None,
@@ -288,26 +298,26 @@ impl Conn {
         let request = match parse_client_event(&mut message) {
             Ok(r) => r,
             Err(invalid) => {
-                self.error(ErrorCode::InvalidMessage, &invalid.message, invalid.id);
+                link.error(ErrorCode::InvalidMessage, &invalid.message, invalid.id);
                 return Ok(());
             }
         };
         let id = request.id;
         match request.event {
             ClientEvent::Ping => {
-                self.out.push(ws::text(server_event::pong(id).as_bytes()));
+                link.out.push(ws::text(server_event::pong(id).as_bytes()));
             }
             ClientEvent::Subscribe { conversation_id } => {
-                let room = room_key(&self.out.tenant, conversation_id);
+                let room = room_key(&link.out.tenant, conversation_id);
                 if !self.subscriptions.contains(&room) {
-                    let max = self.shard.config.limits.max_subscriptions;
+                    let max = link.shard.config.limits.max_subscriptions;
                     if self.subscriptions.len() >= max {
                         let message = format!("at most {max} subscriptions per connection");
-                        self.error(ErrorCode::TooManySubscriptions, &message, id);
+                        link.error(ErrorCode::TooManySubscriptions, &message, id);
                         return Ok(());
                     }
                     // The room's own key, when this core has one: one copy for all subscribers.
-                    let room = self.shard.room_key_of(room);
+                    let room = link.shard.room_key_of(room);
                     if self.subscriptions.is_empty() {
                         // Room for one, not the four a first push makes: many connections
                         // never hold more.
@@ -316,37 +326,37 @@ impl Conn {
                     // Recorded before the await so that a connection torn down meanwhile still
                     // leaves the room on clean-up.
                     self.subscriptions.push(room.clone());
-                    if self.shard.subscribe(&room, &self.out).await == Verdict::Unavailable {
+                    if link.shard.subscribe(&room, &link.out).await == Verdict::Unavailable {
                         self.subscriptions.retain(|r| *r != room);
-                        self.shard.unsubscribe(&room, self.out.id).await;
+                        link.shard.unsubscribe(&room, link.out.id).await;
                         let message = "the broker did not confirm the subscription in time; retry";
-                        self.error(ErrorCode::Unavailable, message, id);
+                        link.error(ErrorCode::Unavailable, message, id);
                         return Ok(());
                     }
-                    info!(conn = %ConnId(self.out.id), room = %room, "subscribe");
+                    info!(conn = %ConnId(link.out.id), room = %room, "subscribe");
                 }
-                self.ack(id);
+                link.ack(id);
             }
             ClientEvent::Unsubscribe { conversation_id } => {
-                let room = room_key(&self.out.tenant, conversation_id);
+                let room = room_key(&link.out.tenant, conversation_id);
                 if let Some(at) = self.subscriptions.iter().position(|r| *r == room) {
                     self.subscriptions.remove(at);
-                    self.shard.unsubscribe(&room, self.out.id).await;
-                    info!(conn = %ConnId(self.out.id), room = %room, "unsubscribe");
+                    link.shard.unsubscribe(&room, link.out.id).await;
+                    info!(conn = %ConnId(link.out.id), room = %room, "unsubscribe");
                 }
-                self.ack(id);
+                link.ack(id);
             }
             ClientEvent::Activity {
                 activity,
                 conversation_id,
             } => {
                 let room = match conversation_id {
-                    Some(c) => room_key(&self.out.tenant, c),
+                    Some(c) => room_key(&link.out.tenant, c),
                     None => match self.subscriptions.last() {
                         Some(room) => room.clone(),
                         None => {
                             let message = "no conversationId and no subscription to default to";
-                            self.error(ErrorCode::InvalidMessage, message, id);
+                            link.error(ErrorCode::InvalidMessage, message, id);
                             return Ok(());
                         }
                     },
@@ -354,42 +364,42 @@ impl Conn {
                 match activity {
                     // PROTOCOL.md: typing needs a subscription; viewing does not.
                     Activity::Typing if !self.subscriptions.contains(&room) => {
-                        self.error(
+                        link.error(
                             ErrorCode::Forbidden,
                             "not subscribed to this conversation",
                             id,
                         );
                         return Ok(());
                     }
-                    Activity::Typing => self.shard.typing(room, self.out.user.clone()).await,
+                    Activity::Typing => link.shard.typing(room, link.out.user.clone()).await,
                     // Nothing reads "active in a conversation" yet (watch-mode presence will):
                     // it is recorded in the log only.
                     Activity::Viewing => {
-                        debug!(conn = %ConnId(self.out.id), room = %room, "viewing")
+                        debug!(conn = %ConnId(link.out.id), room = %room, "viewing")
                     }
                 }
                 // Acked even when throttled: throttling is invisible to the typist.
-                self.ack(id);
+                link.ack(id);
             }
             ClientEvent::PresenceQuery => {
-                let users = self.shard.online_users(&self.out.tenant);
+                let users = link.shard.online_users(&link.out.tenant);
                 let snapshot = server_event::snapshot(users.iter().map(|u| &**u), id);
-                self.out.push(ws::text(snapshot.as_bytes()));
+                link.out.push(ws::text(snapshot.as_bytes()));
             }
             ClientEvent::Auth { token } => {
-                match self.shard.verifier.verify(token, auth::now_ms()) {
+                match link.shard.verifier.verify(token, auth::now_ms()) {
                     Ok(fresh)
-                        if *fresh.tenant == *self.out.tenant && *fresh.user == *self.out.user =>
+                        if *fresh.tenant == *link.out.tenant && *fresh.user == *link.out.user =>
                     {
-                        self.out.expires_at_ms.set(fresh.expires_at_ms);
-                        self.ack(id);
+                        link.out.expires_at_ms.set(fresh.expires_at_ms);
+                        link.ack(id);
                     }
-                    Ok(_) => self.error(
+                    Ok(_) => link.error(
                         ErrorCode::Forbidden,
                         "the token is for another user or tenant",
                         id,
                     ),
-                    Err(e) => self.error(ErrorCode::Unauthorized, &e.to_string(), id),
+                    Err(e) => link.error(ErrorCode::Unauthorized, &e.to_string(), id),
                 }
             }
         }
@@ -398,8 +408,8 @@ impl Conn {
 
     /// The per-connection event rate limit: drops over the limit, answers with at most one
     /// `rate_limited` a second, and closes with 4008 when dropping has lasted 5 s.
-    fn within_rate(&mut self) -> bool {
-        let (limits, now) = (&self.shard.config.limits, Instant::now());
+    fn within_rate(&mut self, link: &Link) -> bool {
+        let (limits, now) = (&link.shard.config.limits, Instant::now());
         if self
             .bucket
             .take(limits.msg_rate, limits.msg_burst, now)
@@ -419,8 +429,8 @@ impl Conn {
         }
         over.last_drop = now;
         if now.duration_since(over.first_drop) >= RATE_LIMIT_GRACE {
-            self.shard.stats().rate_limit_closes_total.inc();
-            self.out.close(CloseCode::RateLimited);
+            link.shard.stats().rate_limit_closes_total.inc();
+            link.out.close(CloseCode::RateLimited);
         } else if over
             .last_error
             .is_none_or(|t| now.duration_since(t) >= Duration::from_secs(1))
@@ -430,11 +440,13 @@ impl Conn {
                 "over {} events per second; events are being dropped",
                 limits.msg_rate
             );
-            self.error(ErrorCode::RateLimited, &message, None);
+            link.error(ErrorCode::RateLimited, &message, None);
         }
         false
     }
+}
 
+impl Link {
     fn ack(&self, id: Option<&str>) {
         if let Some(id) = id {
             self.out.push(ws::text(server_event::ack(id).as_bytes()));
@@ -452,13 +464,12 @@ impl Conn {
 
 /// Reads what the socket has into `rbuf`, through the core's scratch buffer.
 fn read_some<'a>(
-    shard: &'a Shard,
-    stream: &'a RefCell<TcpStream>,
+    link: &'a Link,
     rbuf: &'a mut BytesMut,
 ) -> impl Future<Output = io::Result<usize>> + 'a {
     poll_fn(move |cx| {
-        let mut scratch = shard.scratch.borrow_mut();
-        let polled = Pin::new(&mut *stream.borrow_mut()).poll_read(cx, &mut scratch[..]);
+        let mut scratch = link.shard.scratch.borrow_mut();
+        let polled = Pin::new(&mut *link.stream.borrow_mut()).poll_read(cx, &mut scratch[..]);
         if let Poll::Ready(Ok(n)) = polled {
             rbuf.extend_from_slice(&scratch[..n]);
         }
@@ -469,23 +480,18 @@ fn read_some<'a>(
 /// Writes queued frames until the close handshake is done. (Not an `async fn`, for the reason
 /// given at `Conn::run`.)
 #[allow(clippy::manual_async_fn)] // on purpose: see above
-fn write_loop<'a>(
-    shard: &'a Shard,
-    out: &'a ConnHandle,
-    wire: &'a Wire,
-) -> impl Future<Output = End> + 'a {
+fn write_loop(link: &Link) -> impl Future<Output = End> + '_ {
     async move {
-        let stall = Duration::from_millis(shard.config.heartbeat.timeout_ms);
         loop {
-            let next = poll_fn(|cx| out.poll_next(cx, WRITE_BATCH_BYTES)).await;
+            let next = poll_fn(|cx| link.out.poll_next(cx, WRITE_BATCH_BYTES)).await;
             let bytes: &[u8] = match &next {
                 Next::One(frame) => frame,
                 Next::Many(batch) => batch,
-                Next::Close(code) => return Box::pin(close(wire, *code, stall)).await,
+                Next::Close(code) => return Box::pin(close(link, *code)).await,
             };
-            match write_all(&wire.stream, bytes, stall).await {
+            match write_all(link, bytes).await {
                 Ok(written) => {
-                    let stats = shard.stats();
+                    let stats = link.shard.stats();
                     stats.writes_total.inc();
                     stats.bytes_written_total.add(written as u64);
                 }
@@ -497,32 +503,28 @@ fn write_loop<'a>(
 
 /// Sends the close frame and gives the peer `CLOSE_WAIT` to answer with its own (the reader
 /// ends the connection when it does).
-async fn close(wire: &Wire, code: CloseCode, stall: Duration) -> End {
-    if let Err(e) = write_all(&wire.stream, &ws::close(code), stall).await {
+async fn close(link: &Link, code: CloseCode) -> End {
+    if let Err(e) = write_all(link, &ws::close(code)).await {
         return End::Io(e);
     }
-    wire.close_sent.set(Some(code));
-    if wire.peer_close.get().is_none() {
+    link.close_sent.set(Some(code));
+    if link.peer_close.get().is_none() {
         glommio::timer::sleep(CLOSE_WAIT).await;
     }
     End::Closed { code }
 }
 
 /// Writes all of `data` and says how many bytes that was. A peer that accepts no byte for
-/// `stall` is given up on.
+/// `heartbeat.timeout_ms` is given up on.
 ///
 /// Not an `async fn`, and its timer is made only when the socket is full: the usual write
 /// costs no allocation, and every idle connection's future stays small.
-fn write_all<'a>(
-    stream: &'a RefCell<TcpStream>,
-    data: &'a [u8],
-    stall: Duration,
-) -> impl Future<Output = io::Result<usize>> + 'a {
+fn write_all<'a>(link: &'a Link, data: &'a [u8]) -> impl Future<Output = io::Result<usize>> + 'a {
     let mut at = 0;
     let mut stalled: Option<Pin<Box<glommio::timer::Timer>>> = None;
     poll_fn(move |cx| {
         while at < data.len() {
-            match Pin::new(&mut *stream.borrow_mut()).poll_write(cx, &data[at..]) {
+            match Pin::new(&mut *link.stream.borrow_mut()).poll_write(cx, &data[at..]) {
                 Poll::Ready(Ok(0)) => return Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
                 Poll::Ready(Ok(n)) => {
                     at += n;
@@ -530,8 +532,10 @@ fn write_all<'a>(
                 }
                 Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
                 Poll::Pending => {
-                    let timer =
-                        stalled.get_or_insert_with(|| Box::pin(glommio::timer::Timer::new(stall)));
+                    let timer = stalled.get_or_insert_with(|| {
+                        let stall = link.shard.config.heartbeat.timeout_ms;
+                        Box::pin(glommio::timer::Timer::new(Duration::from_millis(stall)))
+                    });
                     if timer.as_mut().poll(cx).is_ready() {
                         return Poll::Ready(Err(io::Error::new(
                             io::ErrorKind::TimedOut,
