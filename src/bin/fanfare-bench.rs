@@ -662,16 +662,19 @@ fn idle(cli: &Cli, connections: usize, tenant_size: usize, conversations: usize)
         })
     };
     let deadline = Instant::now() + Duration::from_secs(300);
-    // A second reading once a tenth is open: the slope from there on is the marginal cost of a
-    // connection, free of the start-up memory the server touches with its first ones.
-    let mut tenth: Option<(u64, ProcessUsage)> = None;
+    // Readings of the server's RSS as connections open: the least-squares slope over those past
+    // the first tenth is the marginal cost of a connection, free of the start-up memory the
+    // first connections touch and steadier than the difference of two readings.
+    let mut samples: Vec<(f64, f64)> = Vec::new();
     while opened.load(Ordering::Relaxed) < connections as u64
         && Instant::now() < deadline
         && !holder.is_finished()
     {
         let n = opened.load(Ordering::Relaxed);
-        if tenth.is_none() && n >= connections as u64 / 10 {
-            tenth = server_usage(cli.pid).map(|u| (n, u));
+        if n >= connections as u64 / 10 {
+            if let Some(u) = server_usage(cli.pid) {
+                samples.push((n as f64, u.rss_kib as f64 * 1024.0));
+            }
         }
         std::thread::sleep(Duration::from_millis(20));
     }
@@ -688,23 +691,35 @@ fn idle(cli: &Cli, connections: usize, tenant_size: usize, conversations: usize)
         conversations.min(tenant_size),
         n as f64 / open_s
     );
-    let per_connection = |from: &ProcessUsage, to: &ProcessUsage, count: u64| {
-        to.rss_kib.saturating_sub(from.rss_kib) as f64 * 1024.0 / count.max(1) as f64
-    };
     if let (Some(b), Some(a)) = (before, after) {
         println!(
             "server RSS: {} KiB -> {} KiB, {:.0} bytes per idle subscribed connection",
             b.rss_kib,
             a.rss_kib,
-            per_connection(&b, &a, n)
+            a.rss_kib.saturating_sub(b.rss_kib) as f64 * 1024.0 / n.max(1) as f64
         );
-        if let Some((n1, t)) = tenth {
+        samples.push((n as f64, a.rss_kib as f64 * 1024.0));
+        if let Some(slope) = slope(&samples) {
             println!(
-                "marginal: {:.0} bytes per connection from {n1} to {n} connections",
-                per_connection(&t, &a, n.saturating_sub(n1))
+                "marginal: {slope:.0} bytes per connection (slope over {} readings from {:.0} \
+                 to {n} connections)",
+                samples.len(),
+                samples[0].0
             );
         }
     }
+}
+
+/// The least-squares slope of `y` over `x`, when the `x` are not all equal.
+fn slope(points: &[(f64, f64)]) -> Option<f64> {
+    let n = points.len() as f64;
+    let (mx, my) = points
+        .iter()
+        .fold((0.0, 0.0), |(x, y), p| (x + p.0 / n, y + p.1 / n));
+    let (sxy, sxx) = points.iter().fold((0.0, 0.0), |(xy, xx), p| {
+        (xy + (p.0 - mx) * (p.1 - my), xx + (p.0 - mx) * (p.0 - mx))
+    });
+    (sxx > 0.0).then(|| sxy / sxx)
 }
 
 #[cfg(test)]
@@ -718,6 +733,13 @@ mod tests {
         assert_eq!(used, f.len());
         assert_eq!(field_t(payload), Some(12345));
         assert!(server_frame(&f[..f.len() - 1]).is_none());
+    }
+
+    #[test]
+    fn slope_of_a_line_and_of_nothing() {
+        let line: Vec<(f64, f64)> = (0..10).map(|x| (x as f64, 3.0 * x as f64 + 7.0)).collect();
+        assert!((slope(&line).unwrap() - 3.0).abs() < 1e-9);
+        assert_eq!(slope(&[(5.0, 1.0), (5.0, 2.0)]), None);
     }
 
     #[test]
