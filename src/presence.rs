@@ -17,15 +17,17 @@ use crate::shard::RoomKey;
 /// A user within a tenant.
 pub type UserKey = (Arc<str>, Arc<str>);
 
+/// One per online user on its owner core: kept small (32 bytes), as there are as many as users.
 #[derive(Default)]
 struct UserState {
     /// Connections on this instance.
     local: u32,
-    /// Other instances (ids) on which the user has connections.
-    remote: Vec<Arc<str>>,
+    /// Bumped (wrapping) by every change, so that a grace timer can tell it is stale.
+    generation: u32,
     online: bool,
-    /// Bumped by every change, so that a grace timer can tell it is stale.
-    generation: u64,
+    /// Other instances (ids) on which the user has connections: a boxed slice, since it is
+    /// empty without Redis and short with it.
+    remote: Box<[Arc<str>]>,
 }
 
 /// What a change means for the rest of the tenant.
@@ -36,7 +38,7 @@ pub enum Transition {
     Online,
     /// The user has no connection anywhere: offline unless this generation is still current
     /// after the grace period.
-    Leaving(u64),
+    Leaving(u32),
 }
 
 #[derive(Default)]
@@ -74,9 +76,15 @@ impl Owned {
         };
         let known = state.remote.iter().position(|i| i == instance);
         match (known, up) {
-            (None, true) => state.remote.push(instance.clone()),
+            (None, true) => {
+                state.remote = [&state.remote[..], std::slice::from_ref(instance)]
+                    .concat()
+                    .into()
+            }
             (Some(at), false) => {
-                state.remote.swap_remove(at);
+                let mut rest = std::mem::take(&mut state.remote).into_vec();
+                rest.swap_remove(at);
+                state.remote = rest.into();
             }
             _ => return Transition::Unchanged,
         }
@@ -110,7 +118,7 @@ impl Owned {
     }
 
     /// The grace period of `generation` is over; true when the user went offline.
-    pub fn expire(&mut self, user: &UserKey, generation: u64) -> bool {
+    pub fn expire(&mut self, user: &UserKey, generation: u32) -> bool {
         match self.users.get(user) {
             Some(s) if !s.online_now() && s.generation == generation => {
                 self.users.remove(user);
@@ -138,7 +146,7 @@ impl UserState {
 
 /// Brings `online` in line with the connections and says what that means.
 fn settle(state: &mut UserState) -> Transition {
-    state.generation += 1;
+    state.generation = state.generation.wrapping_add(1);
     match (state.online_now(), state.online) {
         (true, false) => {
             state.online = true;
@@ -223,7 +231,7 @@ mod tests {
         ("t".into(), u.into())
     }
 
-    fn leaving(t: Transition) -> u64 {
+    fn leaving(t: Transition) -> u32 {
         match t {
             Transition::Leaving(g) => g,
             other => panic!("expected Leaving, got {other:?}"),

@@ -284,6 +284,7 @@ async fn housekeeping(shard: Rc<Shard>, shutdown: Arc<AtomicBool>) {
             last_sweep = now;
             let stats = shard.stats();
             let now_ms = crate::auth::now_ms();
+            let clock = crate::handle::clock_ms();
             shard.for_each_connection(|c| {
                 if c.close_code().is_some() {
                     return;
@@ -296,11 +297,11 @@ async fn housekeeping(shard: Rc<Shard>, shutdown: Arc<AtomicBool>) {
                     );
                     c.push(crate::ws::text(expired.as_bytes()));
                     c.close(CloseCode::TokenExpired);
-                } else if now.saturating_duration_since(c.last_seen.get()) > timeout {
+                } else if clock.saturating_sub(c.last_seen.get()) > hb.timeout_ms {
                     stats.heartbeat_closes_total.inc();
                     c.close(CloseCode::HeartbeatTimeout);
-                } else if now.saturating_duration_since(c.last_ping.get()) >= interval {
-                    c.last_ping.set(now);
+                } else if clock.saturating_sub(c.last_ping.get()) >= hb.interval_ms {
+                    c.last_ping.set(clock);
                     if c.push(ping.clone()) == crate::handle::Pushed::Overflowed {
                         stats.slow_consumer_closes_total.inc();
                     }
