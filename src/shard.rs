@@ -305,6 +305,14 @@ impl Shard {
 
     // ---- connections -------------------------------------------------------------------
 
+    /// `tenant`, or the equal key this core already holds for it (its connections share one).
+    pub fn tenant_key(&self, tenant: Box<str>) -> Arc<str> {
+        match self.tenants.borrow().get_key_value(&*tenant) {
+            Some((held, _)) => held.clone(),
+            None => tenant.into(),
+        }
+    }
+
     /// Adds a connection to this core's indexes and counts it for its user's presence.
     pub async fn register(self: &Rc<Self>, conn: Rc<ConnHandle>) {
         self.stats().connections_open.inc();
@@ -354,17 +362,6 @@ impl Shard {
 
     // ---- subscriptions (connection side) ---------------------------------------------
 
-    /// Adds `conn` to `room` and resolves once an event published from now on reaches it.
-    /// With Redis, waits first for the broker (at most `broker.subscribe_timeout_ms`), so that
-    /// joining a room that was live before an outage is not acked while Redis is away.
-    /// `tenant`, or the equal key this core already holds for it (its connections share one).
-    pub fn tenant_key(&self, tenant: Box<str>) -> Arc<str> {
-        match self.tenants.borrow().get_key_value(&*tenant) {
-            Some((held, _)) => held.clone(),
-            None => tenant.into(),
-        }
-    }
-
     /// `room`, or the equal key this core already holds for it (subscribers share one).
     pub fn room_key_of(&self, room: RoomKey) -> RoomKey {
         match self.local.borrow().get_key_value(&room) {
@@ -373,6 +370,9 @@ impl Shard {
         }
     }
 
+    /// Adds `conn` to `room` and resolves once an event published from now on reaches it.
+    /// With Redis, waits first for the broker (at most `broker.subscribe_timeout_ms`), so that
+    /// joining a room that was live before an outage is not acked while Redis is away.
     pub async fn subscribe(&self, room: &RoomKey, conn: &Rc<ConnHandle>) -> Verdict {
         let ready = self
             .broker
