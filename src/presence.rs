@@ -7,11 +7,10 @@
 //!   broadcasts, so that snapshots are answered locally.
 //! - [`Throttle`]: on a conversation's owner, the last forwarded typing event per user.
 
-use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::route::Map;
+use crate::route::{Map, Set};
 use crate::shard::RoomKey;
 
 /// A user within a tenant.
@@ -100,7 +99,7 @@ impl Owned {
     ) -> Vec<(UserKey, Transition)> {
         let mut changes = Vec::new();
         // A set: an instance may list tens of thousands of users.
-        let listed: HashSet<&UserKey, foldhash::fast::RandomState> = members.iter().collect();
+        let listed: Set<&UserKey> = members.iter().collect();
         let stale: Vec<UserKey> = self
             .users
             .iter()
@@ -159,7 +158,7 @@ fn settle(state: &mut UserState) -> Transition {
 
 #[derive(Default)]
 pub struct Replica {
-    online: Map<Arc<str>, HashSet<Arc<str>, foldhash::fast::RandomState>>,
+    online: Map<Arc<str>, Set<Arc<str>>>,
 }
 
 impl Replica {

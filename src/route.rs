@@ -4,7 +4,7 @@
 //! always maps to the same shard for a given shard count, and growing the count moves only
 //! about `1/n` of the keys.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
 use xxhash_rust::xxh3::xxh3_64;
 
@@ -12,6 +12,9 @@ use xxhash_rust::xxh3::xxh3_64;
 /// maps are many and their keys partly come from clients. (`Xxh3Builder` would carry 216 bytes
 /// in every map and build a 576-byte hasher per key.)
 pub type Map<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
+
+/// A set with the same hasher as [`Map`].
+pub type Set<T> = HashSet<T, foldhash::fast::RandomState>;
 
 /// The shard (0..n) that owns `key`. `n` must be at least 1.
 pub fn shard_for(key: &[u8], n: usize) -> usize {

@@ -121,7 +121,7 @@ impl Shard {
             kind: Kind::Event,
             except: Some(user.1),
         };
-        self.push_all(conns.values().map(|c| &**c), &out);
+        self.push_all(conns.iter().map(|c| &*c.0), &out);
     }
 
     /// The tenant's online users (cluster-wide with Redis, grace period included), sorted.
