@@ -13,7 +13,7 @@ use std::cell::{Cell, RefCell};
 use std::collections::VecDeque;
 use std::future::poll_fn;
 use std::io::{self, Read};
-use std::net::{SocketAddr, ToSocketAddrs};
+use std::net::{IpAddr, SocketAddr, ToSocketAddrs};
 use std::pin::Pin;
 use std::rc::Rc;
 use std::task::{Context, Poll, Waker};
@@ -91,13 +91,16 @@ impl Target {
         })
     }
 
-    fn addr(&self) -> io::Result<SocketAddr> {
-        (self.host.as_str(), self.port)
-            .to_socket_addrs()?
-            .next()
-            .ok_or_else(|| {
-                io::Error::new(io::ErrorKind::NotFound, "redis host resolves to nothing")
-            })
+    /// The addresses to try, in order. A host name is resolved on glommio's blocking thread: a
+    /// slow DNS server must not stall the core (an IP address needs no lookup).
+    async fn addrs(&self) -> io::Result<Vec<SocketAddr>> {
+        if let Ok(ip) = self.host.parse::<IpAddr>() {
+            return Ok(vec![SocketAddr::new(ip, self.port)]);
+        }
+        let (host, port) = (self.host.clone(), self.port);
+        glommio::executor()
+            .spawn_blocking(move || Ok((host.as_str(), port).to_socket_addrs()?.collect()))
+            .await
     }
 
     /// Commands that open every connection: AUTH and SELECT as configured.
@@ -481,8 +484,17 @@ impl Read for Feed<'_> {
 }
 
 async fn connect(target: &Target) -> io::Result<TcpStream> {
-    let addr = target.addr()?;
-    let connect = async { TcpStream::connect(addr).await.map_err(io::Error::from) };
+    // The lookup counts against the connect timeout too.
+    let connect = async {
+        let mut failed = io::Error::new(io::ErrorKind::NotFound, "redis host resolves to nothing");
+        for addr in target.addrs().await? {
+            match TcpStream::connect(addr).await {
+                Ok(stream) => return Ok(stream),
+                Err(e) => failed = e.into(),
+            }
+        }
+        Err(failed)
+    };
     let timeout = async {
         glommio::timer::sleep(Duration::from_secs(2)).await;
         Err(io::Error::new(io::ErrorKind::TimedOut, "connect timed out"))

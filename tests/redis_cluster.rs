@@ -7,16 +7,19 @@ use std::time::{Duration, Instant};
 use serde_json::{json, Value};
 use support::*;
 
-fn config(redis: &Redis) -> String {
+fn config(redis_url: &str) -> String {
     format!(
-        "[server]\nshards = 2\n[broker]\nkind = \"redis\"\nredis_url = \"{}\"\ninstance_ttl_ms = 1000\nsubscribe_timeout_ms = 1000\n[presence]\noffline_grace_ms = 300",
-        redis.url()
+        "[server]\nshards = 2\n[broker]\nkind = \"redis\"\nredis_url = \"{redis_url}\"\ninstance_ttl_ms = 1000\nsubscribe_timeout_ms = 1000\n[presence]\noffline_grace_ms = 300"
     )
 }
 
 /// Starts an instance and waits until it is ready (Redis connected on every core).
 fn instance(redis: &Redis) -> Server {
-    let server = Server::start(&config(redis));
+    instance_at(&redis.url())
+}
+
+fn instance_at(redis_url: &str) -> Server {
+    let server = Server::start(&config(redis_url));
     wait_for("readiness", || {
         (server.http("GET", "/readyz", &[], b"").status == 200).then_some(())
     });
@@ -61,6 +64,17 @@ fn events_published_anywhere_reach_subscribers_everywhere_once_and_in_order() {
         // Exactly once: nothing else is queued.
         assert_eq!(c.request(json!({"type": "ping"}), "end")["type"], "pong");
     }
+}
+
+#[test]
+fn redis_is_reached_by_host_name() {
+    let redis = Redis::start();
+    let by_name = redis.url().replace("127.0.0.1", "localhost");
+    let a = instance_at(&by_name);
+    let mut c = a.connect("t1", "alice");
+    c.subscribe("c1");
+    a.publish_ok("t1", vec![updated("c1", 1)]);
+    assert_eq!(c.recv()["seq"], 1);
 }
 
 #[test]
