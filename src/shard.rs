@@ -138,17 +138,24 @@ pub enum Verdict {
 ///
 /// A waiter that gives up (its future dropped, e.g. by a timeout or `or`) takes its waker
 /// back: a long-lived latch such as `Shard::stopping` must not collect one per request.
+/// The waiters are boxed: a core holds a latch per room it serves, and once set (most of its
+/// life) a latch has none.
 #[derive(Default)]
 pub struct Latch {
     value: Cell<Option<Verdict>>,
-    waiters: RefCell<Map<u64, Waker>>,
-    next_waiter: Cell<u64>,
+    waiters: RefCell<Option<Box<Waiters>>>,
+}
+
+#[derive(Default)]
+struct Waiters {
+    wakers: Map<u64, Waker>,
+    next: u64,
 }
 
 impl Latch {
     pub fn set(&self, v: Verdict) {
         self.value.set(Some(v));
-        for (_, w) in self.waiters.take() {
+        for (_, w) in self.waiters.take().into_iter().flat_map(|w| w.wakers) {
             w.wake();
         }
     }
@@ -187,21 +194,21 @@ impl Future for LatchWait<'_> {
         if let Some(v) = self.latch.value.get() {
             return Poll::Ready(v);
         }
-        let latch = self.latch;
+        let mut waiters = self.latch.waiters.borrow_mut();
+        let waiters = waiters.get_or_insert_with(Box::default);
         let key = *self.key.get_or_insert_with(|| {
-            let k = latch.next_waiter.get();
-            latch.next_waiter.set(k + 1);
-            k
+            waiters.next += 1;
+            waiters.next
         });
-        latch.waiters.borrow_mut().insert(key, cx.waker().clone());
+        waiters.wakers.insert(key, cx.waker().clone());
         Poll::Pending
     }
 }
 
 impl Drop for LatchWait<'_> {
     fn drop(&mut self) {
-        if let Some(key) = self.key {
-            self.latch.waiters.borrow_mut().remove(&key);
+        if let (Some(key), Some(waiters)) = (self.key, self.latch.waiters.borrow_mut().as_mut()) {
+            waiters.wakers.remove(&key);
         }
     }
 }
@@ -846,7 +853,11 @@ mod tests {
             );
         }
         assert!(
-            latch.waiters.borrow().is_empty(),
+            latch
+                .waiters
+                .borrow()
+                .as_ref()
+                .is_some_and(|w| w.wakers.is_empty()),
             "dropped waits left their wakers behind"
         );
         let mut kept = std::pin::pin!(latch.wait());

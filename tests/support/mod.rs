@@ -272,6 +272,10 @@ impl Drop for Server {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+        if std::thread::panicking() {
+            // The server's side of a failed test, for whoever reads the failure.
+            eprintln!("--- server log ---\n{}", self.logs().join("\n"));
+        }
     }
 }
 
