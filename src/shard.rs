@@ -138,24 +138,17 @@ pub enum Verdict {
 ///
 /// A waiter that gives up (its future dropped, e.g. by a timeout or `or`) takes its waker
 /// back: a long-lived latch such as `Shard::stopping` must not collect one per request.
-/// The waiters are boxed: a core holds a latch per room it serves, and once set (most of its
-/// life) a latch has none.
 #[derive(Default)]
 pub struct Latch {
     value: Cell<Option<Verdict>>,
-    waiters: RefCell<Option<Box<Waiters>>>,
-}
-
-#[derive(Default)]
-struct Waiters {
-    wakers: Map<u64, Waker>,
-    next: u64,
+    waiters: RefCell<Map<u64, Waker>>,
+    next_waiter: Cell<u64>,
 }
 
 impl Latch {
     pub fn set(&self, v: Verdict) {
         self.value.set(Some(v));
-        for (_, w) in self.waiters.take().into_iter().flat_map(|w| w.wakers) {
+        for (_, w) in self.waiters.take() {
             w.wake();
         }
     }
@@ -194,21 +187,21 @@ impl Future for LatchWait<'_> {
         if let Some(v) = self.latch.value.get() {
             return Poll::Ready(v);
         }
-        let mut waiters = self.latch.waiters.borrow_mut();
-        let waiters = waiters.get_or_insert_with(Box::default);
+        let latch = self.latch;
         let key = *self.key.get_or_insert_with(|| {
-            waiters.next += 1;
-            waiters.next
+            let k = latch.next_waiter.get();
+            latch.next_waiter.set(k + 1);
+            k
         });
-        waiters.wakers.insert(key, cx.waker().clone());
+        latch.waiters.borrow_mut().insert(key, cx.waker().clone());
         Poll::Pending
     }
 }
 
 impl Drop for LatchWait<'_> {
     fn drop(&mut self) {
-        if let (Some(key), Some(waiters)) = (self.key, self.latch.waiters.borrow_mut().as_mut()) {
-            waiters.wakers.remove(&key);
+        if let Some(key) = self.key {
+            self.latch.waiters.borrow_mut().remove(&key);
         }
     }
 }
@@ -853,11 +846,7 @@ mod tests {
             );
         }
         assert!(
-            latch
-                .waiters
-                .borrow()
-                .as_ref()
-                .is_some_and(|w| w.wakers.is_empty()),
+            latch.waiters.borrow().is_empty(),
             "dropped waits left their wakers behind"
         );
         let mut kept = std::pin::pin!(latch.wait());
