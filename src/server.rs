@@ -7,7 +7,7 @@
 //! `shutdown` is raised and every connection has closed with `1001` (or the timeout passed).
 
 use std::net::{IpAddr, SocketAddr};
-use std::os::fd::{FromRawFd, IntoRawFd, RawFd};
+use std::os::fd::{FromRawFd, IntoRawFd};
 use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -34,11 +34,6 @@ use crate::{conn, publish};
 /// (FIELD-NOTES: DataDog/glommio #261, #555); a short periodic timer on every core prevents it.
 /// The same tick polls the shutdown flag.
 const TICK: Duration = Duration::from_millis(10);
-/// How often the accept loop also takes connections straight from the listen queue. Under load
-/// on these machines, glommio 0.9's pending io_uring accept sometimes never completed while a
-/// connection sat in the queue: a core stopped answering (about one start in 700 of three
-/// start/probe loops at once plus a CPU hog).
-const ACCEPT_CHECK: Duration = Duration::from_secs(1);
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -233,42 +228,24 @@ async fn run_shard(start: Start, listener: socket2::Socket) -> Result<(), String
     glommio::spawn_local(housekeeping(shard.clone(), shutdown)).detach();
 
     // SAFETY of from_raw_fd: the fd comes from a socket we own and give up here.
-    let listen_fd = listener.into_raw_fd();
-    let listener = unsafe { TcpListener::from_raw_fd(listen_fd) };
-    let mut accept = Box::pin(listener.accept());
+    let listener = unsafe { TcpListener::from_raw_fd(listener.into_raw_fd()) };
     loop {
-        let accepted = async { Accepted::Stream(accept.as_mut().await) };
         let stopping = async {
             shard.stopping.wait().await;
-            Accepted::Stop
+            None
         };
-        let check = async {
-            glommio::timer::sleep(ACCEPT_CHECK).await;
-            Accepted::Check
-        };
-        let accepted =
-            futures_lite::future::or(accepted, futures_lite::future::or(stopping, check));
-        match accepted.await {
-            Accepted::Stop => break,
-            Accepted::Check => {
-                // The pending accept stays armed; this takes what it may have missed.
-                if let Some(stream) = accept_waiting(listen_fd) {
-                    glommio::spawn_local(handle_client(shard.clone(), stream)).detach();
-                }
-            }
-            Accepted::Stream(Ok(stream)) => {
-                accept = Box::pin(listener.accept());
+        match futures_lite::future::or(async { Some(listener.accept().await) }, stopping).await {
+            None => break,
+            Some(Ok(stream)) => {
                 glommio::spawn_local(handle_client(shard.clone(), stream)).detach();
             }
-            Accepted::Stream(Err(e)) => {
-                accept = Box::pin(listener.accept());
+            Some(Err(e)) => {
                 // Typically out of file descriptors: back off instead of spinning.
                 warn!(error = %e, "accept failed");
                 glommio::timer::sleep(TICK).await;
             }
         }
     }
-    drop(accept);
     drop(listener);
     drain(&shard).await;
     if shard.id == 0 {
@@ -276,34 +253,6 @@ async fn run_shard(start: Start, listener: socket2::Socket) -> Result<(), String
         futures_lite::future::or(shard.leave_cluster(), timeout).await;
     }
     Ok(())
-}
-
-/// What the accept loop woke up for.
-enum Accepted {
-    Stream(glommio::Result<glommio::net::TcpStream, ()>),
-    /// Time to look for connections the pending accept missed (see `ACCEPT_CHECK`).
-    Check,
-    Stop,
-}
-
-/// A connection waiting in the queue of listening socket `listen_fd`, taken with a plain
-/// non-blocking `accept`.
-fn accept_waiting(listen_fd: RawFd) -> Option<glommio::net::TcpStream> {
-    // SAFETY: accept4 on our listening fd, with no address buffer.
-    let fd = unsafe {
-        libc::accept4(
-            listen_fd,
-            std::ptr::null_mut(),
-            std::ptr::null_mut(),
-            libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
-        )
-    };
-    if fd < 0 {
-        return None;
-    }
-    warn!("a connection waited in the listen queue past a pending accept; taken directly");
-    // SAFETY: a connected socket we own from here.
-    Some(unsafe { glommio::net::TcpStream::from_raw_fd(fd) })
 }
 
 /// Periodic per-core work: the shutdown flag, heartbeats, and pruning of idle rate buckets.
