@@ -225,6 +225,11 @@ struct LocalRoom {
 /// from id to handle takes 16).
 type Conns = Set<ById>;
 
+/// The key `map` holds equal to `key`: a shared copy, where building one would allocate.
+fn held_key<V>(map: &Map<Arc<str>, V>, key: &str) -> Option<Arc<str>> {
+    map.get_key_value(key).map(|(held, _)| held.clone())
+}
+
 /// A handle that hashes and compares as its id.
 struct ById(Rc<ConnHandle>);
 
@@ -331,10 +336,7 @@ impl Shard {
 
     /// `tenant`, or the equal key this core already holds for it (its connections share one).
     pub fn tenant_key(&self, tenant: Box<str>) -> Arc<str> {
-        match self.tenants.borrow().get_key_value(&*tenant) {
-            Some((held, _)) => held.clone(),
-            None => tenant.into(),
-        }
+        held_key(&self.tenants.borrow(), &tenant).unwrap_or_else(|| tenant.into())
     }
 
     /// Adds a connection to this core's indexes and counts it for its user's presence.
@@ -388,10 +390,7 @@ impl Shard {
 
     /// `room`, or the equal key this core already holds for it (subscribers share one).
     pub fn room_key_of(&self, room: RoomKey) -> RoomKey {
-        match self.local.borrow().get_key_value(&room) {
-            Some((held, _)) => held.clone(),
-            None => room,
-        }
+        held_key(&self.local.borrow(), &room).unwrap_or(room)
     }
 
     /// Adds `conn` to `room` and resolves once an event published from now on reaches it.
@@ -731,12 +730,7 @@ impl Shard {
             Push::Message { channel, payload } => {
                 // The room's own key: no allocation per event. A room not owned (any more) has
                 // no subscribers here.
-                let Some(room) = self
-                    .owned
-                    .borrow()
-                    .get_key_value(channel)
-                    .map(|(k, _)| k.clone())
-                else {
+                let Some(room) = held_key(&self.owned.borrow(), channel) else {
                     return;
                 };
                 let frame = crate::ws::text(payload);
