@@ -24,10 +24,12 @@ use tracing::{debug, info};
 use crate::auth::{self, Identity};
 use crate::handle::{ConnHandle, Next};
 use crate::limit::TokenBucket;
+use crate::mesh::Verdict;
 use crate::protocol::{
     parse_client_event, server_event, Activity, ClientEvent, CloseCode, ErrorCode,
 };
-use crate::shard::{room_key, RoomKey, Shard, Verdict};
+use crate::route::{room_key, RoomKey};
+use crate::shard::Shard;
 use crate::ws;
 
 /// Most bytes coalesced into one write.

@@ -28,6 +28,8 @@ pub struct ConnHandle {
     pub last_ping: Cell<u64>,
     /// When the connection's token expires (ms since the Unix epoch, leeway included).
     pub expires_at_ms: Cell<u64>,
+    /// Last time the connection was told it missed events (`overloaded`), in [`clock_ms`].
+    pub overload_noticed: Cell<u64>,
 }
 
 /// Whether a frame may be shed under backpressure.
@@ -85,6 +87,7 @@ impl ConnHandle {
             last_seen: Cell::new(now),
             last_ping: Cell::new(now),
             expires_at_ms: Cell::new(expires_at_ms),
+            overload_noticed: Cell::new(0),
         }
     }
 

@@ -15,6 +15,7 @@ pub mod conn;
 pub mod handle;
 pub mod http;
 pub mod limit;
+pub mod mesh;
 pub mod metrics;
 pub mod presence;
 pub mod protocol;

@@ -63,7 +63,8 @@ core_stats! {
     rate_limit_closes_total: "counter", "connections closed with 4008 (message rate)";
     heartbeat_closes_total: "counter", "connections closed with 4009 (heartbeat timeout)";
     client_errors_total: "counter", "client events answered with an error";
-    mesh_overflow_total: "counter", "cross-core messages dropped because a ring was full";
+    mesh_overflow_total: "counter", "event deliveries to another core dropped because its ring and outbox were full (its subscribers get error overloaded)";
+    mesh_queued_total: "counter", "cross-core messages that found the ring full and waited in the outbox";
     broker_up: "gauge", "cores whose Redis connections are up (broker.kind = redis)";
 }
 

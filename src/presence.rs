@@ -10,11 +10,8 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::route::{Map, Set};
-use crate::shard::RoomKey;
-
-/// A user within a tenant.
-pub type UserKey = (Arc<str>, Arc<str>);
+pub use crate::route::UserKey;
+use crate::route::{Map, RoomKey, Set};
 
 /// One per online user on its owner core: kept small (32 bytes), as there are as many as users.
 #[derive(Default)]

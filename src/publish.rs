@@ -10,7 +10,7 @@ use serde::Deserialize;
 use serde_json::value::RawValue;
 
 use crate::protocol::{is_entity_id, is_tenant_id};
-use crate::shard::{room_key, RoomKey};
+use crate::route::{room_key, RoomKey};
 use crate::ws;
 
 #[derive(Deserialize)]

@@ -6,6 +6,9 @@
 
 use std::collections::{HashMap, HashSet};
 
+use std::net::IpAddr;
+use std::sync::Arc;
+
 use xxhash_rust::xxh3::xxh3_64;
 
 /// The hash map of the per-core indexes: a small (8-byte), seeded, fast hasher, since these
@@ -15,6 +18,30 @@ pub type Map<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
 
 /// A set with the same hasher as [`Map`].
 pub type Set<T> = HashSet<T, foldhash::fast::RandomState>;
+
+/// The routing key of a conversation: `<tenantId>:c:<conversationId>` (tenant IDs contain no
+/// `:`, so the key is unambiguous). It is also the Redis channel name after the prefix.
+pub type RoomKey = Arc<str>;
+
+pub fn room_key(tenant: &str, conversation: &str) -> RoomKey {
+    format!("{tenant}:c:{conversation}").into()
+}
+
+/// A user: (tenant, user id).
+pub type UserKey = (Arc<str>, Arc<str>);
+
+/// The key that places a user's presence: `<tenantId>:u:<userId>`.
+pub fn user_key((tenant, user): &UserKey) -> String {
+    format!("{tenant}:u:{user}")
+}
+
+/// The key that places a client IP's rate bucket: IPv4 as its IPv6-mapped form.
+pub fn ip_key(ip: &IpAddr) -> [u8; 16] {
+    match ip {
+        IpAddr::V4(v4) => v4.to_ipv6_mapped().octets(),
+        IpAddr::V6(v6) => v6.octets(),
+    }
+}
 
 /// The shard (0..n) that owns `key`. `n` must be at least 1.
 pub fn shard_for(key: &[u8], n: usize) -> usize {

@@ -25,9 +25,10 @@ use crate::broker::{Broker, Target};
 use crate::config::BrokerKind;
 use crate::config::Config;
 use crate::http::{self, Request, Response};
+use crate::mesh::{Mesh, Message, Verdict};
 use crate::metrics::{self, Registry};
 use crate::protocol::{server_event, CloseCode, ErrorCode};
-use crate::shard::{Message, Shard, Verdict};
+use crate::shard::Shard;
 use crate::{conn, publish};
 
 /// A glommio executor whose tasks all sleep may miss a cross-core wake-up at start-up
@@ -189,8 +190,10 @@ async fn run_shard(start: Start, listener: socket2::Socket) -> Result<(), String
             )))
         }
     };
+    let mesh = Mesh::new(senders, config.server.mesh_queue_len);
+    mesh.start(&registry);
     let shard = Rc::new(Shard::new(
-        senders,
+        mesh,
         config.clone(),
         verifier,
         registry,
@@ -218,6 +221,8 @@ async fn run_shard(start: Start, listener: socket2::Socket) -> Result<(), String
             async move {
                 while let Some(msg) = rx.recv().await {
                     shard.handle(msg);
+                    // A burst of deliveries must not starve this core's writers.
+                    glommio::yield_if_needed().await;
                 }
             },
             mesh_queue,
@@ -464,7 +469,7 @@ async fn read_head(shard: &Shard, stream: &mut TcpStream, buf: &mut BytesMut) ->
 
 /// Checks a `/ws` request and answers it: `101` and the identity, or an error response.
 async fn upgrade(
-    shard: &Shard,
+    shard: &Rc<Shard>,
     stream: &mut TcpStream,
     req: &Request,
     peer: SocketAddr,
@@ -491,7 +496,7 @@ async fn upgrade(
 }
 
 async fn check_upgrade(
-    shard: &Shard,
+    shard: &Rc<Shard>,
     req: &Request,
     ip: IpAddr,
 ) -> Result<(auth::Identity, String), Response> {
@@ -521,15 +526,24 @@ async fn check_upgrade(
     if shard.stopping.get().is_some() {
         return Err(Response::error(503, "unavailable", "server shutting down"));
     }
-    if let Verdict::RetryAfterMs(ms) = shard.admit(ip).await {
-        stats.rejected_rate_limited_total.inc();
-        let seconds = ms.div_ceil(1000).max(1);
-        return Err(Response::error(
-            429,
-            "rate_limited",
-            "too many connection attempts from this address",
-        )
-        .with_header("Retry-After", seconds.to_string()));
+    match shard.admit(ip).await {
+        Verdict::Granted => {}
+        Verdict::RetryAfterMs(ms) => {
+            stats.rejected_rate_limited_total.inc();
+            let seconds = ms.div_ceil(1000).max(1);
+            return Err(Response::error(
+                429,
+                "rate_limited",
+                "too many connection attempts from this address",
+            )
+            .with_header("Retry-After", seconds.to_string()));
+        }
+        Verdict::Unavailable => {
+            return Err(
+                Response::error(503, "unavailable", "server overloaded; retry")
+                    .with_header("Retry-After", "1"),
+            )
+        }
     }
     let origins = &shard.config.server.allowed_origins;
     if let Some(origin) = req.header("origin") {
@@ -616,7 +630,7 @@ fn presence_request(shard: &Shard, req: &Request) -> Response {
 
 /// `POST /v1/publish`. `None` when the connection must close without an answer.
 async fn publish_request(
-    shard: &Shard,
+    shard: &Rc<Shard>,
     stream: &mut TcpStream,
     buf: &mut BytesMut,
     req: &Request,

@@ -16,195 +16,21 @@
 mod users;
 
 use std::cell::{Cell, RefCell};
-use std::future::Future;
 use std::net::IpAddr;
 use std::rc::Rc;
 use std::sync::Arc;
-use std::task::{Poll, Waker};
 use std::time::{Duration, Instant};
-
-use bytes::Bytes;
-use glommio::channels::channel_mesh::Senders;
 
 use crate::broker::{Broker, BrokerError, Push};
 use crate::config::Config;
 use crate::handle::{ConnHandle, Kind, Pushed};
 use crate::limit::TokenBucket;
+use crate::mesh::{Fanned, Latch, Mesh, Message, Verdict};
 use crate::metrics::{CoreStats, Registry};
-use crate::presence::{self, UserKey};
-use crate::protocol::server_event;
+use crate::presence;
+use crate::protocol::{server_event, ErrorCode};
 use crate::publish::Routed;
-use crate::route::{shard_for, Map, Set};
-
-/// The routing key of a conversation: `<tenantId>:c:<conversationId>` (tenant IDs contain no
-/// `:`, so the key is unambiguous). It is also the Redis channel name after the prefix.
-pub type RoomKey = Arc<str>;
-
-pub fn room_key(tenant: &str, conversation: &str) -> RoomKey {
-    format!("{tenant}:c:{conversation}").into()
-}
-
-/// Messages between cores.
-pub enum Message {
-    /// Core `from` now has subscribers for `room`; answer with `Reply { req }`.
-    Subscribe {
-        room: RoomKey,
-        from: usize,
-        req: u64,
-    },
-    /// Core `from` has no subscribers for `room` any more.
-    Unsubscribe {
-        room: RoomKey,
-        from: usize,
-    },
-    /// An event for `room`, to its owner.
-    Publish {
-        room: RoomKey,
-        frame: Bytes,
-    },
-    /// A frame for `room`, from its owner to a core with subscribers.
-    Deliver {
-        room: RoomKey,
-        out: Fanned,
-    },
-    /// `user` is typing in `room`, to the room's owner (which throttles).
-    Typing {
-        room: RoomKey,
-        user: Arc<str>,
-    },
-    /// A connection of `user` opened (`up`) or closed, to the user's owner.
-    Connection {
-        user: UserKey,
-        up: bool,
-    },
-    /// `user` came online or went offline, from its owner to every core.
-    Presence {
-        user: UserKey,
-        online: bool,
-        frame: Bytes,
-    },
-    /// Another instance reports `user` up or down there, to the user's owner.
-    Remote {
-        user: UserKey,
-        instance: Arc<str>,
-        up: bool,
-    },
-    /// `instance` has exactly these users (empty: it is gone), to every core.
-    Members {
-        instance: Arc<str>,
-        users: Arc<[UserKey]>,
-    },
-    /// A connection attempt from `ip`, to the owner of its rate bucket.
-    Admit {
-        ip: IpAddr,
-        from: usize,
-        req: u64,
-    },
-    Reply {
-        req: u64,
-        verdict: Verdict,
-    },
-}
-
-/// A frame on its way to a room's subscribers.
-#[derive(Clone)]
-pub struct Fanned {
-    pub frame: Bytes,
-    pub kind: Kind,
-    /// Whose own connections skip it (the typist's).
-    pub except: Option<Arc<str>>,
-}
-
-impl Fanned {
-    /// A published event: for everyone, never shed.
-    pub fn event(frame: Bytes) -> Fanned {
-        Fanned {
-            frame,
-            kind: Kind::Event,
-            except: None,
-        }
-    }
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Verdict {
-    Granted,
-    RetryAfterMs(u64),
-    /// The broker could not confirm in time.
-    Unavailable,
-}
-
-/// A one-shot value that any number of local tasks can wait for.
-///
-/// A waiter that gives up (its future dropped, e.g. by a timeout or `or`) takes its waker
-/// back: a long-lived latch such as `Shard::stopping` must not collect one per request.
-#[derive(Default)]
-pub struct Latch {
-    value: Cell<Option<Verdict>>,
-    waiters: RefCell<Map<u64, Waker>>,
-    next_waiter: Cell<u64>,
-}
-
-impl Latch {
-    pub fn set(&self, v: Verdict) {
-        self.value.set(Some(v));
-        for (_, w) in self.waiters.take() {
-            w.wake();
-        }
-    }
-
-    pub fn get(&self) -> Option<Verdict> {
-        self.value.get()
-    }
-
-    pub fn wait(&self) -> LatchWait<'_> {
-        LatchWait {
-            latch: self,
-            key: None,
-        }
-    }
-
-    /// The value, or `Unavailable` if it is not set within `timeout`.
-    pub async fn wait_at_most(&self, timeout: Duration) -> Verdict {
-        let expired = async {
-            glommio::timer::sleep(timeout).await;
-            Verdict::Unavailable
-        };
-        futures_lite::future::or(self.wait(), expired).await
-    }
-}
-
-/// The future of [`Latch::wait`].
-pub struct LatchWait<'a> {
-    latch: &'a Latch,
-    key: Option<u64>,
-}
-
-impl Future for LatchWait<'_> {
-    type Output = Verdict;
-
-    fn poll(mut self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> Poll<Verdict> {
-        if let Some(v) = self.latch.value.get() {
-            return Poll::Ready(v);
-        }
-        let latch = self.latch;
-        let key = *self.key.get_or_insert_with(|| {
-            let k = latch.next_waiter.get();
-            latch.next_waiter.set(k + 1);
-            k
-        });
-        latch.waiters.borrow_mut().insert(key, cx.waker().clone());
-        Poll::Pending
-    }
-}
-
-impl Drop for LatchWait<'_> {
-    fn drop(&mut self) {
-        if let Some(key) = self.key {
-            self.latch.waiters.borrow_mut().remove(&key);
-        }
-    }
-}
+use crate::route::{ip_key, shard_for, Map, RoomKey, Set};
 
 /// A room this core owns.
 struct OwnedRoom {
@@ -219,6 +45,8 @@ struct LocalRoom {
     conns: Vec<Rc<ConnHandle>>,
     /// Set once the owner has registered this core's interest.
     live: Rc<Latch>,
+    /// The request that announced this core's interest to the owner (its `pending` entry).
+    req: u64,
 }
 
 /// Connections by id: a set of handles looked up by their `id` (8 bytes an entry, where a map
@@ -259,7 +87,7 @@ pub struct Shard {
     pub config: Arc<Config>,
     pub verifier: Arc<crate::auth::Verifier>,
     pub registry: Registry,
-    mesh: Senders<Message>,
+    mesh: Rc<Mesh>,
     /// The Redis bridge, with `broker.kind = "redis"`.
     pub broker: Option<Rc<Broker>>,
     /// This instance's id among the instances sharing a Redis.
@@ -289,7 +117,7 @@ pub struct Shard {
 
 impl Shard {
     pub fn new(
-        mesh: Senders<Message>,
+        mesh: Rc<Mesh>,
         config: Arc<Config>,
         verifier: Arc<crate::auth::Verifier>,
         registry: Registry,
@@ -297,8 +125,8 @@ impl Shard {
         instance: Arc<str>,
     ) -> Shard {
         Shard {
-            id: mesh.peer_id(),
-            count: mesh.nr_consumers(),
+            id: mesh.id(),
+            count: mesh.cores(),
             config,
             verifier,
             registry,
@@ -393,10 +221,14 @@ impl Shard {
         held_key(&self.local.borrow(), &room).unwrap_or(room)
     }
 
-    /// Adds `conn` to `room` and resolves once an event published from now on reaches it.
-    /// With Redis, waits first for the broker (at most `broker.subscribe_timeout_ms`), so that
-    /// joining a room that was live before an outage is not acked while Redis is away.
-    pub async fn subscribe(&self, room: &RoomKey, conn: &Rc<ConnHandle>) -> Verdict {
+    /// Adds `conn` to `room` and resolves once an event published from now on reaches it, or
+    /// with `Unavailable` after `broker.subscribe_timeout_ms`. With Redis, waits first for the
+    /// broker, so that joining a room that was live before an outage is not acked while Redis
+    /// is away.
+    ///
+    /// Cancellation: dropped at any await, it leaves `conn` in the room at most, which the
+    /// caller's `unsubscribe` undoes (the last one out withdraws the request and the interest).
+    pub async fn subscribe(self: &Rc<Self>, room: &RoomKey, conn: &Rc<ConnHandle>) -> Verdict {
         let ready = self
             .broker
             .as_ref()
@@ -407,80 +239,61 @@ impl Shard {
                 return Verdict::Unavailable;
             }
         }
+        let owner = self.owner_of(room);
+        self.mesh.room(owner).await;
         let joined = self.local.borrow_mut().get_mut(room).map(|r| {
             r.conns.push(conn.clone());
             r.live.clone()
         });
-        let live = match joined {
-            Some(live) => live,
-            None => {
-                let live = Rc::new(Latch::default());
-                let first = LocalRoom {
-                    conns: vec![conn.clone()],
-                    live: live.clone(),
-                };
-                self.local.borrow_mut().insert(room.clone(), first);
-                self.announce(room, live.clone()).await;
-                live
-            }
-        };
-        live.wait().await
-    }
-
-    /// Tells the owner that this core has subscribers for `room`.
-    async fn announce(&self, room: &RoomKey, live: Rc<Latch>) {
-        let owner = self.owner_of(room);
-        if owner == self.id {
-            let owned = self.add_interest(room, self.id);
-            self.when_live(owned, move |v| live.set(v));
-            return;
-        }
-        let req = self.next_id();
-        self.pending.borrow_mut().insert(req, live);
-        self.send(
-            owner,
-            Message::Subscribe {
-                room: room.clone(),
-                from: self.id,
+        let live = joined.unwrap_or_else(|| {
+            let (live, req) = (Rc::new(Latch::default()), self.next_id());
+            let first = LocalRoom {
+                conns: vec![conn.clone()],
+                live: live.clone(),
                 req,
-            },
-        )
-        .await;
+            };
+            self.local.borrow_mut().insert(room.clone(), first);
+            self.pending.borrow_mut().insert(req, live.clone());
+            let from = self.id;
+            let room = room.clone();
+            self.route(owner, Message::Subscribe { room, from, req });
+            live
+        });
+        live.wait_at_most(timeout).await
     }
 
     /// Removes `conn` from `room`; the last one out tells the owner.
-    pub async fn unsubscribe(&self, room: &RoomKey, conn_id: u64) {
-        {
-            let mut local = self.local.borrow_mut();
-            let Some(r) = local.get_mut(room) else { return };
-            if let Some(at) = r.conns.iter().position(|c| c.id == conn_id) {
-                r.conns.swap_remove(at);
-            }
-            if !r.conns.is_empty() {
-                return;
-            }
-            local.remove(room);
-        }
+    pub async fn unsubscribe(self: &Rc<Self>, room: &RoomKey, conn_id: u64) {
         let owner = self.owner_of(room);
-        if owner == self.id {
-            self.remove_interest(room, self.id);
-        } else {
-            self.send(
-                owner,
-                Message::Unsubscribe {
-                    room: room.clone(),
-                    from: self.id,
-                },
-            )
-            .await;
+        self.mesh.room(owner).await;
+        let mut local = self.local.borrow_mut();
+        let Some(r) = local.get_mut(room) else { return };
+        if let Some(at) = r.conns.iter().position(|c| c.id == conn_id) {
+            r.conns.swap_remove(at);
         }
+        if !r.conns.is_empty() {
+            return;
+        }
+        let req = r.req;
+        local.remove(room);
+        drop(local);
+        // A reply still on its way finds nothing to wake.
+        self.pending.borrow_mut().remove(&req);
+        let from = self.id;
+        self.route(
+            owner,
+            Message::Unsubscribe {
+                room: room.clone(),
+                from,
+            },
+        );
     }
 
     // ---- events ------------------------------------------------------------------------
 
     /// Routes published events to every subscriber, on every core (and, with Redis, on every
     /// instance). With Redis all of them are published atomically, or none.
-    pub async fn publish(&self, events: Vec<Routed>) -> Result<(), BrokerError> {
+    pub async fn publish(self: &Rc<Self>, events: Vec<Routed>) -> Result<(), BrokerError> {
         if let Some(broker) = &self.broker {
             let publishes: Vec<redis::Cmd> = events
                 .iter()
@@ -495,24 +308,18 @@ impl Shard {
         }
         for Routed { room, frame } in events {
             let owner = self.owner_of(&room);
-            if owner == self.id {
-                self.fan_out(&room, Fanned::event(frame));
-            } else {
-                self.send(owner, Message::Publish { room, frame }).await;
-            }
+            self.mesh.room(owner).await;
+            self.route(owner, Message::Publish { room, frame });
         }
         Ok(())
     }
 
     /// Forwards `user`'s typing in `room` to the room's subscribers (but not to the user's
     /// own connections), at most once per `presence.typing_throttle_ms`.
-    pub async fn typing(&self, room: RoomKey, user: Arc<str>) {
+    pub async fn typing(self: &Rc<Self>, room: RoomKey, user: Arc<str>) {
         let owner = self.owner_of(&room);
-        if owner == self.id {
-            self.typing_at_owner(&room, user);
-        } else {
-            self.send(owner, Message::Typing { room, user }).await;
-        }
+        self.mesh.room(owner).await;
+        self.route(owner, Message::Typing { room, user });
     }
 
     fn typing_at_owner(&self, room: &RoomKey, user: Arc<str>) {
@@ -563,17 +370,7 @@ impl Shard {
             cores &= cores - 1;
             if core == self.id {
                 self.deliver(room, &out);
-            } else if self
-                .mesh
-                .try_send_to(
-                    core,
-                    Message::Deliver {
-                        room: room.clone(),
-                        out: out.clone(),
-                    },
-                )
-                .is_err()
-            {
+            } else if !self.mesh.deliver(core, room, &out) {
                 self.stats().mesh_overflow_total.inc();
             }
         }
@@ -584,6 +381,24 @@ impl Shard {
         let local = self.local.borrow();
         let Some(r) = local.get(room) else { return };
         self.push_all(r.conns.iter().map(|c| &**c), out);
+    }
+
+    /// Tells this core's subscribers of `room` that events of it were dropped on their way
+    /// here: `error{code:"overloaded"}`, at most once a second per connection.
+    fn gap(&self, room: &RoomKey) {
+        let local = self.local.borrow();
+        let Some(r) = local.get(room) else { return };
+        let now = crate::handle::clock_ms();
+        let conversation = room.split_once(":c:").map_or("", |(_, c)| c);
+        let message = format!("events of conversation {conversation} were dropped: reload it");
+        let error =
+            crate::ws::text(server_event::error(ErrorCode::Overloaded, &message, None).as_bytes());
+        for conn in &r.conns {
+            if now.saturating_sub(conn.overload_noticed.get()) >= 1000 {
+                conn.overload_noticed.set(now);
+                conn.push(error.clone());
+            }
+        }
     }
 
     /// Queues `out` to each of `conns` but the excepted user's; counts what happened.
@@ -604,25 +419,25 @@ impl Shard {
 
     // ---- connection-attempt rate limit ------------------------------------------------
 
-    /// Takes a token from `ip`'s bucket, on the core that owns it.
-    pub async fn admit(&self, ip: IpAddr) -> Verdict {
-        let owner = shard_for(&ip_bytes(&ip), self.count);
-        if owner == self.id {
-            return self.take_token(ip);
-        }
-        let req = self.next_id();
-        let answer = Rc::new(Latch::default());
+    /// Takes a token from `ip`'s bucket, on the core that owns it. `Unavailable` when that
+    /// core does not answer within `server.request_timeout_ms`.
+    pub async fn admit(self: &Rc<Self>, ip: IpAddr) -> Verdict {
+        let owner = shard_for(&ip_key(&ip), self.count);
+        self.mesh.room(owner).await;
+        let (answer, req) = (Rc::new(Latch::default()), self.next_id());
         self.pending.borrow_mut().insert(req, answer.clone());
-        self.send(
+        // Dropped or timed out, the wait takes its entry back.
+        let _forget = Forget(self, req);
+        self.route(
             owner,
             Message::Admit {
                 ip,
                 from: self.id,
                 req,
             },
-        )
-        .await;
-        answer.wait().await
+        );
+        let limit = Duration::from_millis(self.config.server.request_timeout_ms);
+        answer.wait_at_most(limit).await
     }
 
     fn take_token(&self, ip: IpAddr) -> Verdict {
@@ -766,23 +581,30 @@ impl Shard {
         }
     }
 
-    /// Sends with backpressure. A closed peer means the server is stopping: nothing to do.
-    async fn send(&self, to: usize, msg: Message) {
-        let _ = self.mesh.send_to(to, msg).await;
+    /// Hands `msg` to `core`: handled now when that is this core, else posted behind
+    /// everything posted to it before. The one router of every message.
+    pub(crate) fn route(self: &Rc<Self>, core: usize, msg: Message) {
+        if core == self.id {
+            self.handle(msg);
+        } else {
+            self.mesh.post(core, msg);
+        }
     }
 
-    /// Handles one message from another core. Never awaits: replies go out on their own task,
-    /// so two cores' receivers can never wait on each other's full rings.
+    /// Handles one message from another core (or this one, through `route`). Never awaits.
     pub fn handle(self: &Rc<Self>, msg: Message) {
         match msg {
             Message::Subscribe { room, from, req } => {
                 let live = self.add_interest(&room, from);
                 let me = self.clone();
-                self.when_live(live, move |v| me.reply(from, req, v));
+                self.when_live(live, move |verdict| {
+                    me.route(from, Message::Reply { req, verdict })
+                });
             }
             Message::Unsubscribe { room, from } => self.remove_interest(&room, from),
             Message::Publish { room, frame } => self.fan_out(&room, Fanned::event(frame)),
             Message::Deliver { room, out } => self.deliver(&room, &out),
+            Message::Gap { room } => self.gap(&room),
             Message::Typing { room, user } => self.typing_at_owner(&room, user),
             Message::Connection { user, up } => self.connection_at_owner(user, up),
             Message::Presence {
@@ -794,7 +616,7 @@ impl Shard {
             Message::Members { instance, users } => self.members_here(&instance, &users),
             Message::Admit { ip, from, req } => {
                 let verdict = self.take_token(ip);
-                self.reply(from, req, verdict);
+                self.route(from, Message::Reply { req, verdict });
             }
             Message::Reply { req, verdict } => {
                 if let Some(latch) = self.pending.borrow_mut().remove(&req) {
@@ -803,49 +625,13 @@ impl Shard {
             }
         }
     }
-
-    fn reply(self: &Rc<Self>, to: usize, req: u64, verdict: Verdict) {
-        self.send_later(to, Message::Reply { req, verdict });
-    }
-
-    /// Sends from a context that must not wait: on a task of its own, in spawn order.
-    fn send_later(self: &Rc<Self>, to: usize, msg: Message) {
-        let me = self.clone();
-        glommio::spawn_local(async move { me.send(to, msg).await }).detach();
-    }
 }
 
-fn ip_bytes(ip: &IpAddr) -> [u8; 16] {
-    match ip {
-        IpAddr::V4(v4) => v4.to_ipv6_mapped().octets(),
-        IpAddr::V6(v6) => v6.octets(),
-    }
-}
+/// Removes a request's `pending` entry when its wait ends, answered or not.
+struct Forget<'a>(&'a Shard, u64);
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use std::task::Context;
-
-    #[test]
-    fn a_latch_forgets_waiters_that_gave_up() {
-        let latch = Latch::default();
-        let mut cx = Context::from_waker(Waker::noop());
-        for _ in 0..100 {
-            let mut wait = std::pin::pin!(latch.wait());
-            assert!(wait.as_mut().poll(&mut cx).is_pending());
-            assert!(
-                wait.as_mut().poll(&mut cx).is_pending(),
-                "polled twice, registered once"
-            );
-        }
-        assert!(
-            latch.waiters.borrow().is_empty(),
-            "dropped waits left their wakers behind"
-        );
-        let mut kept = std::pin::pin!(latch.wait());
-        assert!(kept.as_mut().poll(&mut cx).is_pending());
-        latch.set(Verdict::Granted);
-        assert_eq!(kept.as_mut().poll(&mut cx), Poll::Ready(Verdict::Granted));
+impl Drop for Forget<'_> {
+    fn drop(&mut self) {
+        self.0.pending.borrow_mut().remove(&self.1);
     }
 }

@@ -16,11 +16,12 @@ use std::time::Duration;
 use bytes::Bytes;
 use tracing::{info, warn};
 
-use super::{Fanned, Message, Shard};
+use super::Shard;
 use crate::handle::Kind;
+use crate::mesh::{Fanned, Message};
 use crate::presence::{Transition, UserKey};
 use crate::protocol::server_event;
-use crate::route::shard_for;
+use crate::route::{shard_for, user_key};
 
 /// The presence channel, prefix stripped.
 pub const PRESENCE_CHANNEL: &str = "presence";
@@ -33,18 +34,15 @@ pub fn typing_payload_user(payload: &[u8]) -> Option<Arc<str>> {
 }
 
 impl Shard {
-    fn user_owner(&self, (tenant, user): &UserKey) -> usize {
-        shard_for(format!("{tenant}:u:{user}").as_bytes(), self.count)
+    fn user_owner(&self, user: &UserKey) -> usize {
+        shard_for(user_key(user).as_bytes(), self.count)
     }
 
     /// Tells `user`'s owner that one of its connections opened or closed.
     pub(super) async fn route_connection(self: &Rc<Self>, user: UserKey, up: bool) {
         let owner = self.user_owner(&user);
-        if owner == self.id {
-            self.connection_at_owner(user, up);
-        } else {
-            self.send(owner, Message::Connection { user, up }).await;
-        }
+        self.mesh.room(owner).await;
+        self.route(owner, Message::Connection { user, up });
     }
 
     pub(super) fn connection_at_owner(self: &Rc<Self>, user: UserKey, up: bool) {
@@ -105,7 +103,7 @@ impl Shard {
                 online,
                 frame: frame.clone(),
             };
-            self.send_later(core, msg);
+            self.mesh.post(core, msg);
         }
         self.presence_here(user, online, frame);
     }
@@ -185,10 +183,7 @@ impl Shard {
                     instance: (*instance).into(),
                     up: *verb == "up",
                 };
-                match self.user_owner(&user) {
-                    owner if owner == self.id => self.handle(msg),
-                    owner => self.send_later(owner, msg),
-                }
+                self.route(self.user_owner(&user), msg);
             }
             ["gone", instance] if *instance != &*self.instance => {
                 self.instance_members((*instance).into(), Arc::from([]))
@@ -201,7 +196,7 @@ impl Shard {
     /// Every core learns `instance`'s full membership.
     fn instance_members(self: &Rc<Self>, instance: Arc<str>, users: Arc<[UserKey]>) {
         for core in (0..self.count).filter(|&c| c != self.id) {
-            self.send_later(
+            self.mesh.post(
                 core,
                 Message::Members {
                     instance: instance.clone(),
