@@ -9,7 +9,7 @@ mod common;
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use fanfare::handle::ConnHandle;
 use fanfare::publish::Routed;
-use fanfare::shard::room_key;
+use fanfare::route::room_key;
 use futures_lite::future::block_on;
 
 fn fanout(c: &mut Criterion) {

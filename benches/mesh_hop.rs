@@ -1,10 +1,12 @@
-//! One cross-core hop: a `Deliver` message over the SPSC mesh from one executor to another,
-//! measured as half of a round trip.
+//! One cross-core hop: a `Deliver` message posted through the mesh's outbox (`Mesh::post`, the
+//! path every cross-core message takes) from one executor to another, measured as half of a
+//! round trip.
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
-use fanfare::shard::{room_key, Fanned, Message};
+use fanfare::mesh::{Fanned, Mesh, Message};
+use fanfare::route::room_key;
 use glommio::channels::channel_mesh::{Full, MeshBuilder};
 use glommio::{LocalExecutorPoolBuilder, PoolPlacement};
 
@@ -20,13 +22,14 @@ fn mesh_hop(c: &mut Criterion) {
                 async move {
                     let (tx, rx) = mesh.join().await.expect("mesh");
                     let peer = 1 - tx.peer_id();
-                    let ask = ask_rx.lock().ok().and_then(|mut a| {
-                        if tx.peer_id() == 0 {
-                            a.take()
-                        } else {
-                            None
-                        }
-                    });
+                    let me = tx.peer_id();
+                    let tx = Mesh::new(tx, 1024);
+                    tx.start(&fanfare::metrics::registry(2));
+                    let ask =
+                        ask_rx
+                            .lock()
+                            .ok()
+                            .and_then(|mut a| if me == 0 { a.take() } else { None });
                     let room = room_key("tenant", "room");
                     let out = Fanned::event(fanfare::ws::text(&[b'x'; 100]));
                     match ask {
@@ -35,27 +38,23 @@ fn mesh_hop(c: &mut Criterion) {
                             while let Ok(n) = ask.recv() {
                                 let start = Instant::now();
                                 for _ in 0..n {
-                                    let _ = tx
-                                        .send_to(
-                                            peer,
-                                            Message::Deliver {
-                                                room: room.clone(),
-                                                out: out.clone(),
-                                            },
-                                        )
-                                        .await;
+                                    tx.post(
+                                        peer,
+                                        Message::Deliver {
+                                            room: room.clone(),
+                                            out: out.clone(),
+                                        },
+                                    );
                                     let _ = rx.recv_from(peer).await;
                                 }
                                 let _ = done_tx.send(start.elapsed());
                             }
-                            tx.close();
+                            drop(rx);
                         }
                         // The echo: sends every message back.
                         None => {
                             while let Ok(Some(msg)) = rx.recv_from(peer).await {
-                                if tx.send_to(peer, msg).await.is_err() {
-                                    break;
-                                }
+                                tx.post(peer, msg);
                             }
                         }
                     }

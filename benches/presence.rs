@@ -9,7 +9,7 @@ mod common;
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use fanfare::handle::ConnHandle;
-use fanfare::shard::Message;
+use fanfare::mesh::Message;
 use futures_lite::future::block_on;
 
 const USERS: u64 = 10_000;

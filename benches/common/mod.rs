@@ -3,7 +3,8 @@
 use std::rc::Rc;
 use std::sync::Arc;
 
-use fanfare::shard::{Message, Shard};
+use fanfare::mesh::{Mesh, Message};
+use fanfare::shard::Shard;
 use glommio::channels::channel_mesh::{Full, MeshBuilder, Receivers};
 
 /// Must be awaited inside a glommio executor; keep the receivers alive as long as the shard.
@@ -15,7 +16,7 @@ pub async fn single_core_shard() -> (Rc<Shard>, Receivers<Message>) {
     let config = Arc::new(fanfare::config::Config::default());
     let verifier = Arc::new(fanfare::auth::Verifier::new(&config.auth).expect("verifier"));
     let shard = Shard::new(
-        senders,
+        Mesh::new(senders, 16),
         config,
         verifier,
         fanfare::metrics::registry(1),
