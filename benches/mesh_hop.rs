@@ -25,11 +25,10 @@ fn mesh_hop(c: &mut Criterion) {
                     let me = tx.peer_id();
                     let tx = Mesh::new(tx, 1024);
                     tx.start(&fanfare::metrics::registry(2));
-                    let ask =
-                        ask_rx
-                            .lock()
-                            .ok()
-                            .and_then(|mut a| if me == 0 { a.take() } else { None });
+                    let ask = ask_rx
+                        .lock()
+                        .ok()
+                        .and_then(|mut a| if me == 0 { a.take() } else { None });
                     let room = room_key("tenant", "room");
                     let out = Fanned::event(fanfare::ws::text(&[b'x'; 100]));
                     match ask {

@@ -28,8 +28,9 @@ pub struct ConnHandle {
     pub last_ping: Cell<u64>,
     /// When the connection's token expires (ms since the Unix epoch, leeway included).
     pub expires_at_ms: Cell<u64>,
-    /// Last time the connection was told it missed events (`overloaded`), in [`clock_ms`].
-    pub overload_noticed: Cell<u64>,
+    /// Until when, in [`clock_ms`], the connection is not told again that it missed events
+    /// (`overloaded`): once a second at most.
+    pub overload_quiet_until: Cell<u64>,
 }
 
 /// Whether a frame may be shed under backpressure.
@@ -87,7 +88,7 @@ impl ConnHandle {
             last_seen: Cell::new(now),
             last_ping: Cell::new(now),
             expires_at_ms: Cell::new(expires_at_ms),
-            overload_noticed: Cell::new(0),
+            overload_quiet_until: Cell::new(0),
         }
     }
 

@@ -85,6 +85,11 @@ pub enum Message {
         instance: Arc<str>,
         users: Arc<[UserKey]>,
     },
+    /// Answer `Reply { req }` to `from` once everything `from` sent before is handled.
+    Sync {
+        from: usize,
+        req: u64,
+    },
     /// A connection attempt from `ip`, to the owner of its rate bucket.
     Admit {
         ip: IpAddr,

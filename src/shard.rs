@@ -31,6 +31,7 @@ use crate::presence;
 use crate::protocol::{server_event, ErrorCode};
 use crate::publish::Routed;
 use crate::route::{ip_key, shard_for, Map, RoomKey, Set};
+use tracing::warn;
 
 /// A room this core owns.
 struct OwnedRoom {
@@ -306,10 +307,24 @@ impl Shard {
                 .collect();
             return broker.transaction(&publishes).await;
         }
+        let mut owners = 0u64;
         for Routed { room, frame } in events {
             let owner = self.owner_of(&room);
+            owners |= 1 << owner;
             self.mesh.room(owner).await;
             self.route(owner, Message::Publish { room, frame });
+        }
+        // Answered only once every owner has fanned the events out: a publish that is
+        // answered before the next one is sent is delivered before it, whatever core each
+        // request reached.
+        owners &= !(1 << self.id);
+        while owners != 0 {
+            let owner = owners.trailing_zeros() as usize;
+            owners &= owners - 1;
+            let from = self.id;
+            if self.request(owner, |req| Message::Sync { from, req }).await != Verdict::Granted {
+                warn!(core = owner, "a core did not confirm a publish in time");
+            }
         }
         Ok(())
     }
@@ -394,8 +409,8 @@ impl Shard {
         let error =
             crate::ws::text(server_event::error(ErrorCode::Overloaded, &message, None).as_bytes());
         for conn in &r.conns {
-            if now.saturating_sub(conn.overload_noticed.get()) >= 1000 {
-                conn.overload_noticed.set(now);
+            if now >= conn.overload_quiet_until.get() {
+                conn.overload_quiet_until.set(now + 1000);
                 conn.push(error.clone());
             }
         }
@@ -423,19 +438,19 @@ impl Shard {
     /// core does not answer within `server.request_timeout_ms`.
     pub async fn admit(self: &Rc<Self>, ip: IpAddr) -> Verdict {
         let owner = shard_for(&ip_key(&ip), self.count);
-        self.mesh.room(owner).await;
+        let from = self.id;
+        self.request(owner, |req| Message::Admit { ip, from, req })
+            .await
+    }
+
+    /// Sends `msg(req)` to `core` and waits for its `Reply { req }`, at most
+    /// `server.request_timeout_ms`. Dropped or timed out, it takes its `pending` entry back.
+    async fn request(self: &Rc<Self>, core: usize, msg: impl FnOnce(u64) -> Message) -> Verdict {
+        self.mesh.room(core).await;
         let (answer, req) = (Rc::new(Latch::default()), self.next_id());
         self.pending.borrow_mut().insert(req, answer.clone());
-        // Dropped or timed out, the wait takes its entry back.
         let _forget = Forget(self, req);
-        self.route(
-            owner,
-            Message::Admit {
-                ip,
-                from: self.id,
-                req,
-            },
-        );
+        self.route(core, msg(req));
         let limit = Duration::from_millis(self.config.server.request_timeout_ms);
         answer.wait_at_most(limit).await
     }
@@ -614,6 +629,13 @@ impl Shard {
             } => self.presence_here(user, online, frame),
             Message::Remote { user, instance, up } => self.remote_at_owner(user, instance, up),
             Message::Members { instance, users } => self.members_here(&instance, &users),
+            Message::Sync { from, req } => self.route(
+                from,
+                Message::Reply {
+                    req,
+                    verdict: Verdict::Granted,
+                },
+            ),
             Message::Admit { ip, from, req } => {
                 let verdict = self.take_token(ip);
                 self.route(from, Message::Reply { req, verdict });

@@ -3,11 +3,6 @@ mod support;
 
 use support::*;
 
-/// The core a connection lives on: connection ids carry it in their top 16 bits.
-fn core_of(connection_id: &str) -> u64 {
-    u64::from_str_radix(connection_id, 16).expect("hex connection id") >> 48
-}
-
 #[test]
 fn every_subscriber_on_every_core_gets_every_event() {
     let server = Server::start("[server]\nshards = 2");
@@ -21,7 +16,7 @@ fn every_subscriber_on_every_core_gets_every_event() {
             .connect_raw(&format!("/ws?token={}", token("t1", "fan", 600)))
             .unwrap();
         let ready = c.expect("session.ready");
-        cores.insert(core_of(ready["connectionId"].as_str().unwrap()));
+        cores.insert(core_of(&ready));
         clients.push(c);
     }
     // Several conversations, so that both cores own some.

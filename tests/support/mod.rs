@@ -517,6 +517,44 @@ pub fn parse_response(raw: &[u8]) -> std::io::Result<HttpResponse> {
     })
 }
 
+/// The core a connection lives on: connection ids carry it in their top 16 bits.
+pub fn core_of(ready: &Value) -> u64 {
+    let id = ready["connectionId"].as_str().expect("connectionId");
+    u64::from_str_radix(id, 16).expect("hex connection id") >> 48
+}
+
+/// The first `count` conversations of tenant `t1` owned by `core` of `cores`.
+pub fn conversations_owned_by(core: usize, cores: usize, count: usize) -> Vec<String> {
+    (0..)
+        .map(|i| format!("room-{i}"))
+        .filter(|name| {
+            let key = fanfare::route::room_key("t1", name);
+            fanfare::route::shard_for(key.as_bytes(), cores) == core
+        })
+        .take(count)
+        .collect()
+}
+
+/// Connects clients of tenant `t1` (user `user`) until each of the 2 cores holds at least
+/// `per_core` of them; returns them with their cores.
+pub fn clients_on_both_cores(server: &Server, user: &str, per_core: usize) -> Vec<(Client, u64)> {
+    let mut clients = Vec::new();
+    let count =
+        |clients: &Vec<(Client, u64)>, core| clients.iter().filter(|(_, c)| *c == core).count();
+    while count(&clients, 0) < per_core || count(&clients, 1) < per_core {
+        assert!(
+            clients.len() < 400,
+            "the connections all landed on one core"
+        );
+        let mut c = server
+            .connect_raw(&format!("/ws?token={}", token("t1", user, 3600)))
+            .expect("websocket upgrade");
+        let core = core_of(&c.expect("session.ready"));
+        clients.push((c, core));
+    }
+    clients
+}
+
 /// A `conversation.updated` event.
 pub fn updated(conversation: &str, seq: usize) -> Value {
     json!({"type": "conversation.updated", "conversationId": conversation, "seq": seq})
