@@ -65,6 +65,7 @@ core_stats! {
     client_errors_total: "counter", "client events answered with an error";
     mesh_overflow_total: "counter", "event deliveries to another core dropped because its ring and outbox were full (its subscribers get error overloaded)";
     mesh_queued_total: "counter", "cross-core messages that found the ring full and waited in the outbox";
+    redis_invalid_total: "counter", "messages on conversation channels in Redis dropped as invalid (not a publishable event)";
     broker_up: "gauge", "cores whose Redis connections are up (broker.kind = redis)";
 }
 

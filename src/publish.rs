@@ -4,6 +4,7 @@
 //! `RawValue`) and framed once; only the fields needed to route and validate are read.
 
 use std::borrow::Cow;
+use std::sync::Arc;
 
 use bytes::Bytes;
 use serde::Deserialize;
@@ -43,52 +44,130 @@ pub struct Routed {
     pub frame: Bytes,
 }
 
-/// Validates a publish body. The error is a sentence for the `400` answer.
-pub fn parse(body: &[u8]) -> Result<Vec<Routed>, String> {
-    let body: Body<'_> = serde_json::from_slice(body).map_err(|e| format!("bad body: {e}"))?;
+/// Why a publish body was refused: the sentence of the `400` answer.
+#[derive(Debug, thiserror::Error)]
+pub enum BodyError {
+    #[error("bad body: {0}")]
+    Json(serde_json::Error),
+    #[error("tenantId does not match [A-Za-z0-9._-]{{1,64}}")]
+    TenantId,
+    #[error("events is empty")]
+    NoEvents,
+    #[error("give exactly one of event or events")]
+    EventOrEvents,
+    #[error("event {index}: {error}")]
+    Event { index: usize, error: EventError },
+}
+
+/// Why one event was refused, from the publish API or from Redis.
+#[derive(Debug, thiserror::Error)]
+pub enum EventError {
+    #[error("not UTF-8")]
+    Utf8,
+    #[error("not an event object with a string type: {0}")]
+    NotAnEvent(serde_json::Error),
+    #[error("{0} does not match [A-Za-z0-9._~@:-]{{1,128}}")]
+    BadId(&'static str),
+    #[error("{kind} needs {field}")]
+    Missing { kind: String, field: &'static str },
+    #[error(
+        "type `{0}` cannot be published (conversation.updated, message.received, draft.locked)"
+    )]
+    Type(String),
+    #[error("conversationId `{0}` is not the channel's conversation")]
+    OtherConversation(String),
+}
+
+/// Validates a publish body.
+pub fn parse(body: &[u8]) -> Result<Vec<Routed>, BodyError> {
+    let body: Body<'_> = serde_json::from_slice(body).map_err(BodyError::Json)?;
     if !is_tenant_id(&body.tenant_id) {
-        return Err("tenantId does not match [A-Za-z0-9._-]{1,64}".into());
+        return Err(BodyError::TenantId);
     }
     let events = match (body.event, body.events) {
         (Some(one), None) => vec![one],
         (None, Some(many)) if !many.is_empty() => many,
-        (None, Some(_)) => return Err("events is empty".into()),
-        _ => return Err("give exactly one of event or events".into()),
+        (None, Some(_)) => return Err(BodyError::NoEvents),
+        _ => return Err(BodyError::EventOrEvents),
     };
     events
         .iter()
         .enumerate()
-        .map(|(i, raw)| {
-            let conversation = validate(raw).map_err(|e| format!("event {i}: {e}"))?;
+        .map(|(index, raw)| {
+            let head = head(raw.get()).map_err(|error| BodyError::Event { index, error })?;
+            let conversation =
+                published(&head).map_err(|error| BodyError::Event { index, error })?;
             Ok(Routed {
-                room: room_key(&body.tenant_id, &conversation),
+                room: room_key(&body.tenant_id, conversation),
                 frame: ws::text(raw.get().as_bytes()),
             })
         })
         .collect()
 }
 
-/// Checks one event and returns its conversation.
-fn validate(raw: &RawValue) -> Result<String, String> {
-    let head: EventHead<'_> = serde_json::from_str(raw.get())
-        .map_err(|e| format!("not an event object with a string type: {e}"))?;
-    let required = |name: &str, value: &Option<Cow<'_, str>>| match value {
-        Some(v) if is_entity_id(v) => Ok(()),
-        Some(_) => Err(format!("{name} does not match [A-Za-z0-9._~@:-]{{1,128}}")),
-        None => Err(format!("{} needs {name}", head.kind)),
-    };
-    match &*head.kind {
-        "conversation.updated" => {}
-        "message.received" => required("messageId", &head.message_id)?,
-        "draft.locked" => required("userId", &head.user_id)?,
-        other => {
-            return Err(format!(
-                "type `{other}` cannot be published (conversation.updated, message.received, draft.locked)"
-            ))
+/// What a message on a conversation's Redis channel is, once checked.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Pushed {
+    /// A published event.
+    Event,
+    /// A `presence.typing` of this user, forwarded by an instance.
+    Typing(Arc<str>),
+}
+
+/// Checks a payload that arrived on the Redis channel of `conversation` as strictly as the
+/// publish API checks an event: anyone who can reach Redis can `PUBLISH` there, and what is
+/// let through reaches every subscriber's browser.
+pub fn check_pushed(payload: &[u8], conversation: &str) -> Result<Pushed, EventError> {
+    let text = std::str::from_utf8(payload).map_err(|_| EventError::Utf8)?;
+    let head = head(text)?;
+    let pushed = match &*head.kind {
+        "presence.typing" => Pushed::Typing(required("userId", &head.kind, &head.user_id)?.into()),
+        _ => {
+            published(&head)?;
+            Pushed::Event
         }
+    };
+    let own = required("conversationId", &head.kind, &head.conversation_id)?;
+    if own != conversation {
+        return Err(EventError::OtherConversation(own.into()));
     }
-    required("conversationId", &head.conversation_id)?;
-    Ok(head.conversation_id.unwrap_or_default().into_owned())
+    Ok(pushed)
+}
+
+fn head(event: &str) -> Result<EventHead<'_>, EventError> {
+    serde_json::from_str(event).map_err(EventError::NotAnEvent)
+}
+
+/// Checks a published event's type and fields; returns its conversation.
+fn published<'a>(head: &'a EventHead<'_>) -> Result<&'a str, EventError> {
+    let kind = &head.kind;
+    match &**kind {
+        "conversation.updated" => {}
+        "message.received" => {
+            required("messageId", kind, &head.message_id)?;
+        }
+        "draft.locked" => {
+            required("userId", kind, &head.user_id)?;
+        }
+        other => return Err(EventError::Type(other.into())),
+    }
+    required("conversationId", kind, &head.conversation_id)
+}
+
+/// The ID field `field` of an event of type `kind`: present and matching the ID pattern.
+fn required<'a>(
+    field: &'static str,
+    kind: &str,
+    value: &'a Option<Cow<'_, str>>,
+) -> Result<&'a str, EventError> {
+    match value {
+        Some(v) if is_entity_id(v) => Ok(v),
+        Some(_) => Err(EventError::BadId(field)),
+        None => Err(EventError::Missing {
+            kind: kind.into(),
+            field,
+        }),
+    }
 }
 
 #[cfg(test)]
@@ -155,7 +234,45 @@ mod tests {
             let e = parse(body.as_bytes())
                 .err()
                 .unwrap_or_else(|| panic!("{body} was accepted"));
-            assert!(e.contains(reason), "{body}: {e}");
+            assert!(e.to_string().contains(reason), "{body}: {e}");
+        }
+    }
+
+    #[test]
+    fn checks_what_redis_hands_over_like_a_publish() {
+        let typing = crate::protocol::server_event::typing("u1", "c1");
+        assert_eq!(
+            check_pushed(typing.as_bytes(), "c1").unwrap(),
+            Pushed::Typing("u1".into())
+        );
+        let event = br#"{"type":"message.received","conversationId":"c1","messageId":"m1"}"#;
+        assert_eq!(check_pushed(event, "c1").unwrap(), Pushed::Event);
+        let bad: [(&[u8], &str); 6] = [
+            (
+                b"{\"type\":\"conversation.updated\",\"conversationId\":\"c1\",\"x\":\"\xff\"}",
+                "UTF-8",
+            ),
+            (b"not json", "not an event"),
+            (
+                br#"{"type":"conversation.updated","conversationId":"c1"} trailing"#,
+                "not an event",
+            ),
+            (
+                br#"{"type":"presence.online","conversationId":"c1","userId":"u"}"#,
+                "cannot be published",
+            ),
+            (
+                br#"{"type":"conversation.updated","conversationId":"c2"}"#,
+                "channel's conversation",
+            ),
+            (
+                br#"{"type":"presence.typing","conversationId":"c1","userId":"a b"}"#,
+                "userId",
+            ),
+        ];
+        for (payload, reason) in bad {
+            let e = check_pushed(payload, "c1").expect_err(reason);
+            assert!(e.to_string().contains(reason), "{e}");
         }
     }
 }

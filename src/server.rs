@@ -685,7 +685,7 @@ async fn publish_request(
             shard.stats().events_published_total.add(accepted as u64);
             Some(Response::json(202, format!("{{\"accepted\":{accepted}}}")))
         }
-        Err(reason) => Some(Response::error(400, "bad_request", &reason)),
+        Err(reason) => Some(Response::error(400, "bad_request", &reason.to_string())),
     }
 }
 

@@ -563,14 +563,19 @@ impl Shard {
                 let Some(room) = held_key(&self.owned.borrow(), channel) else {
                     return;
                 };
-                let frame = crate::ws::text(payload);
-                let out = match users::typing_payload_user(payload) {
-                    Some(user) => Fanned {
-                        frame,
+                let conversation = room.split_once(":c:").map_or("", |(_, c)| c);
+                let out = match crate::publish::check_pushed(payload, conversation) {
+                    Ok(crate::publish::Pushed::Event) => Fanned::event(crate::ws::text(payload)),
+                    Ok(crate::publish::Pushed::Typing(user)) => Fanned {
+                        frame: crate::ws::text(payload),
                         kind: Kind::Ephemeral,
                         except: Some(user),
                     },
-                    None => Fanned::event(frame),
+                    Err(error) => {
+                        self.stats().redis_invalid_total.inc();
+                        warn!(%channel, %error, "dropped an invalid message from redis");
+                        return;
+                    }
                 };
                 self.fan_out(&room, out);
             }

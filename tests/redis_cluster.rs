@@ -350,3 +350,54 @@ fn a_subscription_that_goes_silent_is_renewed() {
     }
     assert_eq!(silent(&b), 2, "renewed once per core, no churn");
 }
+
+#[test]
+fn invalid_payloads_published_into_redis_reach_no_subscriber() {
+    let redis = Redis::start();
+    let server = instance(&redis);
+    let mut reader = server.connect("t1", "reader");
+    reader.subscribe("c1");
+    let bad: [&[u8]; 5] = [
+        b"{\"type\":\"conversation.updated\",\"conversationId\":\"c1\",\"x\":\"\xff\xfe\"}",
+        b"not json at all",
+        br#"{"type":"presence.online","userId":"u9","conversationId":"c1"}"#,
+        br#"{"type":"message.received","conversationId":"c1"}"#,
+        br#"{"type":"conversation.updated","conversationId":"elsewhere"}"#,
+    ];
+    for payload in bad {
+        let reply = redis
+            .command(&[b"PUBLISH".as_slice(), b"fanfare:t1:c:c1", payload])
+            .unwrap();
+        assert_eq!(
+            reply, ":1\r\n",
+            "one subscriber connection: this instance's"
+        );
+    }
+    // The same channel, so it arrives after anything the bad ones would have become.
+    let good = r#"{"type":"conversation.updated","conversationId":"c1","n":1}"#;
+    redis
+        .command(&["PUBLISH", "fanfare:t1:c:c1", good])
+        .unwrap();
+    match reader.ws.read().unwrap() {
+        tungstenite::Message::Text(t) => assert_eq!(t.as_str(), good),
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(
+        server.metric("fanfare_redis_invalid_total"),
+        bad.len() as u64
+    );
+    let warned = server
+        .logs()
+        .iter()
+        .filter(|l| l.contains("dropped an invalid message from redis") && l.contains("t1:c:c1"))
+        .count();
+    assert_eq!(
+        warned,
+        bad.len(),
+        "one warning with the channel per payload"
+    );
+    assert_eq!(
+        reader.request(json!({"type": "ping"}), "alive")["type"],
+        "pong"
+    );
+}

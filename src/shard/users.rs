@@ -26,13 +26,6 @@ use crate::route::{shard_for, user_key};
 /// The presence channel, prefix stripped.
 pub const PRESENCE_CHANNEL: &str = "presence";
 
-/// The typist of a `presence.typing` payload as this server builds it, if it is one.
-pub fn typing_payload_user(payload: &[u8]) -> Option<Arc<str>> {
-    let rest = payload.strip_prefix(br#"{"type":"presence.typing","userId":""#)?;
-    let end = rest.iter().position(|&b| b == b'"')?;
-    std::str::from_utf8(&rest[..end]).ok().map(Arc::from)
-}
-
 impl Shard {
     fn user_owner(&self, user: &UserKey) -> usize {
         shard_for(user_key(user).as_bytes(), self.count)
@@ -176,7 +169,9 @@ impl Shard {
         let text = String::from_utf8_lossy(payload);
         let words: Vec<&str> = text.split(' ').collect();
         match words.as_slice() {
-            [verb @ ("up" | "down"), instance, tenant, user] if *instance != &*self.instance => {
+            [verb @ ("up" | "down"), instance, tenant, user]
+                if *instance != &*self.instance && is_user(tenant, user) =>
+            {
                 let user: UserKey = ((*tenant).into(), (*user).into());
                 let msg = Message::Remote {
                     user: user.clone(),
@@ -189,7 +184,10 @@ impl Shard {
                 self.instance_members((*instance).into(), Arc::from([]))
             }
             [_, instance, ..] if *instance == &*self.instance => {}
-            _ => warn!(message = %text, "unrecognized presence message"),
+            _ => {
+                self.stats().redis_invalid_total.inc();
+                warn!(message = %text, "unrecognized presence message")
+            }
         }
     }
 
@@ -279,7 +277,7 @@ impl Shard {
                         .filter_map(|m| match m {
                             redis::Value::BulkString(b) => {
                                 let text = String::from_utf8_lossy(b);
-                                let (t, u) = text.split_once(' ')?;
+                                let (t, u) = text.split_once(' ').filter(|(t, u)| is_user(t, u))?;
                                 Some((Arc::from(t), Arc::from(u)))
                             }
                             _ => None,
@@ -318,17 +316,8 @@ impl Shard {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn recognizes_typing_payloads() {
-        let p = server_event::typing("u1", "c1");
-        assert_eq!(typing_payload_user(p.as_bytes()).as_deref(), Some("u1"));
-        assert_eq!(
-            typing_payload_user(br#"{"type":"conversation.updated","conversationId":"c1"}"#),
-            None
-        );
-    }
+/// A tenant and user from Redis that match the ID patterns: Redis is not trusted to hold only
+/// what instances wrote.
+fn is_user(tenant: &str, user: &str) -> bool {
+    crate::protocol::is_tenant_id(tenant) && crate::protocol::is_entity_id(user)
 }

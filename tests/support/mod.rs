@@ -630,18 +630,26 @@ pub struct Redis {
 }
 
 impl Redis {
+    /// Starts on a free port. The port is found by binding 0 and closing, so another process
+    /// may take it before redis-server does: then it fails to bind (or someone else answers),
+    /// and it is started again on another port.
     pub fn start() -> Redis {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        let mut redis = Redis { port, child: None };
-        redis.spawn();
-        redis
+        for _ in 0..20 {
+            let port = std::net::TcpListener::bind("127.0.0.1:0")
+                .unwrap()
+                .local_addr()
+                .unwrap()
+                .port();
+            let mut redis = Redis { port, child: None };
+            if redis.spawn() {
+                return redis;
+            }
+        }
+        panic!("redis-server found no free port in 20 tries");
     }
 
-    fn spawn(&mut self) {
+    /// Starts redis-server on `self.port`; false if the port turned out to be taken.
+    fn spawn(&mut self) -> bool {
         let child = Command::new("redis-server")
             .args([
                 "--port",
@@ -657,14 +665,20 @@ impl Redis {
             .stderr(Stdio::null())
             .spawn()
             .expect("redis-server (apt-get install redis-server)");
-        self.child = Some(child);
-        wait_for("redis-server to answer PING", || {
-            self.command(&["PING"])
-                .ok()
-                .filter(|r| r.starts_with("+PONG"))
+        let pid = child.id();
+        let child = self.child.insert(child);
+        let ours = wait_for("redis-server to answer PING or exit", || {
+            if let Ok(Some(_)) = child.try_wait() {
+                return Some(false);
+            }
+            let info = Self::command_at(self.port, &["INFO", "server"]).ok()?;
+            Some(info.contains(&format!("process_id:{pid}\r\n")))
         });
+        if !ours {
+            self.kill();
+        }
+        ours
     }
-
     pub fn url(&self) -> String {
         format!("redis://127.0.0.1:{}/0", self.port)
     }
@@ -679,19 +693,30 @@ impl Redis {
     /// Starts again on the same port.
     pub fn restart(&mut self) {
         self.kill();
-        self.spawn();
+        assert!(
+            self.spawn(),
+            "port {} was taken while redis-server was down",
+            self.port
+        );
     }
 
     /// Sends one command and returns the raw reply's first line(s).
-    pub fn command(&self, args: &[&str]) -> std::io::Result<String> {
-        let mut s = TcpStream::connect(("127.0.0.1", self.port))?;
+    pub fn command(&self, args: &[impl AsRef<[u8]>]) -> std::io::Result<String> {
+        Self::command_at(self.port, args)
+    }
+
+    fn command_at(port: u16, args: &[impl AsRef<[u8]>]) -> std::io::Result<String> {
+        let mut s = TcpStream::connect(("127.0.0.1", port))?;
         s.set_read_timeout(Some(Duration::from_secs(2)))?;
-        let mut req = format!("*{}\r\n", args.len());
+        let mut req = format!("*{}\r\n", args.len()).into_bytes();
         for a in args {
-            req.push_str(&format!("${}\r\n{a}\r\n", a.len()));
+            let a = a.as_ref();
+            req.extend_from_slice(format!("${}\r\n", a.len()).as_bytes());
+            req.extend_from_slice(a);
+            req.extend_from_slice(b"\r\n");
         }
-        s.write_all(req.as_bytes())?;
-        let mut buf = [0u8; 512];
+        s.write_all(&req)?;
+        let mut buf = [0u8; 2048];
         let n = s.read(&mut buf)?;
         Ok(String::from_utf8_lossy(&buf[..n]).into_owned())
     }
