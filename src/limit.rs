@@ -24,9 +24,15 @@ impl TokenBucket {
 
     /// Takes one token, or tells how many milliseconds until one is there.
     pub fn take(&mut self, rate: f64, burst: f64, now: Instant) -> Result<(), u64> {
+        self.check(rate, burst, now)?;
+        self.tokens -= 1.0;
+        Ok(())
+    }
+
+    /// Whether a token is there (without taking it), or how many milliseconds until one is.
+    pub fn check(&mut self, rate: f64, burst: f64, now: Instant) -> Result<(), u64> {
         self.refill(rate, burst, now);
         if self.tokens >= 1.0 {
-            self.tokens -= 1.0;
             Ok(())
         } else {
             Err((((1.0 - self.tokens) / rate) * 1000.0).ceil() as u64)

@@ -389,9 +389,11 @@ async fn handle_client(shard: Rc<Shard>, mut stream: TcpStream) {
                 }
                 return;
             }
-            ("GET", path) if path.starts_with("/v1/presence/") => presence_request(&shard, &req),
+            ("GET", path) if path.starts_with("/v1/presence/") => {
+                presence_request(&shard, &req, peer.ip())
+            }
             ("POST", "/v1/publish") => {
-                match publish_request(&shard, &mut stream, &mut buf, &req).await {
+                match publish_request(&shard, &mut stream, &mut buf, &req, peer.ip()).await {
                     Some(response) => response,
                     None => return,
                 }
@@ -601,19 +603,37 @@ fn instance_id() -> String {
     )
 }
 
-/// Whether the request carries one of the publish API keys.
-fn has_api_key(shard: &Shard, req: &Request) -> bool {
+/// Checks the request's API key (`Authorization: Bearer`): `401` for a bad one, `429` while
+/// the client's IP is over its limit of bad keys.
+fn check_api_key(shard: &Shard, req: &Request, ip: IpAddr) -> Result<(), Response> {
     let keys = &shard.config.publish.api_keys;
-    req.bearer().is_some_and(|k| {
+    let valid = req.bearer().is_some_and(|k| {
         keys.iter()
             .any(|key| constant_time_eq(key.as_bytes(), k.as_bytes()))
-    })
+    });
+    match shard.api_key_attempt(ip, valid) {
+        Err(ms) => {
+            shard.stats().rejected_rate_limited_total.inc();
+            Err(Response::error(
+                429,
+                "rate_limited",
+                "too many requests with a bad API key from this address",
+            )
+            .with_header("Retry-After", ms.div_ceil(1000).max(1).to_string()))
+        }
+        Ok(()) if !valid => Err(Response::error(
+            401,
+            "unauthorized",
+            "missing or unknown API key",
+        )),
+        Ok(()) => Ok(()),
+    }
 }
 
 /// `GET /v1/presence/<tenantId>`: the tenant's online users.
-fn presence_request(shard: &Shard, req: &Request) -> Response {
-    if !has_api_key(shard, req) {
-        return Response::error(401, "unauthorized", "missing or unknown API key");
+fn presence_request(shard: &Shard, req: &Request, ip: IpAddr) -> Response {
+    if let Err(refused) = check_api_key(shard, req, ip) {
+        return refused;
     }
     let tenant = req.path.trim_start_matches("/v1/presence/");
     if !crate::protocol::is_tenant_id(tenant) {
@@ -628,29 +648,35 @@ fn presence_request(shard: &Shard, req: &Request) -> Response {
     Response::json(200, serde_json::json!({ "userIds": users }).to_string())
 }
 
-/// `POST /v1/publish`. `None` when the connection must close without an answer.
+/// `POST /v1/publish`. `None` when the connection must close without (another) answer.
 async fn publish_request(
     shard: &Rc<Shard>,
     stream: &mut TcpStream,
     buf: &mut BytesMut,
     req: &Request,
+    ip: IpAddr,
 ) -> Option<Response> {
-    let authorized = has_api_key(shard, req);
     let length = match req.content_length() {
         Ok(n) => n,
         Err(e) => return Some(Response::error(400, "bad_request", &e.to_string())),
     };
-    // The body is read even for a refused request so that the connection stays usable.
+    // Refused before the body is read: a bad key costs the server no body, and one too large
+    // is never buffered.
     let limit = shard.config.limits.max_publish_bytes;
-    if length > limit {
-        let answer = Response::error(
+    let refused = match check_api_key(shard, req, ip) {
+        Err(refused) => Some(refused),
+        Ok(()) if length > limit => Some(Response::error(
             413,
             "payload_too_large",
             &format!("body over limits.max_publish_bytes ({limit})"),
-        );
-        info!(status = 413, length, body = %answer.body, "request refused");
+        )),
+        Ok(()) => None,
+    };
+    if let Some(answer) = refused {
+        info!(%ip, status = answer.status, length, body = %answer.body, "request refused");
         let _ = stream.write_all(&answer.to_bytes(false)).await;
-        // Swallow what the client is still sending, so that it reads the 413 instead of a reset.
+        // Swallow what the client is still sending (within the request timeout), so that it
+        // reads the answer instead of a reset.
         read_body(shard, stream, buf, length, false).await;
         return None;
     }
@@ -658,13 +684,6 @@ async fn publish_request(
         return None;
     }
     let body = buf.split_to(length);
-    if !authorized {
-        return Some(Response::error(
-            401,
-            "unauthorized",
-            "missing or unknown API key",
-        ));
-    }
     if shard.stopping.get().is_some() {
         return Some(
             Response::error(503, "unavailable", "server shutting down")

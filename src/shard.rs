@@ -110,6 +110,8 @@ pub struct Shard {
     pending: RefCell<Map<u64, Rc<Latch>>>,
     next_id: Cell<u64>,
     buckets: RefCell<Map<IpAddr, TokenBucket>>,
+    /// API requests with a bad key, per client IP, on this core.
+    bad_keys: RefCell<Map<IpAddr, TokenBucket>>,
     /// Set when the server is stopping.
     pub stopping: Latch,
     /// Every read of this core lands here first; connections keep only incomplete frames.
@@ -145,6 +147,7 @@ impl Shard {
             pending: RefCell::default(),
             next_id: Cell::new(0),
             buckets: RefCell::default(),
+            bad_keys: RefCell::default(),
             stopping: Latch::default(),
             scratch: RefCell::new(vec![0; 64 * 1024].into_boxed_slice()),
         }
@@ -468,13 +471,36 @@ impl Shard {
         }
     }
 
+    /// An API request from `ip` with a good (`valid`) or bad key: `Err(retry ms)` while `ip`
+    /// is over its limit of bad keys (`limits.connect_rate_per_ip`, per core), whatever key
+    /// it sends, so that keys cannot be guessed at line rate. A bad key takes a token.
+    pub fn api_key_attempt(&self, ip: IpAddr, valid: bool) -> Result<(), u64> {
+        let l = &self.config.limits;
+        let (rate, burst, now) = (
+            l.connect_rate_per_ip,
+            l.connect_burst_per_ip,
+            Instant::now(),
+        );
+        let mut bad_keys = self.bad_keys.borrow_mut();
+        match (valid, bad_keys.get_mut(&ip)) {
+            (true, None) => Ok(()),
+            (true, Some(bucket)) => bucket.check(rate, burst, now),
+            (false, _) => bad_keys
+                .entry(ip)
+                .or_insert_with(|| TokenBucket::full(burst, now))
+                .take(rate, burst, now),
+        }
+    }
+
     /// Forgets buckets that have refilled: memory stays bounded by recent clients.
     pub fn prune_buckets(&self) {
         let l = &self.config.limits;
         let now = Instant::now();
-        self.buckets
-            .borrow_mut()
-            .retain(|_, b| !b.is_full(l.connect_rate_per_ip, l.connect_burst_per_ip, now));
+        for buckets in [&self.buckets, &self.bad_keys] {
+            buckets
+                .borrow_mut()
+                .retain(|_, b| !b.is_full(l.connect_rate_per_ip, l.connect_burst_per_ip, now));
+        }
     }
 
     // ---- the mesh ----------------------------------------------------------------------

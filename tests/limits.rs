@@ -151,3 +151,46 @@ fn connection_attempts_over_the_per_ip_rate_get_429_with_retry_after() {
         "127.0.0.2 is not limited by 127.0.0.1's bucket"
     );
 }
+
+#[test]
+fn bad_api_keys_are_rate_limited_per_ip_even_when_a_key_is_then_right() {
+    let server = Server::start(
+        "[server]\nshards = 1\n[limits]\nconnect_rate_per_ip = 0.5\nconnect_burst_per_ip = 3.0",
+    );
+    let body = json!({"tenantId": "t1", "event": updated("c1", 1)}).to_string();
+    let post = |key: &str| {
+        let auth = format!("Bearer {key}");
+        server.http(
+            "POST",
+            "/v1/publish",
+            &[("Authorization", &auth)],
+            body.as_bytes(),
+        )
+    };
+    let codes: Vec<u16> = (0..5).map(|_| post("guess").status).collect();
+    assert_eq!(codes, vec![401, 401, 401, 429, 429]);
+    // Over the limit, the right key is refused too: a guess that hits cannot be told apart.
+    let limited = post(API_KEY);
+    assert_eq!(
+        (limited.status, limited.json()["error"].as_str()),
+        (429, Some("rate_limited"))
+    );
+    let retry: u64 = limited
+        .header("Retry-After")
+        .expect("Retry-After")
+        .parse()
+        .unwrap();
+    assert!((1..=2).contains(&retry), "Retry-After {retry}");
+    // The presence API shares the key and the limit.
+    let auth = format!("Bearer {API_KEY}");
+    assert_eq!(
+        server
+            .http("GET", "/v1/presence/t1", &[("Authorization", &auth)], b"")
+            .status,
+        429
+    );
+    // Once a token is back, the right key works again.
+    wait_for("the bad-key bucket to refill", || {
+        (post(API_KEY).status == 202).then_some(())
+    });
+}

@@ -165,3 +165,20 @@ fn publish_api_rejects_bad_requests() {
     server.publish_ok("t1", vec![updated("c1", 2)]);
     assert_eq!(c.recv()["seq"], 2);
 }
+
+#[test]
+fn a_bad_api_key_is_refused_before_the_body_is_sent() {
+    let server = Server::start("");
+    let mut s = std::net::TcpStream::connect(server.addr).unwrap();
+    s.set_read_timeout(Some(DEADLINE)).unwrap();
+    // A head announcing 60 kB, and none of the body: the answer must not wait for it.
+    let head = "POST /v1/publish HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer wrong\r\nContent-Length: 60000\r\n\r\n";
+    std::io::Write::write_all(&mut s, head.as_bytes()).unwrap();
+    let r = read_response(&mut s).expect("an answer before the body");
+    assert_eq!(
+        (r.status, r.json()["error"].as_str()),
+        (401, Some("unauthorized"))
+    );
+    // The connection is closed after the answer; the server serves the next one.
+    server.publish_ok("t1", vec![updated("c1", 1)]);
+}
