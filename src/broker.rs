@@ -14,6 +14,7 @@ use std::collections::VecDeque;
 use std::future::poll_fn;
 use std::io::{self, Read};
 use std::net::{IpAddr, SocketAddr, ToSocketAddrs};
+use std::os::fd::AsRawFd;
 use std::pin::Pin;
 use std::rc::Rc;
 use std::task::{Context, Poll, Waker};
@@ -25,6 +26,8 @@ use glommio::net::TcpStream;
 use redis::Value;
 use tracing::{info, warn};
 
+use crate::mesh::within;
+
 /// How often each core's subscriber checks that its subscription still delivers.
 pub const PROBE_EVERY: Duration = Duration::from_secs(1);
 /// A probe not back by then means the subscriber connection went silent.
@@ -33,6 +36,16 @@ const BACKOFF_MIN: Duration = Duration::from_millis(50);
 const BACKOFF_MAX: Duration = Duration::from_secs(2);
 /// Most channels named in one SUBSCRIBE.
 const SUBSCRIBE_BATCH: usize = 512;
+/// Connecting, authenticating and the first PING must be done by then.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+/// Most commands queued or waiting for replies on one core; more are refused at once.
+const MAX_COMMANDS: usize = 16 * 1024;
+/// TCP keepalive on both connections: an idle peer that vanished is noticed in about 8 s, and
+/// unacknowledged writes are given up after `TCP_USER_TIMEOUT`.
+const KEEPALIVE_IDLE: Duration = Duration::from_secs(5);
+const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(1);
+const KEEPALIVE_PROBES: u32 = 3;
+const TCP_USER_TIMEOUT: Duration = Duration::from_secs(10);
 
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum BrokerError {
@@ -40,6 +53,8 @@ pub enum BrokerError {
     Down,
     #[error("redis did not answer in time")]
     Timeout,
+    #[error("too many redis commands waiting")]
+    Overloaded,
     #[error("redis answered an error: {0}")]
     Server(String),
 }
@@ -103,7 +118,8 @@ impl Target {
             .await
     }
 
-    /// Commands that open every connection: AUTH and SELECT as configured.
+    /// Commands that open every connection: AUTH and SELECT as configured, then a PING, so that
+    /// a connection counts as up only once Redis has answered on it.
     fn hello(&self) -> Vec<Vec<u8>> {
         let mut out = Vec::new();
         if let Some(password) = &self.password {
@@ -116,6 +132,7 @@ impl Target {
         if self.db != 0 {
             out.push(redis::cmd("SELECT").arg(self.db).get_packed_command());
         }
+        out.push(redis::cmd("PING").get_packed_command());
         out
     }
 }
@@ -155,7 +172,9 @@ pub struct Broker {
     probe: String,
     /// Commands not yet written, and those written and waiting for replies, in order.
     unsent: RefCell<VecDeque<(Vec<u8>, Rc<Slot>)>>,
-    inflight: RefCell<VecDeque<Rc<Slot>>>,
+    /// With the time each was written: the oldest unanswered for longer than `timeout` means
+    /// the connection is dead, whatever TCP says.
+    inflight: RefCell<VecDeque<(Instant, Rc<Slot>)>>,
     command_waker: RefCell<Option<Waker>>,
     command_up: Cell<bool>,
     /// SUBSCRIBE/UNSUBSCRIBE bytes waiting for the subscriber connection.
@@ -210,6 +229,9 @@ impl Broker {
         if !self.command_up.get() {
             return Err(BrokerError::Down);
         }
+        if self.waiting_commands() >= MAX_COMMANDS {
+            return Err(BrokerError::Overloaded);
+        }
         let slot = Rc::new(Slot {
             value: RefCell::new(None),
             waker: RefCell::new(None),
@@ -221,6 +243,10 @@ impl Broker {
         Ok(slot)
     }
 
+    fn waiting_commands(&self) -> usize {
+        self.unsent.borrow().len() + self.inflight.borrow().len()
+    }
+
     /// Waits for a reply, at most `timeout`: a Redis that stopped answering is as good as down.
     async fn reply(&self, slot: Rc<Slot>) -> Result<Value, BrokerError> {
         let answered = poll_fn(|cx| match slot.value.borrow_mut().take() {
@@ -230,20 +256,20 @@ impl Broker {
                 Poll::Pending
             }
         });
-        let late = async {
-            glommio::timer::sleep(self.timeout).await;
-            Err(BrokerError::Timeout)
-        };
-        futures_lite::future::or(answered, late)
+        within(self.timeout, answered)
             .await
+            .unwrap_or(Err(BrokerError::Timeout))
             .and_then(|v| match v {
                 Value::ServerError(e) => Err(BrokerError::Server(e.to_string())),
                 v => Ok(v),
             })
     }
 
-    /// Runs `commands` atomically (MULTI … EXEC): all of them or none.
-    pub async fn transaction(&self, commands: &[redis::Cmd]) -> Result<(), BrokerError> {
+    /// Runs `commands` atomically (MULTI … EXEC): all of them or none. Returns their replies.
+    pub async fn transaction(&self, commands: &[redis::Cmd]) -> Result<Vec<Value>, BrokerError> {
+        if self.waiting_commands() + commands.len() + 2 > MAX_COMMANDS {
+            return Err(BrokerError::Overloaded);
+        }
         // Queued without a pause, so that no other command lands inside the transaction.
         let mut packed = vec![redis::cmd("MULTI").get_packed_command()];
         packed.extend(commands.iter().map(redis::Cmd::get_packed_command));
@@ -256,7 +282,10 @@ impl Broker {
         // transaction (a bad command inside makes it EXECABORT). Waiting for one reply keeps
         // the wait at one timeout, whatever the number of commands.
         let exec = slots.pop().ok_or(BrokerError::Down)?;
-        self.reply(exec).await.map(drop)
+        match self.reply(exec).await? {
+            Value::Array(replies) => Ok(replies),
+            other => Err(BrokerError::Server(format!("EXEC answered {other:?}"))),
+        }
     }
 
     /// Queues a SUBSCRIBE; the confirmation comes back as [`Push::Subscribed`]. While the
@@ -295,7 +324,7 @@ impl Broker {
                 Err(e) => warn!(error = %e, "redis command connection lost"),
             }
             self.command_up.set(false);
-            for slot in self.inflight.borrow_mut().drain(..) {
+            for (_, slot) in self.inflight.borrow_mut().drain(..) {
                 slot.fill(Err(BrokerError::Down));
             }
             for (_, slot) in self.unsent.borrow_mut().drain(..) {
@@ -317,14 +346,15 @@ impl Broker {
             }
             let mut bytes = Vec::new();
             let mut inflight = self.inflight.borrow_mut();
+            let now = Instant::now();
             for (packed, slot) in unsent.drain(..) {
                 bytes.extend_from_slice(&packed);
-                inflight.push_back(slot);
+                inflight.push_back((now, slot));
             }
             Poll::Ready(bytes)
         };
         let reply = |value: Value| match self.inflight.borrow_mut().pop_front() {
-            Some(slot) => {
+            Some((_, slot)) => {
                 slot.fill(Ok(value));
                 Ok(())
             }
@@ -333,7 +363,21 @@ impl Broker {
                 "reply without a command",
             )),
         };
-        pump(&stream, queued, reply).await
+        // A half-open connection answers nothing and TCP may not notice for minutes: a command
+        // unanswered past the timeout ends this connection, and the next one starts afresh.
+        let watchdog = async {
+            loop {
+                glommio::timer::sleep(self.timeout / 4).await;
+                let oldest = self.inflight.borrow().front().map(|(at, _)| at.elapsed());
+                if oldest.is_some_and(|age| age > self.timeout) {
+                    return Err(io::Error::new(
+                        io::ErrorKind::TimedOut,
+                        "a command went unanswered past broker.subscribe_timeout_ms",
+                    ));
+                }
+            }
+        };
+        futures_lite::future::or(pump(&stream, queued, reply), watchdog).await
     }
 
     /// Keeps the subscriber connection up, for ever, handing what arrives to `on_push`.
@@ -363,15 +407,11 @@ impl Broker {
         on_push: &impl Fn(Push<'_>),
     ) -> io::Result<()> {
         let stream = RefCell::new(connect(&self.target).await?);
+        // Up once Redis confirms the probe channel (see `on_subscriber_value`).
         let mut first = redis::cmd("SUBSCRIBE");
         first.arg(&self.probe);
         write_all(&stream, &first.get_packed_command()).await?;
-        self.sub_up.set(true);
         self.last_probe_seen.set(Instant::now());
-        let channels = wanted();
-        self.subscribe(&channels.iter().map(String::as_str).collect::<Vec<_>>());
-        info!(channels = channels.len(), "redis subscriber connection up");
-        on_push(Push::Link(true));
         let queued = |cx: &mut Context<'_>| {
             let mut out = self.sub_out.borrow_mut();
             if out.is_empty() {
@@ -381,7 +421,7 @@ impl Broker {
             Poll::Ready(std::mem::take(&mut *out))
         };
         let pushed = |value: Value| {
-            self.on_subscriber_value(value, on_push);
+            self.on_subscriber_value(value, wanted, on_push);
             Ok(())
         };
         let watchdog = async {
@@ -406,7 +446,12 @@ impl Broker {
         futures_lite::future::or(pump(&stream, queued, pushed), watchdog).await
     }
 
-    fn on_subscriber_value(&self, value: Value, on_push: &impl Fn(Push<'_>)) {
+    fn on_subscriber_value(
+        &self,
+        value: Value,
+        wanted: &impl Fn() -> Vec<String>,
+        on_push: &impl Fn(Push<'_>),
+    ) {
         let Value::Array(items) = value else { return };
         let [Value::BulkString(kind), Value::BulkString(channel), rest @ ..] = items.as_slice()
         else {
@@ -414,6 +459,12 @@ impl Broker {
         };
         if channel.as_slice() == self.probe.as_bytes() {
             self.last_probe_seen.set(Instant::now());
+            if kind.as_slice() == b"subscribe" && !self.sub_up.replace(true) {
+                let channels = wanted();
+                self.subscribe(&channels.iter().map(String::as_str).collect::<Vec<_>>());
+                info!(channels = channels.len(), "redis subscriber connection up");
+                on_push(Push::Link(true));
+            }
             return;
         }
         let name = channel
@@ -483,24 +534,37 @@ impl Read for Feed<'_> {
     }
 }
 
+/// Connects, sets keepalive, and runs the `hello` commands, all within `CONNECT_TIMEOUT`.
 async fn connect(target: &Target) -> io::Result<TcpStream> {
-    // The lookup counts against the connect timeout too.
-    let connect = async {
-        let mut failed = io::Error::new(io::ErrorKind::NotFound, "redis host resolves to nothing");
-        for addr in target.addrs().await? {
-            match TcpStream::connect(addr).await {
-                Ok(stream) => return Ok(stream),
-                Err(e) => failed = e.into(),
+    let timed_out = || io::Error::new(io::ErrorKind::TimedOut, "connect timed out");
+    within(CONNECT_TIMEOUT, open(target))
+        .await
+        .unwrap_or_else(|| Err(timed_out()))
+}
+
+async fn open(target: &Target) -> io::Result<TcpStream> {
+    let mut failed = io::Error::new(io::ErrorKind::NotFound, "redis host resolves to nothing");
+    let mut stream = None;
+    for addr in target.addrs().await? {
+        match TcpStream::connect(addr).await {
+            Ok(s) => {
+                stream = Some(s);
+                break;
             }
+            Err(e) => failed = e.into(),
         }
-        Err(failed)
-    };
-    let timeout = async {
-        glommio::timer::sleep(Duration::from_secs(2)).await;
-        Err(io::Error::new(io::ErrorKind::TimedOut, "connect timed out"))
-    };
-    let stream = futures_lite::future::or(connect, timeout).await?;
+    }
+    let stream = stream.ok_or(failed)?;
     stream.set_nodelay(true)?;
+    let keepalive = socket2::TcpKeepalive::new()
+        .with_time(KEEPALIVE_IDLE)
+        .with_interval(KEEPALIVE_INTERVAL)
+        .with_retries(KEEPALIVE_PROBES);
+    // SAFETY: `stream` owns the fd and outlives this borrow.
+    let fd = unsafe { std::os::fd::BorrowedFd::borrow_raw(stream.as_raw_fd()) };
+    let socket = socket2::SockRef::from(&fd);
+    socket.set_tcp_keepalive(&keepalive)?;
+    socket.set_tcp_user_timeout(Some(TCP_USER_TIMEOUT))?;
     let stream = RefCell::new(stream);
     let mut rbuf = BytesMut::new();
     let mut parser = redis::Parser::new();

@@ -85,6 +85,8 @@ pub enum Message {
         instance: Arc<str>,
         users: Arc<[UserKey]>,
     },
+    /// The other instances had taken this one for gone: announce this core's users again.
+    Reannounce,
     /// Answer `Reply { req }` to `from` once everything `from` sent before is handled.
     Sync {
         from: usize,

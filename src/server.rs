@@ -25,7 +25,7 @@ use crate::broker::{Broker, Target};
 use crate::config::BrokerKind;
 use crate::config::Config;
 use crate::http::{self, Request, Response};
-use crate::mesh::{Mesh, Message, Verdict};
+use crate::mesh::{within, Mesh, Message, Verdict};
 use crate::metrics::{self, Registry};
 use crate::protocol::{server_event, CloseCode, ErrorCode};
 use crate::shard::Shard;
@@ -207,6 +207,7 @@ async fn run_shard(start: Start, listener: socket2::Socket) -> Result<(), String
             broker.run_subscriber(move || wanted.wanted_channels(), move |p| pushed.on_push(p)),
         )
         .detach();
+        glommio::spawn_local(shard.clone().run_cluster()).detach();
     }
 
     // Cross-core delivery must not wait behind other work: its own latency-sensitive queue.
@@ -252,15 +253,21 @@ async fn run_shard(start: Start, listener: socket2::Socket) -> Result<(), String
         }
     }
     drop(listener);
-    drain(&shard).await;
-    if shard.id == 0 {
-        let timeout = async { glommio::timer::sleep(Duration::from_secs(2)).await };
-        futures_lite::future::or(shard.leave_cluster(), timeout).await;
-    }
+    // Everything within `server.shutdown_timeout_ms`: the connections close while core 0
+    // takes this instance's users out of the cluster.
+    let limit = Duration::from_millis(shard.config.server.shutdown_timeout_ms);
+    let leave = async {
+        if shard.id == 0 && within(limit, shard.leave_cluster()).await.is_none() {
+            warn!("shutdown timeout: this instance's presence stays in redis until its TTL");
+        }
+    };
+    futures_lite::future::zip(drain(&shard, limit), leave).await;
     Ok(())
 }
 
-/// Periodic per-core work: the shutdown flag, heartbeats, and pruning of idle rate buckets.
+/// Periodic per-core work: the shutdown flag, heartbeats, token expiry, and pruning of idle
+/// rate buckets. Never awaits anything but its timer: the cluster work that waits on Redis has
+/// its own task (`Shard::run_cluster`).
 async fn housekeeping(shard: Rc<Shard>, shutdown: Arc<AtomicBool>) {
     let hb = &shard.config.heartbeat;
     let (interval, timeout) = (
@@ -272,11 +279,7 @@ async fn housekeeping(shard: Rc<Shard>, shutdown: Arc<AtomicBool>) {
     let sweep_every =
         (interval.min(timeout - interval) / 4).clamp(TICK, Duration::from_millis(250));
     let prune_every = Duration::from_secs(10);
-    // Well inside the TTL, so that one missed refresh does not expire this instance.
-    let cluster_every = Duration::from_millis(shard.config.broker.instance_ttl_ms / 3);
     let (mut last_sweep, mut last_prune) = (Instant::now(), Instant::now());
-    let mut last_cluster = Instant::now() - cluster_every;
-    let mut was_ready = false;
     let ping = crate::ws::frame(crate::ws::OP_PING, b"");
     loop {
         glommio::timer::sleep(TICK).await;
@@ -318,27 +321,13 @@ async fn housekeeping(shard: Rc<Shard>, shutdown: Arc<AtomicBool>) {
             shard.prune_buckets();
             shard.prune_typing();
         }
-        let ready = shard.broker_ready();
-        let reconnected = ready && !was_ready;
-        was_ready = ready;
-        if reconnected || now.duration_since(last_cluster) >= cluster_every {
-            last_cluster = now;
-            // A reload that Redis cut short is tried again at the next tick.
-            if !shard.cluster_tick(reconnected).await && reconnected {
-                was_ready = false;
-            }
-        }
-        // Ready only once the reload after a (re)connect is done.
-        if shard.broker.is_some() {
-            shard.set_broker_ready(was_ready && shard.broker_ready());
-        }
     }
 }
 
-/// Closes every connection with 1001 and waits for them, at most `server.shutdown_timeout_ms`.
-async fn drain(shard: &Shard) {
+/// Closes every connection with 1001 and waits for them, at most `limit`.
+async fn drain(shard: &Shard, limit: Duration) {
     shard.for_each_connection(|c| c.close(CloseCode::GoingAway));
-    let deadline = Instant::now() + Duration::from_millis(shard.config.server.shutdown_timeout_ms);
+    let deadline = Instant::now() + limit;
     while shard.connection_count() > 0 && Instant::now() < deadline {
         glommio::timer::sleep(TICK).await;
     }

@@ -308,7 +308,7 @@ impl Shard {
                         .clone()
                 })
                 .collect();
-            return broker.transaction(&publishes).await;
+            return broker.transaction(&publishes).await.map(drop);
         }
         let mut owners = 0u64;
         for Routed { room, frame } in events {
@@ -660,6 +660,7 @@ impl Shard {
             } => self.presence_here(user, online, frame),
             Message::Remote { user, instance, up } => self.remote_at_owner(user, instance, up),
             Message::Members { instance, users } => self.members_here(&instance, &users),
+            Message::Reannounce => self.announce_local_users(),
             Message::Sync { from, req } => self.route(
                 from,
                 Message::Reply {

@@ -11,7 +11,7 @@
 
 use std::rc::Rc;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use tracing::{info, warn};
@@ -22,6 +22,9 @@ use crate::mesh::{Fanned, Message};
 use crate::presence::{Transition, UserKey};
 use crate::protocol::server_event;
 use crate::route::{shard_for, user_key};
+
+/// How often the cluster task looks at the broker's state.
+const CLUSTER_POLL: Duration = Duration::from_millis(10);
 
 /// The presence channel, prefix stripped.
 pub const PRESENCE_CHANNEL: &str = "presence";
@@ -205,10 +208,36 @@ impl Shard {
         self.members_here(&instance, &users);
     }
 
-    /// Periodic, on every core: after the broker (re)connects, re-announce this core's users;
-    /// on core 0 also keep this instance alive, notice instances that died, and after a
-    /// (re)connect reload the others' memberships. False when Redis cut it short.
-    pub async fn cluster_tick(self: &Rc<Self>, reconnected: bool) -> bool {
+    /// With Redis, on every core until the server stops: the cluster work, on a task of its
+    /// own so that heartbeats, closes and shutdown never wait on Redis. Runs `cluster_tick`
+    /// after each (re)connect and every `broker.instance_ttl_ms / 3`, and keeps the core's
+    /// readiness (ready only once the reload after a (re)connect is done).
+    pub async fn run_cluster(self: Rc<Self>) {
+        // Well inside the TTL, so that one missed refresh does not expire this instance.
+        let every = Duration::from_millis(self.config.broker.instance_ttl_ms / 3);
+        let mut last = Instant::now() - every;
+        let mut was_ready = false;
+        while self.stopping.get().is_none() {
+            glommio::timer::sleep(CLUSTER_POLL).await;
+            let ready = self.broker_ready();
+            let reconnected = ready && !was_ready;
+            was_ready = ready;
+            if reconnected || last.elapsed() >= every {
+                last = Instant::now();
+                // A reload that Redis cut short is tried again at the next poll.
+                if !self.cluster_tick(reconnected).await && reconnected {
+                    was_ready = false;
+                }
+            }
+            self.set_broker_ready(was_ready && self.broker_ready());
+        }
+    }
+
+    /// After the broker (re)connects, re-announce this core's users; on core 0 also keep this
+    /// instance alive (re-announcing every core's users if the others had reaped it), notice
+    /// instances that died, and after a (re)connect reload the others' memberships. False
+    /// when Redis cut it short.
+    async fn cluster_tick(self: &Rc<Self>, reconnected: bool) -> bool {
         let Some(broker) = self.broker.clone() else {
             return true;
         };
@@ -216,9 +245,7 @@ impl Shard {
             return false;
         }
         if reconnected {
-            for user in self.users.borrow().local_users() {
-                self.announce_user(&user, true);
-            }
+            self.announce_local_users();
         }
         if self.id != 0 {
             return true;
@@ -227,7 +254,13 @@ impl Shard {
         let me = self.instance_key(&self.instance);
         let instances = self.key("instances");
         let alive = [
-            redis::cmd("SET").arg(&me).arg(1).arg("PX").arg(ttl).clone(),
+            redis::cmd("SET")
+                .arg(&me)
+                .arg(1)
+                .arg("PX")
+                .arg(ttl)
+                .arg("GET")
+                .clone(),
             redis::cmd("PEXPIRE")
                 .arg(format!("{me}:users"))
                 .arg(ttl)
@@ -237,8 +270,18 @@ impl Shard {
                 .arg(&*self.instance)
                 .clone(),
         ];
-        if broker.transaction(&alive).await.is_err() {
+        let Ok(replies) = broker.transaction(&alive).await else {
             return false;
+        };
+        // The liveness key had expired, or the instance list had lost this instance: the
+        // others took this instance for dead and its users for offline. Say they are here.
+        let reaped = matches!(replies.first(), Some(redis::Value::Nil))
+            || matches!(replies.get(2), Some(redis::Value::Int(1)));
+        if reaped && !reconnected {
+            warn!("the other instances took this one for gone; announcing its users again");
+            for core in 0..self.count {
+                self.route(core, Message::Reannounce);
+            }
         }
         let smembers =
             |key: &str| broker.command(redis::cmd("SMEMBERS").arg(key).get_packed_command());
@@ -290,6 +333,13 @@ impl Shard {
             }
         }
         true
+    }
+
+    /// Tells the other instances again about every user with a connection on this core.
+    pub(super) fn announce_local_users(self: &Rc<Self>) {
+        for user in self.users.borrow().local_users() {
+            self.announce_user(&user, true);
+        }
     }
 
     /// On core 0, when stopping: this instance's users leave the cluster at once.
