@@ -401,3 +401,119 @@ fn invalid_payloads_published_into_redis_reach_no_subscriber() {
         "pong"
     );
 }
+
+#[test]
+fn a_frozen_redis_link_heals_and_nothing_acknowledged_is_lost() {
+    let redis = Redis::start();
+    let proxy = Proxy::to(redis.port);
+    // Heartbeats far shorter than the freeze: connections must outlive it.
+    let heartbeat = "[heartbeat]\ninterval_ms = 400\ntimeout_ms = 1200";
+    let server = Server::start(&format!("{}\n{heartbeat}", config(&proxy.url())));
+    wait_for("readiness", || {
+        (server.http("GET", "/readyz", &[], b"").status == 200).then_some(())
+    });
+    let mut reader = server.connect("t1", "reader");
+    reader.subscribe("c1");
+    let reading = std::sync::atomic::AtomicBool::new(true);
+    std::thread::scope(|s| {
+        // However this scope ends, the reader stops.
+        let _stop = StopOnDrop(&reading);
+        // The client reads all along (and so answers the server's pings).
+        let received = s.spawn(|| {
+            reader
+                .ws
+                .get_ref()
+                .set_read_timeout(Some(Duration::from_millis(50)))
+                .unwrap();
+            let mut seqs = Vec::new();
+            while reading.load(std::sync::atomic::Ordering::Relaxed) {
+                match reader.ws.read() {
+                    Ok(tungstenite::Message::Text(t)) => {
+                        let v: Value = serde_json::from_str(&t).unwrap();
+                        seqs.push(v["seq"].as_u64().unwrap());
+                    }
+                    Ok(tungstenite::Message::Close(c)) => panic!("closed during the freeze: {c:?}"),
+                    Ok(_) => {}
+                    Err(tungstenite::Error::Io(e))
+                        if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                    Err(e) => panic!("reader failed: {e}"),
+                }
+            }
+            seqs
+        });
+        let mut seq = 0;
+        let mut acknowledged = Vec::new();
+        let mut publish = |seq: &mut u64| {
+            let status = server
+                .publish(&json!({"tenantId": "t1", "event": updated("c1", *seq as usize)}))
+                .status;
+            if status == 202 {
+                acknowledged.push(*seq);
+            }
+            *seq += 1;
+            status
+        };
+        assert_eq!(publish(&mut seq), 202);
+
+        proxy.freeze();
+        let frozen = Instant::now();
+        // Publishing fails while the link is frozen: nothing is acknowledged.
+        let r = publish(&mut seq);
+        assert_eq!(r, 503, "a publish through a frozen link");
+        wait_for("readyz 503", || {
+            (server.http("GET", "/readyz", &[], b"").status == 503).then_some(())
+        });
+        // Noticed within the command timeout (broker.subscribe_timeout_ms = 1 s) plus the
+        // watchdog's quarter-timeout granularity.
+        assert!(
+            frozen.elapsed() < Duration::from_millis(2500),
+            "noticed after {:?}",
+            frozen.elapsed()
+        );
+        for _ in 0..3 {
+            assert_eq!(publish(&mut seq), 503);
+        }
+
+        proxy.thaw();
+        let thawed = Instant::now();
+        wait_for("readyz 200 again", || {
+            (server.http("GET", "/readyz", &[], b"").status == 200).then_some(())
+        });
+        wait_for("publishing to be accepted again", || {
+            (publish(&mut seq) == 202).then_some(())
+        });
+        assert!(
+            thawed.elapsed() < Duration::from_secs(5),
+            "healed after {:?}",
+            thawed.elapsed()
+        );
+        for _ in 0..5 {
+            assert_eq!(publish(&mut seq), 202);
+        }
+        // Everything acknowledged arrives, in order (the subscription was renewed unasked).
+        let last = *acknowledged.last().unwrap();
+        wait_for("the last acknowledged event", || {
+            (server.metric("fanfare_frames_delivered_total") >= acknowledged.len() as u64)
+                .then_some(())
+        });
+        reading.store(false, std::sync::atomic::Ordering::Relaxed);
+        let seqs = received.join().unwrap();
+        let delivered: Vec<u64> = seqs
+            .iter()
+            .copied()
+            .filter(|s| acknowledged.contains(s))
+            .collect();
+        assert_eq!(delivered, acknowledged, "received {seqs:?}");
+        assert_eq!(seqs.last(), Some(&last));
+    });
+    assert_eq!(server.metric("fanfare_heartbeat_closes_total"), 0);
+}
+
+/// Clears its flag when dropped, a panic included.
+struct StopOnDrop<'a>(&'a std::sync::atomic::AtomicBool);
+
+impl Drop for StopOnDrop<'_> {
+    fn drop(&mut self) {
+        self.0.store(false, std::sync::atomic::Ordering::Relaxed);
+    }
+}

@@ -727,3 +727,128 @@ impl Drop for Redis {
         self.kill();
     }
 }
+
+/// A TCP proxy in front of a local port that can be frozen as by a network partition: while
+/// frozen it accepts connections and holds every one open without forwarding a byte. Thawing
+/// ends the connections that saw the freeze (as a partition's dead links end); connections
+/// made after it forward again.
+pub struct Proxy {
+    pub port: u16,
+    state: Arc<ProxyState>,
+}
+
+#[derive(Default)]
+struct ProxyState {
+    frozen: std::sync::atomic::AtomicBool,
+    stop: std::sync::atomic::AtomicBool,
+    /// Pumps between their last look at `frozen` and the end of a write.
+    forwarding: std::sync::atomic::AtomicUsize,
+}
+
+impl Proxy {
+    pub fn to(upstream: u16) -> Proxy {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("proxy bind");
+        let port = listener.local_addr().unwrap().port();
+        let state = Arc::new(ProxyState::default());
+        let shared = state.clone();
+        std::thread::spawn(move || {
+            for client in listener.incoming() {
+                if shared.stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    return;
+                }
+                let (Ok(client), Ok(server)) =
+                    (client, TcpStream::connect(("127.0.0.1", upstream)))
+                else {
+                    continue;
+                };
+                let saw_freeze = Arc::new(std::sync::atomic::AtomicBool::new(false));
+                for (from, to) in [
+                    (client.try_clone().unwrap(), server.try_clone().unwrap()),
+                    (server, client),
+                ] {
+                    let (state, saw_freeze) = (shared.clone(), saw_freeze.clone());
+                    std::thread::spawn(move || Self::pump(from, to, &state, &saw_freeze));
+                }
+            }
+        });
+        Proxy { port, state }
+    }
+
+    /// Copies `from` to `to` until either ends, the proxy stops, or a thaw ends the link.
+    fn pump(
+        mut from: TcpStream,
+        mut to: TcpStream,
+        state: &ProxyState,
+        saw_freeze: &std::sync::atomic::AtomicBool,
+    ) {
+        use std::sync::atomic::Ordering::{Relaxed, SeqCst};
+        // Short reads, so that the link notices a freeze, a thaw or a stop promptly.
+        from.set_read_timeout(Some(Duration::from_millis(10)))
+            .unwrap();
+        let mut buf = [0u8; 16 * 1024];
+        loop {
+            if state.stop.load(Relaxed) {
+                break;
+            }
+            if state.frozen.load(SeqCst) {
+                saw_freeze.store(true, Relaxed);
+                std::thread::sleep(Duration::from_millis(5));
+                continue;
+            }
+            if saw_freeze.load(Relaxed) {
+                break;
+            }
+            match from.read(&mut buf) {
+                Ok(0) => break,
+                Ok(n) => {
+                    state.forwarding.fetch_add(1, SeqCst);
+                    // Bytes read as the freeze began are held back with the rest.
+                    let frozen = state.frozen.load(SeqCst);
+                    let written = frozen || to.write_all(&buf[..n]).is_ok();
+                    state.forwarding.fetch_sub(1, SeqCst);
+                    if !written {
+                        break;
+                    }
+                }
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                    ) => {}
+                Err(_) => break,
+            }
+        }
+        let _ = from.shutdown(std::net::Shutdown::Both);
+        let _ = to.shutdown(std::net::Shutdown::Both);
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}/0", self.port)
+    }
+
+    /// Freezes every link: no byte sent from now on is forwarded.
+    pub fn freeze(&self) {
+        use std::sync::atomic::Ordering::SeqCst;
+        self.state.frozen.store(true, SeqCst);
+        // A pump that looked before the store finishes its write first.
+        while self.state.forwarding.load(SeqCst) > 0 {
+            std::thread::yield_now();
+        }
+    }
+
+    pub fn thaw(&self) {
+        self.state
+            .frozen
+            .store(false, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        self.state
+            .stop
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+        // Wakes the accept loop so that it sees the stop.
+        let _ = TcpStream::connect(("127.0.0.1", self.port));
+    }
+}
