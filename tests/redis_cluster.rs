@@ -517,3 +517,45 @@ impl Drop for StopOnDrop<'_> {
         self.0.store(false, std::sync::atomic::Ordering::Relaxed);
     }
 }
+
+#[test]
+fn an_instance_taken_for_gone_announces_its_users_again() {
+    let redis = Redis::start();
+    let (a, b) = (instance(&redis), instance(&redis));
+    let _alice = a.connect("t1", "alice");
+    let auth = format!("Bearer {API_KEY}");
+    let online_on_b = || {
+        let r = b.http("GET", "/v1/presence/t1", &[("Authorization", &auth)], b"");
+        r.json()["userIds"]
+            .as_array()
+            .unwrap()
+            .contains(&json!("alice"))
+    };
+    wait_for("alice online on b", || online_on_b().then_some(()));
+    let id = a
+        .logs()
+        .iter()
+        .find_map(|l| {
+            Some(
+                l.split("instance=")
+                    .nth(1)?
+                    .split_whitespace()
+                    .next()?
+                    .to_string(),
+            )
+        })
+        .expect("a's instance id in its log");
+    // What the others do when they take `a` for dead (as after missed refreshes): say it is
+    // gone, then forget its keys.
+    redis
+        .command(&["PUBLISH", "fanfare:presence", &format!("gone {id}")])
+        .unwrap();
+    wait_for("alice offline on b", || (!online_on_b()).then_some(()));
+    let key = format!("fanfare:instance:{id}");
+    redis
+        .command(&["DEL", &key, &format!("{key}:users")])
+        .unwrap();
+    redis.command(&["SREM", "fanfare:instances", &id]).unwrap();
+    // `a` notices at its next refresh and announces alice again, without her reconnecting.
+    wait_for("alice online on b again", || online_on_b().then_some(()));
+}
