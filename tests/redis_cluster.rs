@@ -559,3 +559,28 @@ fn an_instance_taken_for_gone_announces_its_users_again() {
     // `a` notices at its next refresh and announces alice again, without her reconnecting.
     wait_for("alice online on b again", || online_on_b().then_some(()));
 }
+
+#[test]
+fn shutdown_with_a_frozen_redis_link_ends_within_its_timeout() {
+    let redis = Redis::start();
+    let proxy = Proxy::to(redis.port);
+    // Redis may take 5 s to answer; shutting down may take 1 s.
+    let extra = "[server]\nshutdown_timeout_ms = 1000\n[broker]\nsubscribe_timeout_ms = 5000";
+    let mut server = Server::start(&format!("{}\n{extra}", config(&proxy.url())));
+    wait_for("readiness", || {
+        (server.http("GET", "/readyz", &[], b"").status == 200).then_some(())
+    });
+    let mut client = server.connect("t1", "alice");
+    client.subscribe("c1");
+    proxy.freeze();
+    let signalled = Instant::now();
+    server.signal(libc::SIGTERM);
+    assert_eq!(client.expect_close().code, 1001);
+    assert!(server.wait_exit().success());
+    let took = signalled.elapsed();
+    assert!(took < Duration::from_millis(1800), "exited after {took:?}");
+    assert!(server
+        .logs()
+        .iter()
+        .any(|l| l.contains("presence stays in redis until its TTL")));
+}

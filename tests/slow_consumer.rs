@@ -9,19 +9,7 @@ use support::*;
 fn a_client_that_never_reads_is_closed_with_1013_and_memory_stays_bounded() {
     let server = Server::start("[server]\nshards = 2\n[limits]\noutbound_queue_bytes = 1048576");
     // The slow client: a tiny receive buffer, and it stops reading after subscribing.
-    let sock = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
-    sock.set_recv_buffer_size(4096).unwrap();
-    sock.connect(&server.addr.into()).unwrap();
-    let stream: std::net::TcpStream = sock.into();
-    stream.set_read_timeout(Some(DEADLINE)).unwrap();
-    let request = tungstenite::client::IntoClientRequest::into_client_request(
-        server.url(&format!("/ws?token={}", token("t1", "slow", 600))),
-    )
-    .unwrap();
-    let (ws, _) = tungstenite::client::client(request, stream).unwrap();
-    let mut slow = Client { ws };
-    slow.expect("session.ready");
-    slow.subscribe("c1");
+    let mut slow = stuck_client(&server, "slow", "c1");
 
     let mut fast = server.connect("t1", "fast");
     fast.subscribe("c1");

@@ -560,6 +560,23 @@ pub fn updated(conversation: &str, seq: usize) -> Value {
     json!({"type": "conversation.updated", "conversationId": conversation, "seq": seq})
 }
 
+/// A client of tenant `t1` with a 4 kB receive buffer, subscribed to `conversation`, that the
+/// test then never reads: the server's writes to it stall once a few frames are in flight.
+pub fn stuck_client(server: &Server, user: &str, conversation: &str) -> Client {
+    let sock = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    sock.set_recv_buffer_size(4096).unwrap();
+    sock.connect(&server.addr.into()).unwrap();
+    let stream: TcpStream = sock.into();
+    stream.set_read_timeout(Some(DEADLINE)).unwrap();
+    let url = server.url(&format!("/ws?token={}", token("t1", user, 600)));
+    let request = url.into_client_request().unwrap();
+    let (ws, _) = tungstenite::client::client(request, stream).unwrap();
+    let mut client = Client { ws };
+    client.expect("session.ready");
+    client.subscribe(conversation);
+    client
+}
+
 /// Opens a WebSocket by hand on a raw socket as `user` of tenant `t1`, for tests that send what
 /// a client library would refuse to. The 101 answer and the frames are left to read.
 pub fn raw_upgrade(server: &Server, user: &str) -> TcpStream {
