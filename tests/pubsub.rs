@@ -63,13 +63,14 @@ fn published_events_reach_subscribers_byte_for_byte() {
 fn unsubscribe_stops_delivery_and_is_acked() {
     let server = Server::start("");
     let mut c = server.connect("t1", "alice");
+    // c2 has c1's owner core: an event of c1 would come before one of c2 published after it.
+    let c2 = sentinel_for("t1", ("t1", "c1"));
     c.subscribe("c1");
-    c.subscribe("c2");
+    c.subscribe(&c2);
     let a = c.request(json!({"type": "unsubscribe", "conversationId": "c1"}), "u1");
     assert_eq!(a, json!({"type": "ack", "id": "u1"}));
-    server.publish_ok("t1", vec![updated("c1", 1), updated("c2", 2)]);
-    // c1's event would have come first: the first frame is c2's.
-    assert_eq!(c.recv(), updated("c2", 2));
+    server.publish_ok("t1", vec![updated("c1", 1), updated(&c2, 2)]);
+    assert_eq!(c.recv(), updated(&c2, 2));
     // Unsubscribing from something not subscribed is harmless and acked.
     assert_eq!(
         c.request(json!({"type": "unsubscribe", "conversationId": "zz"}), "u2")["type"],
@@ -90,14 +91,12 @@ fn subscribing_twice_is_idempotent() {
         2,
         "each event once, not once per subscribe"
     );
-    // One unsubscribe ends it.
+    // One unsubscribe ends it: the sentinel, from c1's owner core, is the next frame.
+    let sentinel = sentinel_for("t1", ("t1", "c1"));
+    c.subscribe(&sentinel);
     c.request(json!({"type": "unsubscribe", "conversationId": "c1"}), "u");
-    server.publish_ok("t1", vec![updated("c1", 3)]);
-    assert_eq!(
-        c.request(json!({"type": "ping"}), "p")["type"],
-        "pong",
-        "nothing queued before the pong"
-    );
+    server.publish_ok("t1", vec![updated("c1", 3), updated(&sentinel, 4)]);
+    assert_eq!(c.recv(), updated(&sentinel, 4), "nothing of c1 came first");
 }
 
 #[test]

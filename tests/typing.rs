@@ -19,26 +19,44 @@ fn typing(conversation: Option<&str>) -> serde_json::Value {
 #[test]
 fn typing_reaches_other_subscribers_but_not_the_typist() {
     let server = Server::start(CONFIG);
-    let mut alice = server.connect("t1", "alice");
+    let connect = |user: &str| {
+        let mut c = server
+            .connect_raw(&format!("/ws?token={}", token("t1", user, 60)))
+            .unwrap();
+        let core = core_of(&c.expect("session.ready"));
+        (c, core)
+    };
+    let (mut alice, alice_core) = connect("alice");
     let mut alice_tab = server.connect("t1", "alice");
     let mut bob = server.connect("t1", "bob");
+    // Dave types right after Alice from her core: his typing follows hers on the same route,
+    // so it is the sentinel that shows what her other tab did not get.
+    let mut dave = (0..200)
+        .map(|_| connect("dave"))
+        .find_map(|(c, core)| (core == alice_core).then_some(c))
+        .expect("a connection on Alice's core");
+    // Another conversation from c1's owner core: typing in c1 would reach its subscriber
+    // before an event of it published afterwards.
+    let elsewhere = sentinel_for("t1", ("t1", "c1"));
     let mut outsider = server.connect("t1", "carol");
-    for c in [&mut alice, &mut alice_tab, &mut bob] {
+    for c in [&mut alice, &mut alice_tab, &mut bob, &mut dave] {
         c.subscribe("c1");
     }
-    outsider.subscribe("c2");
+    outsider.subscribe(&elsewhere);
     assert_eq!(alice.request(typing(Some("c1")), "t")["type"], "ack");
-    assert_eq!(
-        bob.recv(),
-        json!({"type": "presence.typing", "userId": "alice", "conversationId": "c1"})
-    );
-    // Neither Alice's other tab nor a subscriber of another conversation got it.
-    assert_eq!(
-        alice_tab.request(json!({"type": "ping"}), "p")["type"],
-        "pong"
-    );
-    server.publish_ok("t1", vec![updated("c2", 1)]);
-    assert_eq!(outsider.recv(), updated("c2", 1));
+    // Dave, a subscriber too, may get Alice's typing before his ack.
+    let mut request = typing(Some("c1"));
+    request["id"] = json!("t");
+    dave.send(&request);
+    while dave.recv()["type"] != "ack" {}
+    let typed = |user| json!({"type": "presence.typing", "userId": user, "conversationId": "c1"});
+    assert_eq!(bob.recv(), typed("alice"));
+    assert_eq!(bob.recv(), typed("dave"));
+    // Alice's other tab got Dave's typing and not hers.
+    assert_eq!(alice_tab.recv(), typed("dave"));
+    // A subscriber of another conversation got neither: its next frame is its own event.
+    server.publish_ok("t1", vec![updated(&elsewhere, 1)]);
+    assert_eq!(outsider.recv(), updated(&elsewhere, 1));
 }
 
 #[test]

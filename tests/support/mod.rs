@@ -535,6 +535,18 @@ pub fn conversations_owned_by(core: usize, cores: usize, count: usize) -> Vec<St
         .collect()
 }
 
+/// A conversation of `tenant` other than `like`'s, owned by the same core as `like` (tenant,
+/// conversation) on a 2-core server: an event published to it after another reaches a given
+/// connection after that one, so it is the sentinel that proves "nothing else came".
+pub fn sentinel_for(tenant: &str, like: (&str, &str)) -> String {
+    let owner =
+        |t: &str, c: &str| fanfare::route::shard_for(fanfare::route::room_key(t, c).as_bytes(), 2);
+    (0..)
+        .map(|i| format!("sentinel-{i}"))
+        .find(|c| owner(tenant, c) == owner(like.0, like.1))
+        .expect("some conversation shares the owner")
+}
+
 /// Connects clients of tenant `t1` (user `user`) until each of the 2 cores holds at least
 /// `per_core` of them; returns them with their cores.
 pub fn clients_on_both_cores(server: &Server, user: &str, per_core: usize) -> Vec<(Client, u64)> {
