@@ -27,6 +27,7 @@ use redis::Value;
 use tracing::{info, warn};
 
 use crate::mesh::within;
+use crate::route::Map;
 
 /// How often each core's subscriber checks that its subscription still delivers.
 pub const PROBE_EVERY: Duration = Duration::from_secs(1);
@@ -181,6 +182,10 @@ pub struct Broker {
     sub_out: RefCell<Vec<u8>>,
     sub_waker: RefCell<Option<Waker>>,
     sub_up: Cell<bool>,
+    /// SUBSCRIBEs sent per channel (prefix stripped) and not yet confirmed. Redis confirms in
+    /// order, so after SUBSCRIBE, UNSUBSCRIBE, SUBSCRIBE of one channel the first confirmation
+    /// must not count for the second: a channel is confirmed when its count is back at zero.
+    unconfirmed: RefCell<Map<String, u32>>,
     last_probe_seen: Cell<Instant>,
 }
 
@@ -205,6 +210,7 @@ impl Broker {
             sub_out: RefCell::default(),
             sub_waker: RefCell::default(),
             sub_up: Cell::new(false),
+            unconfirmed: RefCell::default(),
             last_probe_seen: Cell::new(Instant::now()),
         }
     }
@@ -302,6 +308,12 @@ impl Broker {
         if !self.sub_up.get() || channels.is_empty() {
             return;
         }
+        if verb == "SUBSCRIBE" {
+            let mut unconfirmed = self.unconfirmed.borrow_mut();
+            for ch in channels {
+                *unconfirmed.entry(ch.to_string()).or_default() += 1;
+            }
+        }
         let mut out = self.sub_out.borrow_mut();
         for batch in channels.chunks(SUBSCRIBE_BATCH) {
             let mut c = redis::cmd(verb);
@@ -397,6 +409,7 @@ impl Broker {
                 on_push(Push::Link(false));
             }
             self.sub_out.borrow_mut().clear();
+            self.unconfirmed.borrow_mut().clear();
             glommio::timer::sleep(backoff.next()).await;
         }
     }
@@ -475,7 +488,18 @@ impl Broker {
             (b"message", [Value::BulkString(payload)]) => {
                 on_push(Push::Message { channel, payload })
             }
-            (b"subscribe", _) => on_push(Push::Subscribed { channel }),
+            (b"subscribe", _) => {
+                let mut unconfirmed = self.unconfirmed.borrow_mut();
+                let left = unconfirmed.get_mut(channel).map(|n| {
+                    *n -= 1;
+                    *n
+                });
+                if left == Some(0) {
+                    unconfirmed.remove(channel);
+                    drop(unconfirmed);
+                    on_push(Push::Subscribed { channel });
+                }
+            }
             _ => {}
         }
     }

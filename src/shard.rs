@@ -619,9 +619,12 @@ impl Shard {
             Push::Link(false) => {
                 self.set_broker_ready(false);
                 self.presence_live.set(false);
-                // New subscribers wait for the resubscription; the ones acked stay.
+                // New subscribers wait for the resubscription; the ones acked stay. A room not
+                // live yet keeps its latch: its waiters are answered by the resubscription.
                 for room in self.owned.borrow_mut().values_mut() {
-                    room.live = Rc::new(Latch::default());
+                    if room.live.get().is_some() {
+                        room.live = Rc::new(Latch::default());
+                    }
                 }
             }
         }

@@ -606,3 +606,51 @@ fn shutdown_with_a_frozen_redis_link_ends_within_its_timeout() {
         .iter()
         .any(|l| l.contains("presence stays in redis until its TTL")));
 }
+
+#[test]
+fn a_subscribe_abandoned_while_redis_is_frozen_leaves_nothing_behind() {
+    let redis = Redis::start();
+    let proxy = Proxy::to(redis.port);
+    let server = Server::start(&config(&proxy.url()));
+    wait_for("readiness", || {
+        (server.http("GET", "/readyz", &[], b"").status == 200).then_some(())
+    });
+    proxy.freeze();
+    // Two clients ask for a conversation nobody had: both wait for Redis's confirmation.
+    let subscribe = json!({"type": "subscribe", "conversationId": "c9", "id": "s"});
+    let mut quitter = server.connect("t1", "quitter");
+    let mut patient = server.connect("t1", "patient");
+    quitter.send(&subscribe);
+    patient.send(&subscribe);
+    // One goes away while waiting (TCP closed, no close frame).
+    drop(quitter);
+    // The other is not left waiting: it hears within broker.subscribe_timeout_ms (1 s).
+    let asked = Instant::now();
+    let answer = patient.recv();
+    assert_eq!(
+        (answer["id"].as_str(), answer["code"].as_str()),
+        (Some("s"), Some("unavailable")),
+        "{answer}"
+    );
+    assert!(
+        asked.elapsed() < Duration::from_millis(2000),
+        "answered after {:?}",
+        asked.elapsed()
+    );
+    wait_for("readyz 503", || {
+        (server.http("GET", "/readyz", &[], b"").status == 503).then_some(())
+    });
+    proxy.thaw();
+    wait_for("readiness again", || {
+        (server.http("GET", "/readyz", &[], b"").status == 200).then_some(())
+    });
+    // Nobody wants c9 any more: Redis has no subscriber for it.
+    let numsub = redis
+        .command(&["PUBSUB", "NUMSUB", "fanfare:t1:c:c9"])
+        .unwrap();
+    assert!(numsub.ends_with(":0\r\n"), "{numsub:?}");
+    // And the conversation works normally for the one who asks again.
+    patient.subscribe("c9");
+    server.publish_ok("t1", vec![updated("c9", 1)]);
+    assert_eq!(patient.recv(), updated("c9", 1));
+}
