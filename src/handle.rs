@@ -54,7 +54,10 @@ struct State {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Pushed {
     Queued,
-    /// The connection is closing, or the frame was ephemeral and did not fit: dropped.
+    /// Ephemeral frames were shed to make room: an event was queued after this many queued
+    /// ones were dropped, or an ephemeral frame that did not fit was dropped itself (1).
+    Shed(usize),
+    /// The connection is closing: dropped.
     Dropped,
     /// The queue was over its limit: it was dropped and a `1013` close requested.
     Overflowed,
@@ -101,13 +104,15 @@ impl ConnHandle {
         if s.close.is_some() {
             return Pushed::Dropped;
         }
+        let mut shed = 0;
         if s.queued_bytes + frame.len() > self.limit {
             if kind == Kind::Ephemeral {
-                return Pushed::Dropped;
+                return Pushed::Shed(1);
             }
             let before = s.queue.len();
             s.queue.retain(|(_, k)| *k == Kind::Event);
-            if s.queue.len() != before {
+            shed = before - s.queue.len();
+            if shed > 0 {
                 s.queued_bytes = s.queue.iter().map(|(f, _)| f.len()).sum();
             }
             if s.queued_bytes + frame.len() > self.limit {
@@ -121,7 +126,11 @@ impl ConnHandle {
         s.queued_bytes += frame.len();
         s.queue.push_back((frame, kind));
         wake(&mut s);
-        Pushed::Queued
+        if shed > 0 {
+            Pushed::Shed(shed)
+        } else {
+            Pushed::Queued
+        }
     }
 
     /// Asks for a close after what is queued now; the first request's code wins.
@@ -252,10 +261,10 @@ mod tests {
         // An ephemeral frame that does not fit is just dropped.
         assert_eq!(
             o.push_kind(Bytes::from(vec![3; 15]), Kind::Ephemeral),
-            Pushed::Dropped
+            Pushed::Shed(1)
         );
         // An event that does not fit sheds the queued ephemeral frame instead of closing.
-        assert_eq!(o.push(Bytes::from(vec![4; 15])), Pushed::Queued);
+        assert_eq!(o.push(Bytes::from(vec![4; 15])), Pushed::Shed(1));
         let Some(Next::Many(batch)) = next(&o, 1000) else {
             panic!("expected a batch")
         };

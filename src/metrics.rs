@@ -59,6 +59,7 @@ core_stats! {
     frames_delivered_total: "counter", "event frames queued to connections";
     bytes_written_total: "counter", "bytes written to WebSocket connections";
     writes_total: "counter", "batches of frames written to WebSocket connections, one send each when the socket takes them";
+    frames_shed_total: "counter", "presence.typing frames dropped because a connection's queue was full";
     slow_consumer_closes_total: "counter", "connections closed with 1013 (outbound queue over its limit)";
     rate_limit_closes_total: "counter", "connections closed with 4008 (message rate)";
     heartbeat_closes_total: "counter", "connections closed with 4009 (heartbeat timeout)";

@@ -107,7 +107,7 @@ pub fn parse(body: &[u8]) -> Result<Vec<Routed>, BodyError> {
 
 /// What a message on a conversation's Redis channel is, once checked.
 #[derive(Debug, PartialEq, Eq)]
-pub enum Pushed {
+pub enum FromRedis {
     /// A published event.
     Event,
     /// A `presence.typing` of this user, forwarded by an instance.
@@ -117,14 +117,16 @@ pub enum Pushed {
 /// Checks a payload that arrived on the Redis channel of `conversation` as strictly as the
 /// publish API checks an event: anyone who can reach Redis can `PUBLISH` there, and what is
 /// let through reaches every subscriber's browser.
-pub fn check_pushed(payload: &[u8], conversation: &str) -> Result<Pushed, EventError> {
+pub fn check_pushed(payload: &[u8], conversation: &str) -> Result<FromRedis, EventError> {
     let text = std::str::from_utf8(payload).map_err(|_| EventError::Utf8)?;
     let head = head(text)?;
     let pushed = match &*head.kind {
-        "presence.typing" => Pushed::Typing(required("userId", &head.kind, &head.user_id)?.into()),
+        "presence.typing" => {
+            FromRedis::Typing(required("userId", &head.kind, &head.user_id)?.into())
+        }
         _ => {
             published(&head)?;
-            Pushed::Event
+            FromRedis::Event
         }
     };
     let own = required("conversationId", &head.kind, &head.conversation_id)?;
@@ -243,10 +245,10 @@ mod tests {
         let typing = crate::protocol::server_event::typing("u1", "c1");
         assert_eq!(
             check_pushed(typing.as_bytes(), "c1").unwrap(),
-            Pushed::Typing("u1".into())
+            FromRedis::Typing("u1".into())
         );
         let event = br#"{"type":"message.received","conversationId":"c1","messageId":"m1"}"#;
-        assert_eq!(check_pushed(event, "c1").unwrap(), Pushed::Event);
+        assert_eq!(check_pushed(event, "c1").unwrap(), FromRedis::Event);
         let bad: [(&[u8], &str); 6] = [
             (
                 b"{\"type\":\"conversation.updated\",\"conversationId\":\"c1\",\"x\":\"\xff\"}",

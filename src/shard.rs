@@ -428,6 +428,10 @@ impl Shard {
             }
             match conn.push_kind(out.frame.clone(), out.kind) {
                 Pushed::Queued => delivered += 1,
+                Pushed::Shed(n) => {
+                    self.stats().frames_shed_total.add(n as u64);
+                    delivered += u64::from(out.kind == Kind::Event);
+                }
                 Pushed::Overflowed => self.stats().slow_consumer_closes_total.inc(),
                 Pushed::Dropped => {}
             }
@@ -591,8 +595,8 @@ impl Shard {
                 };
                 let conversation = room.split_once(":c:").map_or("", |(_, c)| c);
                 let out = match crate::publish::check_pushed(payload, conversation) {
-                    Ok(crate::publish::Pushed::Event) => Fanned::event(crate::ws::text(payload)),
-                    Ok(crate::publish::Pushed::Typing(user)) => Fanned {
+                    Ok(crate::publish::FromRedis::Event) => Fanned::event(crate::ws::text(payload)),
+                    Ok(crate::publish::FromRedis::Typing(user)) => Fanned {
                         frame: crate::ws::text(payload),
                         kind: Kind::Ephemeral,
                         except: Some(user),

@@ -74,3 +74,66 @@ fn a_client_that_never_reads_is_closed_with_1013_and_memory_stays_bounded() {
         "pong"
     );
 }
+
+#[test]
+fn a_slow_client_loses_typing_before_any_event_and_stays_open() {
+    let server = Server::start(
+        "[server]\nshards = 2\n[limits]\noutbound_queue_bytes = 262144\nmsg_rate = 100000.0\nmsg_burst = 100000.0\n[presence]\ntyping_throttle_ms = 1",
+    );
+    // Events in a conversation of c1's owner core, so that they and c1's typing reach the
+    // slow client's queue in the order they were handled.
+    let events_room = sentinel_for("t1", ("t1", "c1"));
+    let mut slow = stuck_client(&server, "slow", "c1");
+    slow.subscribe(&events_room);
+    let mut typists: Vec<Client> = (0..30)
+        .map(|i| {
+            let mut c = server.connect("t1", &format!("typist{i}"));
+            c.subscribe("c1");
+            c
+        })
+        .collect();
+    let typing = json!({"type": "presence.activity", "activity": "typing", "conversationId": "c1"});
+    let pad = "x".repeat(1000);
+    // Events and typing until the slow client's queue is full and typing is being shed.
+    let (mut seq, mut rounds) = (0, 0);
+    while server.metric("fanfare_frames_shed_total") == 0 {
+        assert!(rounds < 2000, "the slow client's queue never filled");
+        let events = (seq..seq + 20)
+            .map(|n| json!({"type": "conversation.updated", "conversationId": events_room, "seq": n, "pad": pad}))
+            .collect();
+        server.publish_ok("t1", events);
+        seq += 20;
+        for t in typists.iter_mut() {
+            t.send(&typing);
+        }
+        rounds += 1;
+    }
+    assert_eq!(
+        server.metric("fanfare_slow_consumer_closes_total"),
+        0,
+        "closed instead of shedding"
+    );
+    server.publish_ok(
+        "t1",
+        vec![json!({"type": "conversation.updated", "conversationId": events_room, "last": true})],
+    );
+    // Reading at last, the slow client finds every event, in order, and only some typing.
+    let (mut next, mut typed) = (0, 0);
+    loop {
+        let v = slow.recv();
+        match v["type"].as_str() {
+            Some("presence.typing") => typed += 1,
+            Some("conversation.updated") if v["last"] == true => break,
+            Some("conversation.updated") => {
+                assert_eq!(v["seq"], next, "an event was lost");
+                next += 1;
+            }
+            _ => panic!("unexpected {v}"),
+        }
+    }
+    assert_eq!(next, seq);
+    assert!(
+        typed < rounds * typists.len(),
+        "{typed} typing frames: none shed"
+    );
+}
