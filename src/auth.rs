@@ -204,19 +204,15 @@ pub fn mint_hs256(
     user: &str,
     ttl_s: u64,
     now_s: u64,
-) -> Result<String, String> {
+) -> Result<String, MintError> {
     if auth.hs256_secret.is_empty() {
-        return Err("auth.hs256_secret is empty: HS256 tokens cannot be minted".into());
+        return Err(MintError::NoSecret);
     }
     if !is_tenant_id(tenant) {
-        return Err(format!(
-            "tenant `{tenant}` does not match [A-Za-z0-9._-]{{1,64}}"
-        ));
+        return Err(MintError::Tenant(tenant.into()));
     }
     if !is_entity_id(user) {
-        return Err(format!(
-            "user `{user}` does not match [A-Za-z0-9._~@:-]{{1,128}}"
-        ));
+        return Err(MintError::User(user.into()));
     }
     let mut claims = serde_json::Map::new();
     claims.insert("sub".into(), user.into());
@@ -234,7 +230,20 @@ pub fn mint_hs256(
         &claims,
         &EncodingKey::from_secret(auth.hs256_secret.as_bytes()),
     )
-    .map_err(|e| e.to_string())
+    .map_err(MintError::Sign)
+}
+
+/// Why `fanfare token` could not mint a token.
+#[derive(Debug, thiserror::Error)]
+pub enum MintError {
+    #[error("auth.hs256_secret is empty: HS256 tokens cannot be minted")]
+    NoSecret,
+    #[error("tenant `{0}` does not match [A-Za-z0-9._-]{{1,64}}")]
+    Tenant(String),
+    #[error("user `{0}` does not match [A-Za-z0-9._~@:-]{{1,128}}")]
+    User(String),
+    #[error("signing failed: {0}")]
+    Sign(jsonwebtoken::errors::Error),
 }
 
 /// Milliseconds since the Unix epoch.

@@ -21,12 +21,13 @@ use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 
 use bytes::{Buf, BytesMut};
-use futures_lite::{AsyncRead, AsyncWrite};
+use futures_lite::AsyncRead;
 use glommio::net::TcpStream;
 use redis::Value;
 use tracing::{info, warn};
 
-use crate::mesh::within;
+use crate::conn::write_all;
+use crate::deadline::within;
 use crate::route::Map;
 
 /// How often each core's subscriber checks that its subscription still delivers.
@@ -70,26 +71,40 @@ pub struct Target {
     pub password: Option<String>,
 }
 
+/// Why a Redis URL was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum TargetError {
+    #[error("must start with redis://")]
+    Scheme,
+    #[error("bad database `{0}`")]
+    Database(String),
+    #[error("bad port `{0}`")]
+    Port(String),
+    #[error("no host")]
+    NoHost,
+}
+
 impl Target {
-    pub fn parse(url: &str) -> Result<Target, String> {
-        let rest = url
-            .strip_prefix("redis://")
-            .ok_or("must start with redis://")?;
+    pub fn parse(url: &str) -> Result<Target, TargetError> {
+        let rest = url.strip_prefix("redis://").ok_or(TargetError::Scheme)?;
         let (auth, rest) = match rest.rsplit_once('@') {
             Some((auth, rest)) => (Some(auth), rest),
             None => (None, rest),
         };
         let (hostport, db) = match rest.split_once('/') {
             Some((hp, "")) => (hp, 0),
-            Some((hp, db)) => (hp, db.parse().map_err(|_| format!("bad database `{db}`"))?),
+            Some((hp, db)) => (
+                hp,
+                db.parse().map_err(|_| TargetError::Database(db.into()))?,
+            ),
             None => (rest, 0),
         };
         let (host, port) = match hostport.rsplit_once(':') {
-            Some((h, p)) => (h, p.parse().map_err(|_| format!("bad port `{p}`"))?),
+            Some((h, p)) => (h, p.parse().map_err(|_| TargetError::Port(p.into()))?),
             None => (hostport, 6379),
         };
         if host.is_empty() {
-            return Err("no host".into());
+            return Err(TargetError::NoHost);
         }
         let (user, password) = match auth.map(|a| a.split_once(':').unwrap_or(("", a))) {
             Some((u, p)) => (
@@ -423,7 +438,7 @@ impl Broker {
         // Up once Redis confirms the probe channel (see `on_subscriber_value`).
         let mut first = redis::cmd("SUBSCRIBE");
         first.arg(&self.probe);
-        write_all(&stream, &first.get_packed_command()).await?;
+        write_all(&stream, &first.get_packed_command(), TCP_USER_TIMEOUT).await?;
         self.last_probe_seen.set(Instant::now());
         let queued = |cx: &mut Context<'_>| {
             let mut out = self.sub_out.borrow_mut();
@@ -525,7 +540,7 @@ async fn pump(
     let writer = async {
         loop {
             let bytes = poll_fn(&mut queued).await;
-            write_all(stream, &bytes).await?;
+            write_all(stream, &bytes, TCP_USER_TIMEOUT).await?;
         }
     };
     futures_lite::future::or(reader, writer).await
@@ -593,7 +608,7 @@ async fn open(target: &Target) -> io::Result<TcpStream> {
     let mut rbuf = BytesMut::new();
     let mut parser = redis::Parser::new();
     for hello in target.hello() {
-        write_all(&stream, &hello).await?;
+        write_all(&stream, &hello, TCP_USER_TIMEOUT).await?;
         let reply = loop {
             if let Some(v) = next_value(&mut parser, &mut rbuf)? {
                 break v;
@@ -617,17 +632,6 @@ async fn read_into(stream: &RefCell<TcpStream>, rbuf: &mut BytesMut) -> io::Resu
         return Err(io::ErrorKind::UnexpectedEof.into());
     }
     rbuf.extend_from_slice(&chunk[..n]);
-    Ok(())
-}
-
-async fn write_all(stream: &RefCell<TcpStream>, mut data: &[u8]) -> io::Result<()> {
-    while !data.is_empty() {
-        let n = poll_fn(|cx| Pin::new(&mut *stream.borrow_mut()).poll_write(cx, data)).await?;
-        if n == 0 {
-            return Err(io::ErrorKind::WriteZero.into());
-        }
-        data = &data[n..];
-    }
     Ok(())
 }
 

@@ -340,7 +340,7 @@ impl Config {
         let b = &self.broker;
         if b.kind == BrokerKind::Redis {
             crate::broker::Target::parse(&b.redis_url)
-                .map_err(|m| ConfigError::key("broker.redis_url", m))?;
+                .map_err(|m| ConfigError::key("broker.redis_url", m.to_string()))?;
         }
         if b.channel_prefix.is_empty() || b.channel_prefix.contains(char::is_whitespace) {
             return Err(ConfigError::key(

@@ -449,6 +449,12 @@ impl Conn {
 }
 
 impl Link {
+    /// Writes to the peer; one that accepts no byte for `heartbeat.timeout_ms` is given up on.
+    fn write_all<'a>(&'a self, data: &'a [u8]) -> impl Future<Output = io::Result<usize>> + 'a {
+        let stall = Duration::from_millis(self.shard.config.heartbeat.timeout_ms);
+        write_all(&self.stream, data, stall)
+    }
+
     fn ack(&self, id: Option<&str>) {
         if let Some(id) = id {
             self.out.push(ws::text(server_event::ack(id).as_bytes()));
@@ -491,7 +497,7 @@ fn write_loop(link: &Link) -> impl Future<Output = End> + '_ {
                 Next::Many(batch) => batch,
                 Next::Close(code) => return Box::pin(close(link, *code)).await,
             };
-            match write_all(link, bytes).await {
+            match link.write_all(bytes).await {
                 Ok(written) => {
                     let stats = link.shard.stats();
                     stats.writes_total.inc();
@@ -506,7 +512,7 @@ fn write_loop(link: &Link) -> impl Future<Output = End> + '_ {
 /// Sends the close frame and gives the peer `CLOSE_WAIT` to answer with its own (the reader
 /// ends the connection when it does).
 async fn close(link: &Link, code: CloseCode) -> End {
-    if let Err(e) = write_all(link, &ws::close(code)).await {
+    if let Err(e) = link.write_all(&ws::close(code)).await {
         return End::Io(e);
     }
     link.close_sent.set(Some(code));
@@ -516,17 +522,22 @@ async fn close(link: &Link, code: CloseCode) -> End {
     End::Closed { code }
 }
 
-/// Writes all of `data` and says how many bytes that was. A peer that accepts no byte for
-/// `heartbeat.timeout_ms` is given up on.
+/// Writes all of `data` to `stream` and says how many bytes that was. A peer that accepts no
+/// byte for `stall` is given up on (`TimedOut`). The one socket write of the server: the
+/// connections and the Redis links use it.
 ///
 /// Not an `async fn`, and its timer is made only when the socket is full: the usual write
 /// costs no allocation, and every idle connection's future stays small.
-fn write_all<'a>(link: &'a Link, data: &'a [u8]) -> impl Future<Output = io::Result<usize>> + 'a {
+pub(crate) fn write_all<'a>(
+    stream: &'a RefCell<TcpStream>,
+    data: &'a [u8],
+    stall: Duration,
+) -> impl Future<Output = io::Result<usize>> + 'a {
     let mut at = 0;
     let mut stalled: Option<Pin<Box<glommio::timer::Timer>>> = None;
     poll_fn(move |cx| {
         while at < data.len() {
-            match Pin::new(&mut *link.stream.borrow_mut()).poll_write(cx, &data[at..]) {
+            match Pin::new(&mut *stream.borrow_mut()).poll_write(cx, &data[at..]) {
                 Poll::Ready(Ok(0)) => return Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
                 Poll::Ready(Ok(n)) => {
                     at += n;
@@ -534,14 +545,12 @@ fn write_all<'a>(link: &'a Link, data: &'a [u8]) -> impl Future<Output = io::Res
                 }
                 Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
                 Poll::Pending => {
-                    let timer = stalled.get_or_insert_with(|| {
-                        let stall = link.shard.config.heartbeat.timeout_ms;
-                        Box::pin(glommio::timer::Timer::new(Duration::from_millis(stall)))
-                    });
+                    let timer =
+                        stalled.get_or_insert_with(|| Box::pin(glommio::timer::Timer::new(stall)));
                     if timer.as_mut().poll(cx).is_ready() {
                         return Poll::Ready(Err(io::Error::new(
                             io::ErrorKind::TimedOut,
-                            "peer read nothing for heartbeat.timeout_ms",
+                            "the peer accepted no byte in time",
                         )));
                     }
                     return Poll::Pending;

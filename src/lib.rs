@@ -12,6 +12,7 @@ pub mod auth;
 pub mod broker;
 pub mod config;
 pub mod conn;
+pub mod deadline;
 pub mod handle;
 pub mod http;
 pub mod limit;

@@ -132,15 +132,6 @@ pub enum Verdict {
     Unavailable,
 }
 
-/// `future`'s output, or `None` once `limit` has passed: the one timeout of the server.
-pub async fn within<T>(limit: Duration, future: impl Future<Output = T>) -> Option<T> {
-    let expired = async {
-        glommio::timer::sleep(limit).await;
-        None
-    };
-    futures_lite::future::or(async { Some(future.await) }, expired).await
-}
-
 /// A one-shot value that any number of local tasks can wait for.
 ///
 /// A waiter that gives up (its future dropped, e.g. by a timeout or `or`) takes its waker
@@ -173,7 +164,7 @@ impl Latch {
 
     /// The value, or `Unavailable` if it is not set within `limit`.
     pub async fn wait_at_most(&self, limit: Duration) -> Verdict {
-        within(limit, self.wait())
+        crate::deadline::within(limit, self.wait())
             .await
             .unwrap_or(Verdict::Unavailable)
     }

@@ -24,8 +24,9 @@ use crate::auth::{self, Verifier};
 use crate::broker::{Broker, Target};
 use crate::config::BrokerKind;
 use crate::config::Config;
+use crate::deadline::within;
 use crate::http::{self, Request, Response};
-use crate::mesh::{within, Mesh, Message, Verdict};
+use crate::mesh::{Mesh, Message, Verdict};
 use crate::metrics::{self, Registry};
 use crate::protocol::{server_event, CloseCode, ErrorCode};
 use crate::shard::Shard;
@@ -49,6 +50,21 @@ pub enum Error {
     },
     #[error("executor: {0}")]
     Executor(String),
+    #[error("core start-up: {0}")]
+    Core(#[from] CoreError),
+}
+
+/// Why a core could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum CoreError {
+    #[error("no listener left for this core")]
+    NoListener,
+    #[error("the cross-core mesh could not be joined: {0}")]
+    Mesh(String),
+    #[error("broker.redis_url: {0}")]
+    RedisUrl(#[from] crate::broker::TargetError),
+    #[error("mesh receive task: {0}")]
+    Task(String),
 }
 
 /// Runs the server until `shutdown` is raised. `on_bound` is told the bound address once every
@@ -95,7 +111,7 @@ pub fn run(
             let listener = listeners.lock().ok().and_then(|mut l| l.pop());
             async move {
                 let Some(listener) = listener else {
-                    return Err("no listener left for this core".to_string());
+                    return Err(CoreError::NoListener);
                 };
                 run_shard(start, listener).await
             }
@@ -104,7 +120,7 @@ pub fn run(
     for result in pool.join_all() {
         match result {
             Ok(Ok(())) => {}
-            Ok(Err(e)) => return Err(Error::Executor(e)),
+            Ok(Err(e)) => return Err(Error::Core(e)),
             Err(e) => {
                 return Err(Error::Executor(format!(
                     "an executor panicked or failed: {e}"
@@ -158,7 +174,7 @@ struct Start {
     instance: Arc<str>,
 }
 
-async fn run_shard(start: Start, listener: socket2::Socket) -> Result<(), String> {
+async fn run_shard(start: Start, listener: socket2::Socket) -> Result<(), CoreError> {
     let Start {
         config,
         verifier,
@@ -172,14 +188,16 @@ async fn run_shard(start: Start, listener: socket2::Socket) -> Result<(), String
             glommio::timer::sleep(TICK).await;
         }
     });
-    let (senders, mut receivers) = mesh.join().await.map_err(|e| format!("mesh: {e}"))?;
+    let (senders, mut receivers) = mesh
+        .join()
+        .await
+        .map_err(|e| CoreError::Mesh(e.to_string()))?;
     ticker.cancel().await;
     let core = senders.peer_id();
     let broker = match config.broker.kind {
         BrokerKind::Memory => None,
         BrokerKind::Redis => {
-            let target = Target::parse(&config.broker.redis_url)
-                .map_err(|e| format!("broker.redis_url: {e}"))?;
+            let target = Target::parse(&config.broker.redis_url)?;
             let timeout = Duration::from_millis(config.broker.subscribe_timeout_ms);
             Some(Rc::new(Broker::new(
                 target,
@@ -228,7 +246,7 @@ async fn run_shard(start: Start, listener: socket2::Socket) -> Result<(), String
             },
             mesh_queue,
         )
-        .map_err(|e| format!("mesh task: {e}"))?
+        .map_err(|e| CoreError::Task(e.to_string()))?
         .detach();
     }
     glommio::spawn_local(housekeeping(shard.clone(), shutdown)).detach();
@@ -421,10 +439,6 @@ async fn handle_client(shard: Rc<Shard>, mut stream: TcpStream) {
 /// `server.request_timeout_ms`.
 async fn read_head(shard: &Shard, stream: &mut TcpStream, buf: &mut BytesMut) -> HeadEnd {
     let server = &shard.config.server;
-    let deadline = async {
-        glommio::timer::sleep(Duration::from_millis(server.request_timeout_ms)).await;
-        None
-    };
     let stopping = async {
         shard.stopping.wait().await;
         None
@@ -448,9 +462,11 @@ async fn read_head(shard: &Shard, stream: &mut TcpStream, buf: &mut BytesMut) ->
             }
         }
     };
-    let outcome =
-        futures_lite::future::or(read, futures_lite::future::or(deadline, stopping)).await;
-    match outcome {
+    let limit = Duration::from_millis(server.request_timeout_ms);
+    match within(limit, futures_lite::future::or(read, stopping))
+        .await
+        .flatten()
+    {
         Some(end) => end,
         // A request that had begun gets a 408; an idle keep-alive connection just closes.
         None if !buf.is_empty() => HeadEnd::Bad(408, "request head not received in time".into()),
@@ -706,13 +722,6 @@ async fn read_body(
     length: usize,
     keep: bool,
 ) -> bool {
-    let timeout = async {
-        glommio::timer::sleep(Duration::from_millis(
-            shard.config.server.request_timeout_ms,
-        ))
-        .await;
-        false
-    };
     let read = async {
         let mut chunk = vec![0u8; 16 * 1024];
         let mut have = buf.len();
@@ -732,7 +741,8 @@ async fn read_body(
         }
         true
     };
-    futures_lite::future::or(read, timeout).await
+    let limit = Duration::from_millis(shard.config.server.request_timeout_ms);
+    within(limit, read).await.unwrap_or(false)
 }
 
 /// Raises the soft open-files limit to the hard one: every connection is a descriptor.

@@ -19,6 +19,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use clap::{Parser, Subcommand};
+use fanfare::deadline::within;
 use fanfare::metrics::ProcessUsage;
 use futures_lite::{AsyncReadExt, AsyncWriteExt};
 use hdrhistogram::Histogram;
@@ -254,11 +255,7 @@ async fn drain(
     let mut buf = Vec::with_capacity(4096);
     let mut chunk = vec![0u8; 16 * 1024];
     while !stop.load(Ordering::Relaxed) {
-        let read = futures_lite::future::or(async { Some(stream.read(&mut chunk).await) }, async {
-            glommio::timer::sleep(Duration::from_millis(200)).await;
-            None
-        })
-        .await;
+        let read = within(Duration::from_millis(200), stream.read(&mut chunk)).await;
         let n = match read {
             None => continue,
             Some(Ok(0)) | Some(Err(_)) => return,
@@ -573,14 +570,8 @@ fn raw_floor(sockets: usize, frames: u64, payload: usize, batch: usize) -> f64 {
                         glommio::spawn_local(async move {
                             let mut buf = vec![0u8; 16 * 1024];
                             while !stop.load(Ordering::Relaxed) {
-                                let read = futures_lite::future::or(
-                                    async { Some(s.read(&mut buf).await) },
-                                    async {
-                                        glommio::timer::sleep(Duration::from_millis(100)).await;
-                                        None
-                                    },
-                                )
-                                .await;
+                                let read =
+                                    within(Duration::from_millis(100), s.read(&mut buf)).await;
                                 if let Some(Ok(0) | Err(_)) = read {
                                     return;
                                 }
