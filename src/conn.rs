@@ -1,5 +1,6 @@
-//! One WebSocket connection, after the upgrade: reads client frames, answers client events, and
-//! writes whatever its [`ConnHandle`] queue holds.
+//! One WebSocket connection, after the upgrade: the transport under a [`Client`]. It reads and
+//! reassembles frames, hands each text message to the client rules (`client`), and writes
+//! whatever the client's [`ConnHandle`] queue holds.
 //!
 //! Invariants: the connection lives and dies on the core that accepted it, as one task. Its
 //! reader and writer are two futures of that task sharing the socket through a `RefCell`
@@ -21,14 +22,10 @@ use futures_lite::{AsyncRead, AsyncWrite};
 use glommio::net::TcpStream;
 use tracing::{debug, info};
 
-use crate::auth::{self, Identity};
+use crate::auth::Identity;
+use crate::client::{self, Client, ClientId};
 use crate::handle::{ConnHandle, Next};
-use crate::limit::TokenBucket;
-use crate::mesh::Verdict;
-use crate::protocol::{
-    parse_client_event, server_event, Activity, ClientEvent, CloseCode, ErrorCode,
-};
-use crate::route::{room_key, RoomKey};
+use crate::protocol::{server_event, CloseCode, ErrorCode};
 use crate::shard::Shard;
 use crate::ws;
 
@@ -36,19 +33,6 @@ use crate::ws;
 const WRITE_BATCH_BYTES: usize = 64 * 1024;
 /// How long the server waits for the peer's close frame after sending its own.
 const CLOSE_WAIT: Duration = Duration::from_secs(1);
-/// A connection still dropping events this long after its first drop is closed with 4008.
-const RATE_LIMIT_GRACE: Duration = Duration::from_secs(5);
-/// Drops further apart than this start a new episode.
-const RATE_EPISODE_GAP: Duration = Duration::from_secs(1);
-
-/// A connection id as clients see it (hex), for logs.
-struct ConnId(u64);
-
-impl std::fmt::Display for ConnId {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{:x}", self.0)
-    }
-}
 
 /// How a connection ended, for the disconnect log line.
 enum End {
@@ -65,11 +49,8 @@ enum End {
 struct Conn {
     /// Bytes of an incomplete frame; empty (unallocated) on an idle connection.
     rbuf: BytesMut,
-    /// In subscription order: the last is the default conversation of `presence.activity`.
-    subscriptions: Vec<RoomKey>,
-    bucket: TokenBucket,
-    /// Set once the connection goes over its event rate; boxed, as most never do.
-    over_rate: Option<Box<OverRate>>,
+    /// What the client rules keep for this connection.
+    client: client::State,
     /// A fragmented message being assembled: its opcode and bytes so far.
     fragments: Option<Box<(u8, BytesMut)>>,
     started: Instant,
@@ -84,13 +65,6 @@ struct Link {
     peer_close: Cell<Option<Option<u16>>>,
     /// The code of the close frame the server wrote, once written.
     close_sent: Cell<Option<CloseCode>>,
-}
-
-struct OverRate {
-    /// First and last dropped event of the current episode.
-    first_drop: Instant,
-    last_drop: Instant,
-    last_error: Option<Instant>,
 }
 
 /// The task serving one upgraded connection until it closes. `pending` holds bytes that
@@ -117,19 +91,17 @@ pub fn serve(
     // session.ready is the first frame: queued before anything else can reach the connection.
     out.push(ws::text(
         server_event::session_ready(
-            &ConnId(out.id).to_string(),
+            &ClientId(out.id).to_string(),
             &out.user,
             &out.tenant,
             config.heartbeat.interval_ms,
         )
         .as_bytes(),
     ));
-    info!(conn = %ConnId(out.id), tenant = %out.tenant, user = %out.user, %peer, core = shard.id, "connect");
+    info!(conn = %ClientId(out.id), tenant = %out.tenant, user = %out.user, %peer, core = shard.id, "connect");
     let conn = Conn {
-        bucket: TokenBucket::full(config.limits.msg_burst, started),
+        client: client::State::new(&shard, started),
         rbuf: pending,
-        subscriptions: Vec::new(),
-        over_rate: None,
         fragments: None,
         started,
     };
@@ -150,21 +122,14 @@ impl Conn {
     #[allow(clippy::manual_async_fn)] // on purpose: see above
     fn run(mut self, link: Link) -> impl Future<Output = ()> {
         async move {
-            Box::pin(link.shard.register(link.out.clone())).await;
-            link.shard.stats().connects_total.inc();
+            Box::pin(self.client(&link).join()).await;
             let end = futures_lite::future::or(self.read_loop(&link), write_loop(&link)).await;
 
             // Boxed, like every rarely taken await of this task: see `read_loop`.
-            Box::pin(async {
-                for room in std::mem::take(&mut self.subscriptions) {
-                    link.shard.unsubscribe(&room, link.out.id).await;
-                }
-                link.shard.unregister(&link.out).await;
-            })
-            .await;
+            Box::pin(self.client(&link).leave()).await;
             let duration_ms = self.started.elapsed().as_millis() as u64;
             let out = &link.out;
-            let (conn, tenant, user) = (ConnId(out.id), &out.tenant, &out.user);
+            let (conn, tenant, user) = (ClientId(out.id), &out.tenant, &out.user);
             match end {
                 End::Closed { code } => {
                     let peer_code = link.peer_close.get().flatten();
@@ -196,7 +161,7 @@ impl Conn {
                         Ok(Some(h)) if self.rbuf.len() >= h.header_len + h.payload_len => h,
                         Ok(_) => break,
                         Err(e) => {
-                            debug!(conn = %ConnId(link.out.id), error = %e, "bad frame");
+                            debug!(conn = %ClientId(link.out.id), error = %e, "bad frame");
                             link.out.close(e.close_code());
                             garbled = true;
                             break;
@@ -283,168 +248,29 @@ impl Conn {
         opcode: u8,
         mut message: BytesMut,
     ) -> Result<(), CloseCode> {
-        if !self.within_rate(link) {
+        let mut client = self.client(link);
+        if !client.within_rate() {
             return Ok(());
         }
         if opcode == ws::OP_BINARY {
-            link.error(
-                ErrorCode::InvalidMessage,
-                "binary frames are not accepted; send JSON text",
-                None,
-            );
+            let message = "binary frames are not accepted; send JSON text";
+            client.error(ErrorCode::InvalidMessage, message, None);
             return Ok(());
         }
         if std::str::from_utf8(&message).is_err() {
             return Err(CloseCode::InvalidPayload);
         }
-        let request = match parse_client_event(&mut message) {
-            Ok(r) => r,
-            Err(invalid) => {
-                link.error(ErrorCode::InvalidMessage, &invalid.message, invalid.id);
-                return Ok(());
-            }
-        };
-        let id = request.id;
-        match request.event {
-            ClientEvent::Ping => {
-                link.out.push(ws::text(server_event::pong(id).as_bytes()));
-            }
-            ClientEvent::Subscribe { conversation_id } => {
-                let room = room_key(&link.out.tenant, conversation_id);
-                if !self.subscriptions.contains(&room) {
-                    let max = link.shard.config.limits.max_subscriptions;
-                    if self.subscriptions.len() >= max {
-                        let message = format!("at most {max} subscriptions per connection");
-                        link.error(ErrorCode::TooManySubscriptions, &message, id);
-                        return Ok(());
-                    }
-                    // The room's own key, when this core has one: one copy for all subscribers.
-                    let room = link.shard.room_key_of(room);
-                    if self.subscriptions.is_empty() {
-                        // Room for one, not the four a first push makes: many connections
-                        // never hold more.
-                        self.subscriptions.reserve_exact(1);
-                    }
-                    // Recorded before the await so that a connection torn down meanwhile still
-                    // leaves the room on clean-up.
-                    self.subscriptions.push(room.clone());
-                    if link.shard.subscribe(&room, &link.out).await == Verdict::Unavailable {
-                        self.subscriptions.retain(|r| *r != room);
-                        link.shard.unsubscribe(&room, link.out.id).await;
-                        let message = "the broker did not confirm the subscription in time; retry";
-                        link.error(ErrorCode::Unavailable, message, id);
-                        return Ok(());
-                    }
-                    info!(conn = %ConnId(link.out.id), room = %room, "subscribe");
-                }
-                link.ack(id);
-            }
-            ClientEvent::Unsubscribe { conversation_id } => {
-                let room = room_key(&link.out.tenant, conversation_id);
-                if let Some(at) = self.subscriptions.iter().position(|r| *r == room) {
-                    self.subscriptions.remove(at);
-                    link.shard.unsubscribe(&room, link.out.id).await;
-                    info!(conn = %ConnId(link.out.id), room = %room, "unsubscribe");
-                }
-                link.ack(id);
-            }
-            ClientEvent::Activity {
-                activity,
-                conversation_id,
-            } => {
-                let room = match conversation_id {
-                    Some(c) => room_key(&link.out.tenant, c),
-                    None => match self.subscriptions.last() {
-                        Some(room) => room.clone(),
-                        None => {
-                            let message = "no conversationId and no subscription to default to";
-                            link.error(ErrorCode::InvalidMessage, message, id);
-                            return Ok(());
-                        }
-                    },
-                };
-                match activity {
-                    // PROTOCOL.md: typing needs a subscription; viewing does not.
-                    Activity::Typing if !self.subscriptions.contains(&room) => {
-                        link.error(
-                            ErrorCode::Forbidden,
-                            "not subscribed to this conversation",
-                            id,
-                        );
-                        return Ok(());
-                    }
-                    Activity::Typing => link.shard.typing(room, link.out.user.clone()).await,
-                    // Nothing reads "active in a conversation" yet (watch-mode presence will):
-                    // it is recorded in the log only.
-                    Activity::Viewing => {
-                        debug!(conn = %ConnId(link.out.id), room = %room, "viewing")
-                    }
-                }
-                // Acked even when throttled: throttling is invisible to the typist.
-                link.ack(id);
-            }
-            ClientEvent::PresenceQuery => {
-                let users = link.shard.online_users(&link.out.tenant);
-                let snapshot = server_event::snapshot(users.iter().map(|u| &**u), id);
-                link.out.push(ws::text(snapshot.as_bytes()));
-            }
-            ClientEvent::Auth { token } => {
-                match link.shard.verifier.verify(token, auth::now_ms()) {
-                    Ok(fresh)
-                        if *fresh.tenant == *link.out.tenant && *fresh.user == *link.out.user =>
-                    {
-                        link.out.expires_at_ms.set(fresh.expires_at_ms);
-                        link.ack(id);
-                    }
-                    Ok(_) => link.error(
-                        ErrorCode::Forbidden,
-                        "the token is for another user or tenant",
-                        id,
-                    ),
-                    Err(e) => link.error(ErrorCode::Unauthorized, &e.to_string(), id),
-                }
-            }
-        }
+        client.on_event(&mut message).await;
         Ok(())
     }
 
-    /// The per-connection event rate limit: drops over the limit, answers with at most one
-    /// `rate_limited` a second, and closes with 4008 when dropping has lasted 5 s.
-    fn within_rate(&mut self, link: &Link) -> bool {
-        let (limits, now) = (&link.shard.config.limits, Instant::now());
-        if self
-            .bucket
-            .take(limits.msg_rate, limits.msg_burst, now)
-            .is_ok()
-        {
-            return true;
+    /// The client rules' view of this connection.
+    fn client<'a>(&'a mut self, link: &'a Link) -> Client<'a> {
+        Client {
+            shard: &link.shard,
+            out: &link.out,
+            state: &mut self.client,
         }
-        let over = self.over_rate.get_or_insert_with(|| {
-            Box::new(OverRate {
-                first_drop: now,
-                last_drop: now,
-                last_error: None,
-            })
-        });
-        if now.duration_since(over.last_drop) >= RATE_EPISODE_GAP {
-            over.first_drop = now;
-        }
-        over.last_drop = now;
-        if now.duration_since(over.first_drop) >= RATE_LIMIT_GRACE {
-            link.shard.stats().rate_limit_closes_total.inc();
-            link.out.close(CloseCode::RateLimited);
-        } else if over
-            .last_error
-            .is_none_or(|t| now.duration_since(t) >= Duration::from_secs(1))
-        {
-            over.last_error = Some(now);
-            let message = format!(
-                "over {} events per second; events are being dropped",
-                limits.msg_rate
-            );
-            link.error(ErrorCode::RateLimited, &message, None);
-        }
-        false
     }
 }
 
@@ -453,20 +279,6 @@ impl Link {
     fn write_all<'a>(&'a self, data: &'a [u8]) -> impl Future<Output = io::Result<usize>> + 'a {
         let stall = Duration::from_millis(self.shard.config.heartbeat.timeout_ms);
         write_all(&self.stream, data, stall)
-    }
-
-    fn ack(&self, id: Option<&str>) {
-        if let Some(id) = id {
-            self.out.push(ws::text(server_event::ack(id).as_bytes()));
-        }
-    }
-
-    fn error(&self, code: ErrorCode, message: &str, id: Option<&str>) {
-        self.shard.stats().client_errors_total.inc();
-        // Debug level: a misbehaving client must not be able to flood the log.
-        debug!(conn = %ConnId(self.out.id), code = code.as_str(), message, "client event refused");
-        self.out
-            .push(ws::text(server_event::error(code, message, id).as_bytes()));
     }
 }
 

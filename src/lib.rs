@@ -10,6 +10,7 @@
 
 pub mod auth;
 pub mod broker;
+pub mod client;
 pub mod config;
 pub mod conn;
 pub mod deadline;
