@@ -22,6 +22,7 @@ pub mod metrics;
 pub mod presence;
 pub mod protocol;
 pub mod publish;
+pub mod rooms;
 pub mod route;
 pub mod server;
 pub mod shard;

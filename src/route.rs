@@ -19,6 +19,11 @@ pub type Map<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
 /// A set with the same hasher as [`Map`].
 pub type Set<T> = HashSet<T, foldhash::fast::RandomState>;
 
+/// The key `map` holds equal to `key`: a shared copy, where building one would allocate.
+pub fn held_key<V>(map: &Map<Arc<str>, V>, key: &str) -> Option<Arc<str>> {
+    map.get_key_value(key).map(|(held, _)| held.clone())
+}
+
 /// The routing key of a conversation: `<tenantId>:c:<conversationId>` (tenant IDs contain no
 /// `:`, so the key is unambiguous). It is also the Redis channel name after the prefix.
 pub type RoomKey = Arc<str>;

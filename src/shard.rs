@@ -1,17 +1,19 @@
-//! One core's share of the server: the rooms and users it owns, its local subscriber and
-//! tenant indexes, its connections, and its end of the SPSC mesh to every other core.
+//! One core's share of the server, and the glue between its parts: its connections by tenant,
+//! its rooms ([`Rooms`]), the users whose presence it owns (`users`), the connection-attempt
+//! and bad-key buckets of the IPs it owns, and its end of the mesh ([`Mesh`]), through which it
+//! is the one router of cross-core messages ([`Shard::route`], with the local fast path).
 //!
 //! Invariants: a `Shard` lives on one executor and is reached only through `Rc`; other cores
-//! talk to it only by [`Message`]s over the mesh wired at start-up. A conversation's owner
-//! (`route::shard_for`) keeps the set of cores that have subscribers; an event is framed once
-//! and sent once to each such core, which queues the same `Bytes` to each local subscriber.
-//! A user's owner counts the user's connections and broadcasts presence changes once per core;
-//! each core delivers them to its own connections of the tenant (see `users`).
+//! talk to it only by [`Message`]s. A conversation's owner (`route::shard_for`) keeps the set of
+//! cores that have subscribers; an event is framed once and sent once to each such core, which
+//! queues the same `Bytes` to each local subscriber. Handling a message never awaits; every
+//! wait for another core has a deadline and takes its `pending` entry back when dropped.
 //!
 //! With the Redis broker, an owner SUBSCRIBEs to a room's channel when the first core becomes
 //! interested and UNSUBSCRIBEs when the last leaves; subscribes are answered only once Redis
 //! confirmed (or `broker.subscribe_timeout_ms` passed: `unavailable`), and events are published
-//! through Redis so that every instance, this one included, delivers by the same path.
+//! through Redis so that every instance, this one included, delivers by the same path. What
+//! arrives from Redis is checked like a publish body before it is framed.
 
 mod users;
 
@@ -23,41 +25,20 @@ use std::time::{Duration, Instant};
 
 use crate::broker::{Broker, BrokerError, Push};
 use crate::config::Config;
-use crate::handle::{ConnHandle, Kind, Pushed};
+use crate::handle::{ConnHandle, Kind};
 use crate::limit::TokenBucket;
 use crate::mesh::{Fanned, Latch, Mesh, Message, Verdict};
 use crate::metrics::{CoreStats, Registry};
 use crate::presence;
-use crate::protocol::{server_event, ErrorCode};
+use crate::protocol::server_event;
 use crate::publish::Routed;
-use crate::route::{ip_key, shard_for, Map, RoomKey, Set};
+use crate::rooms::{Joined, Rooms};
+use crate::route::{held_key, ip_key, shard_for, Map, RoomKey, Set};
 use tracing::warn;
-
-/// A room this core owns.
-struct OwnedRoom {
-    /// Bitmask of the cores with subscribers.
-    cores: u64,
-    /// Set once the room's events reach this core (Redis confirmed the SUBSCRIBE).
-    live: Rc<Latch>,
-}
-
-/// This core's subscribers of one room.
-struct LocalRoom {
-    conns: Vec<Rc<ConnHandle>>,
-    /// Set once the owner has registered this core's interest.
-    live: Rc<Latch>,
-    /// The request that announced this core's interest to the owner (its `pending` entry).
-    req: u64,
-}
 
 /// Connections by id: a set of handles looked up by their `id` (8 bytes an entry, where a map
 /// from id to handle takes 16).
 type Conns = Set<ById>;
-
-/// The key `map` holds equal to `key`: a shared copy, where building one would allocate.
-fn held_key<V>(map: &Map<Arc<str>, V>, key: &str) -> Option<Arc<str>> {
-    map.get_key_value(key).map(|(held, _)| held.clone())
-}
 
 /// A handle that hashes and compares as its id.
 struct ById(Rc<ConnHandle>);
@@ -93,12 +74,11 @@ pub struct Shard {
     pub broker: Option<Rc<Broker>>,
     /// This instance's id among the instances sharing a Redis.
     pub instance: Arc<str>,
-    owned: RefCell<Map<RoomKey, OwnedRoom>>,
+    rooms: RefCell<Rooms>,
     /// On core 0 with Redis: the presence channel's subscription is confirmed.
     presence_live: Cell<bool>,
     /// With Redis: set while this core's broker is ready (see `set_broker_ready`).
     broker_ready: RefCell<Rc<Latch>>,
-    local: RefCell<Map<RoomKey, LocalRoom>>,
     /// This core's connections, by tenant (for presence delivery) and id.
     tenants: RefCell<Map<Arc<str>, Conns>>,
     /// Users this core owns.
@@ -136,10 +116,9 @@ impl Shard {
             mesh,
             broker,
             instance,
-            owned: RefCell::default(),
+            rooms: RefCell::default(),
             presence_live: Cell::new(false),
             broker_ready: RefCell::default(),
-            local: RefCell::default(),
             tenants: RefCell::default(),
             users: RefCell::default(),
             online: RefCell::default(),
@@ -222,7 +201,7 @@ impl Shard {
 
     /// `room`, or the equal key this core already holds for it (subscribers share one).
     pub fn room_key_of(&self, room: RoomKey) -> RoomKey {
-        held_key(&self.local.borrow(), &room).unwrap_or(room)
+        self.rooms.borrow().shared_key(room)
     }
 
     /// Adds `conn` to `room` and resolves once an event published from now on reaches it, or
@@ -245,24 +224,17 @@ impl Shard {
         }
         let owner = self.owner_of(room);
         self.mesh.room(owner).await;
-        let joined = self.local.borrow_mut().get_mut(room).map(|r| {
-            r.conns.push(conn.clone());
-            r.live.clone()
-        });
-        let live = joined.unwrap_or_else(|| {
-            let (live, req) = (Rc::new(Latch::default()), self.next_id());
-            let first = LocalRoom {
-                conns: vec![conn.clone()],
-                live: live.clone(),
-                req,
-            };
-            self.local.borrow_mut().insert(room.clone(), first);
-            self.pending.borrow_mut().insert(req, live.clone());
-            let from = self.id;
-            let room = room.clone();
-            self.route(owner, Message::Subscribe { room, from, req });
-            live
-        });
+        let req = self.next_id();
+        let joined = self.rooms.borrow_mut().join(room, conn, req);
+        let live = match joined {
+            Joined::Member(live) => live,
+            Joined::First(live) => {
+                self.pending.borrow_mut().insert(req, live.clone());
+                let (room, from) = (room.clone(), self.id);
+                self.route(owner, Message::Subscribe { room, from, req });
+                live
+            }
+        };
         live.wait_at_most(timeout).await
     }
 
@@ -270,17 +242,9 @@ impl Shard {
     pub async fn unsubscribe(self: &Rc<Self>, room: &RoomKey, conn_id: u64) {
         let owner = self.owner_of(room);
         self.mesh.room(owner).await;
-        let mut local = self.local.borrow_mut();
-        let Some(r) = local.get_mut(room) else { return };
-        if let Some(at) = r.conns.iter().position(|c| c.id == conn_id) {
-            r.conns.swap_remove(at);
-        }
-        if !r.conns.is_empty() {
+        let Some(req) = self.rooms.borrow_mut().leave(room, conn_id) else {
             return;
-        }
-        let req = r.req;
-        local.remove(room);
-        drop(local);
+        };
         // A reply still on its way finds nothing to wake.
         self.pending.borrow_mut().remove(&req);
         let from = self.id;
@@ -379,64 +343,16 @@ impl Shard {
 
     /// On the owner: one message per interested core, never one per connection.
     fn fan_out(&self, room: &RoomKey, out: Fanned) {
-        let Some(mask) = self.owned.borrow().get(room).map(|r| r.cores) else {
-            return;
-        };
-        let mut cores = mask;
+        let mut cores = self.rooms.borrow().interested_cores(room);
         while cores != 0 {
             let core = cores.trailing_zeros() as usize;
             cores &= cores - 1;
             if core == self.id {
-                self.deliver(room, &out);
+                self.rooms.borrow().deliver(room, &out, self.stats());
             } else if !self.mesh.deliver(core, room, &out) {
                 self.stats().mesh_overflow_total.inc();
             }
         }
-    }
-
-    /// Queues a frame to this core's subscribers of `room`.
-    fn deliver(&self, room: &RoomKey, out: &Fanned) {
-        let local = self.local.borrow();
-        let Some(r) = local.get(room) else { return };
-        self.push_all(r.conns.iter().map(|c| &**c), out);
-    }
-
-    /// Tells this core's subscribers of `room` that events of it were dropped on their way
-    /// here: `error{code:"overloaded"}`, at most once a second per connection.
-    fn gap(&self, room: &RoomKey) {
-        let local = self.local.borrow();
-        let Some(r) = local.get(room) else { return };
-        let now = crate::handle::clock_ms();
-        let conversation = room.split_once(":c:").map_or("", |(_, c)| c);
-        let message = format!("events of conversation {conversation} were dropped: reload it");
-        let error =
-            crate::ws::text(server_event::error(ErrorCode::Overloaded, &message, None).as_bytes());
-        for conn in &r.conns {
-            if now >= conn.overload_quiet_until.get() {
-                conn.overload_quiet_until.set(now + 1000);
-                conn.push(error.clone());
-            }
-        }
-    }
-
-    /// Queues `out` to each of `conns` but the excepted user's; counts what happened.
-    fn push_all<'a>(&self, conns: impl Iterator<Item = &'a ConnHandle>, out: &Fanned) {
-        let mut delivered = 0;
-        for conn in conns {
-            if out.except.as_ref().is_some_and(|u| *u == conn.user) {
-                continue;
-            }
-            match conn.push_kind(out.frame.clone(), out.kind) {
-                Pushed::Queued => delivered += 1,
-                Pushed::Shed(n) => {
-                    self.stats().frames_shed_total.add(n as u64);
-                    delivered += u64::from(out.kind == Kind::Event);
-                }
-                Pushed::Overflowed => self.stats().slow_consumer_closes_total.inc(),
-                Pushed::Dropped => {}
-            }
-        }
-        self.stats().frames_delivered_total.add(delivered);
     }
 
     // ---- connection-attempt rate limit ------------------------------------------------
@@ -513,31 +429,23 @@ impl Shard {
         shard_for(room.as_bytes(), self.count)
     }
 
-    /// Records that `core` has subscribers for `room`; the latch says when events flow.
+    /// Records that `core` has subscribers for `room`; the latch says when events flow (with
+    /// Redis, once the SUBSCRIBE of a new room is confirmed).
     fn add_interest(&self, room: &RoomKey, core: usize) -> Rc<Latch> {
-        let mut owned = self.owned.borrow_mut();
-        let entry = owned.entry(room.clone()).or_insert_with(|| {
-            let live = Rc::new(Latch::default());
+        let (live, new) = self.rooms.borrow_mut().add_interest(room, core);
+        if new {
             match &self.broker {
                 Some(broker) => broker.subscribe(&[room]),
                 None => live.set(Verdict::Granted),
             }
-            OwnedRoom { cores: 0, live }
-        });
-        entry.cores |= 1 << core;
-        entry.live.clone()
+        }
+        live
     }
 
     fn remove_interest(&self, room: &RoomKey, core: usize) {
-        let mut owned = self.owned.borrow_mut();
-        if let Some(entry) = owned.get_mut(room) {
-            entry.cores &= !(1 << core);
-            if entry.cores == 0 {
-                owned.remove(room);
-                if let Some(broker) = &self.broker {
-                    broker.unsubscribe(&[room]);
-                }
-            }
+        let gone = self.rooms.borrow_mut().remove_interest(room, core);
+        if let Some(broker) = self.broker.as_ref().filter(|_| gone) {
+            broker.unsubscribe(&[room]);
         }
     }
 
@@ -574,7 +482,8 @@ impl Shard {
 
     /// Every channel this core wants from Redis (prefix stripped), for a (re)connect.
     pub fn wanted_channels(&self) -> Vec<String> {
-        let mut channels: Vec<String> = self.owned.borrow().keys().map(|r| r.to_string()).collect();
+        let mut channels: Vec<String> =
+            self.rooms.borrow().owned().map(|r| r.to_string()).collect();
         if self.id == 0 {
             channels.push(users::PRESENCE_CHANNEL.to_string());
         }
@@ -590,7 +499,7 @@ impl Shard {
             Push::Message { channel, payload } => {
                 // The room's own key: no allocation per event. A room not owned (any more) has
                 // no subscribers here.
-                let Some(room) = held_key(&self.owned.borrow(), channel) else {
+                let Some(room) = self.rooms.borrow().owned_key(channel) else {
                     return;
                 };
                 let conversation = room.split_once(":c:").map_or("", |(_, c)| c);
@@ -612,24 +521,12 @@ impl Shard {
             Push::Subscribed { channel } if channel == users::PRESENCE_CHANNEL => {
                 self.presence_live.set(true)
             }
-            Push::Subscribed { channel } => {
-                if let Some(room) = self.owned.borrow().get(channel) {
-                    if room.live.get().is_none() {
-                        room.live.set(Verdict::Granted);
-                    }
-                }
-            }
+            Push::Subscribed { channel } => self.rooms.borrow().confirmed(channel),
             Push::Link(true) => {}
             Push::Link(false) => {
                 self.set_broker_ready(false);
                 self.presence_live.set(false);
-                // New subscribers wait for the resubscription; the ones acked stay. A room not
-                // live yet keeps its latch: its waiters are answered by the resubscription.
-                for room in self.owned.borrow_mut().values_mut() {
-                    if room.live.get().is_some() {
-                        room.live = Rc::new(Latch::default());
-                    }
-                }
+                self.rooms.borrow_mut().link_lost();
             }
         }
     }
@@ -656,8 +553,10 @@ impl Shard {
             }
             Message::Unsubscribe { room, from } => self.remove_interest(&room, from),
             Message::Publish { room, frame } => self.fan_out(&room, Fanned::event(frame)),
-            Message::Deliver { room, out } => self.deliver(&room, &out),
-            Message::Gap { room } => self.gap(&room),
+            Message::Deliver { room, out } => {
+                self.rooms.borrow().deliver(&room, &out, self.stats())
+            }
+            Message::Gap { room } => self.rooms.borrow().gap(&room),
             Message::Typing { room, user } => self.typing_at_owner(&room, user),
             Message::Connection { user, up } => self.connection_at_owner(user, up),
             Message::Presence {

@@ -115,7 +115,7 @@ impl Shard {
             kind: Kind::Event,
             except: Some(user.1),
         };
-        self.push_all(conns.iter().map(|c| &*c.0), &out);
+        crate::rooms::push_all(conns.iter().map(|c| &*c.0), &out, self.stats());
     }
 
     /// The tenant's online users (cluster-wide with Redis, grace period included), sorted.
