@@ -2,11 +2,12 @@
 //!
 //! The modules follow an event's path: a client is accepted and its request read
 //! ([`server`], [`http`]), rate-limited ([`limit`]) and authenticated ([`auth`]), upgraded
-//! ([`ws`]) and served ([`conn`]); its events ([`protocol`]) are routed to the owning core
-//! ([`route`]) of the per-core state ([`shard`]), which fans frames out to each subscriber's
-//! bounded queue ([`handle`]). Published events enter through [`publish`]. Presence rules live
-//! in [`presence`]; with Redis, [`broker`] carries events and presence between instances.
-//! [`config`] and [`metrics`] stand beside the path.
+//! ([`ws`]) and carried by its transport ([`conn`]); the client rules ([`client`]) handle each
+//! event ([`protocol`]) and route it to the owning core ([`route`]) over the [`mesh`], where
+//! [`rooms`] fan frames out to each subscriber's bounded queue ([`handle`]); [`shard`] is each
+//! core's glue. Published events enter through [`publish`]. Presence rules live in
+//! [`presence`]; with Redis, [`broker`] carries events and presence between instances.
+//! [`config`], [`metrics`] and [`deadline`] stand beside the path.
 
 pub mod auth;
 pub mod broker;
