@@ -66,6 +66,10 @@ enum Mode {
         /// Receiving threads (each its own executor).
         #[arg(long, default_value_t = 1)]
         receivers: usize,
+        /// Publishing connections, each on its own thread with `rate / publishers` events/s
+        /// (with --rate 0, each as fast as its requests are acknowledged).
+        #[arg(long, default_value_t = 1)]
+        publishers: u64,
     },
     /// Idle: open N subscribed connections and report RSS per connection and accept rate.
     Idle {
@@ -101,15 +105,22 @@ fn main() {
             seconds,
             payload,
             receivers,
-        } => fanout(
-            &cli,
-            connections,
-            conversations.max(1),
-            rate,
-            seconds.min(MAX_SECONDS),
-            payload,
-            receivers.max(1),
-        ),
+            publishers,
+        } => {
+            let publishing = Publishing {
+                rate,
+                seconds: seconds.min(MAX_SECONDS),
+                payload,
+                publishers: publishers.max(1),
+            };
+            fanout(
+                &cli,
+                connections,
+                conversations.max(1),
+                receivers.max(1),
+                publishing,
+            )
+        }
         Mode::Idle {
             connections,
             tenant_size,
@@ -298,15 +309,28 @@ struct Tally {
 
 // ---- fanout -------------------------------------------------------------------------------
 
+/// How the fan-out mode publishes.
+struct Publishing {
+    /// Events per second over all publishers; 0: as fast as acknowledged.
+    rate: u64,
+    seconds: u64,
+    payload: usize,
+    publishers: u64,
+}
+
 fn fanout(
     cli: &Cli,
     connections: usize,
     conversations: usize,
-    rate: u64,
-    seconds: u64,
-    payload: usize,
     receivers: usize,
+    publishing: Publishing,
 ) {
+    let Publishing {
+        rate,
+        seconds,
+        payload,
+        publishers,
+    } = publishing;
     let epoch = Instant::now();
     let stop = Arc::new(AtomicBool::new(false));
     let opened = Arc::new(AtomicU64::new(0));
@@ -370,10 +394,33 @@ fn fanout(
     let before = server_usage(cli.pid);
     let writes_before = server_counter(cli.addr, "writes_total");
     let started = Instant::now();
-    let published = publish(cli, conversations, rate, seconds, payload, epoch);
+    let sent: Vec<u64> = std::thread::scope(|s| {
+        let publishers: Vec<_> = (0..publishers)
+            .map(|_| {
+                s.spawn(|| {
+                    publish(
+                        cli,
+                        conversations,
+                        rate / publishers,
+                        seconds,
+                        payload,
+                        epoch,
+                    )
+                })
+            })
+            .collect();
+        publishers
+            .into_iter()
+            .map(|p| p.join().expect("publisher"))
+            .collect()
+    });
+    let published: u64 = sent.iter().sum();
     let publish_s = started.elapsed().as_secs_f64();
-    // Subscribers per conversation, as connections were spread.
-    let expected: u64 = (0..published)
+    // Subscribers per conversation, as connections were spread (each publisher numbers its
+    // events from 0).
+    let expected: u64 = sent
+        .iter()
+        .flat_map(|&n| 0..n)
         .map(|e| subscribers(live, conversations, (e % conversations as u64) as usize))
         .sum();
     // Let the last deliveries land (bounded).
