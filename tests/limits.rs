@@ -118,11 +118,7 @@ fn connection_attempts_over_the_per_ip_rate_get_429_with_retry_after() {
     assert_eq!(codes, vec![101, 101, 101, 101, 429, 429, 429, 429]);
     let limited = &statuses[4];
     assert_eq!(limited.json()["error"], "rate_limited");
-    let retry: u64 = limited
-        .header("Retry-After")
-        .expect("Retry-After")
-        .parse()
-        .unwrap();
+    let retry = limited.retry_after_s();
     assert!((1..=2).contains(&retry), "Retry-After {retry}");
     // Rate limiting comes before JWT work: a garbage token is refused with 429, not 401.
     assert_eq!(
@@ -177,11 +173,7 @@ fn bad_api_keys_are_rate_limited_per_ip_even_when_a_key_is_then_right() {
         (limited.status, limited.json()["error"].as_str()),
         (429, Some("rate_limited"))
     );
-    let retry: u64 = limited
-        .header("Retry-After")
-        .expect("Retry-After")
-        .parse()
-        .unwrap();
+    let retry = limited.retry_after_s();
     assert!((1..=2).contains(&retry), "Retry-After {retry}");
     // The presence API shares the key and the limit.
     let auth = format!("Bearer {API_KEY}");

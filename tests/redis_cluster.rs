@@ -20,10 +20,15 @@ fn instance(redis: &Redis) -> Server {
 
 fn instance_at(redis_url: &str) -> Server {
     let server = Server::start(&config(redis_url));
-    wait_for("readiness", || {
-        (server.http("GET", "/readyz", &[], b"").status == 200).then_some(())
-    });
+    wait_readyz(&server, 200);
     server
+}
+
+/// Waits until `/readyz` of `server` answers `status`.
+fn wait_readyz(server: &Server, status: u16) {
+    wait_for(&format!("readyz {status}"), || {
+        (server.http("GET", "/readyz", &[], b"").status == status).then_some(())
+    });
 }
 
 fn presence(kind: &str, user: &str) -> Value {
@@ -207,9 +212,7 @@ fn redis_outage_then_recovery_without_client_action() {
     assert_eq!(on_b.recv()["seq"], 0);
 
     redis.kill();
-    wait_for("readyz 503", || {
-        (a.http("GET", "/readyz", &[], b"").status == 503).then_some(())
-    });
+    wait_readyz(&a, 503);
     let r = a.publish(&json!({"tenantId": "t1", "event": updated("c1", 1)}));
     assert_eq!(
         (r.status, r.header("Retry-After")),
@@ -431,9 +434,7 @@ fn a_frozen_redis_link_heals_and_nothing_acknowledged_is_lost() {
     // Heartbeats far shorter than the freeze: connections must outlive it.
     let heartbeat = "[heartbeat]\ninterval_ms = 400\ntimeout_ms = 1200";
     let server = Server::start(&format!("{}\n{heartbeat}", config(&proxy.url())));
-    wait_for("readiness", || {
-        (server.http("GET", "/readyz", &[], b"").status == 200).then_some(())
-    });
+    wait_readyz(&server, 200);
     let mut reader = server.connect("t1", "reader");
     reader.subscribe("c1");
     let reading = std::sync::atomic::AtomicBool::new(true);
@@ -482,9 +483,7 @@ fn a_frozen_redis_link_heals_and_nothing_acknowledged_is_lost() {
         // Publishing fails while the link is frozen: nothing is acknowledged.
         let r = publish(&mut seq);
         assert_eq!(r, 503, "a publish through a frozen link");
-        wait_for("readyz 503", || {
-            (server.http("GET", "/readyz", &[], b"").status == 503).then_some(())
-        });
+        wait_readyz(&server, 503);
         // Noticed within the command timeout (broker.subscribe_timeout_ms = 1 s) plus the
         // watchdog's quarter-timeout granularity.
         assert!(
@@ -498,9 +497,7 @@ fn a_frozen_redis_link_heals_and_nothing_acknowledged_is_lost() {
 
         proxy.thaw();
         let thawed = Instant::now();
-        wait_for("readyz 200 again", || {
-            (server.http("GET", "/readyz", &[], b"").status == 200).then_some(())
-        });
+        wait_readyz(&server, 200);
         wait_for("publishing to be accepted again", || {
             (publish(&mut seq) == 202).then_some(())
         });
@@ -589,9 +586,7 @@ fn shutdown_with_a_frozen_redis_link_ends_within_its_timeout() {
     // Redis may take 5 s to answer; shutting down may take 1 s.
     let extra = "[server]\nshutdown_timeout_ms = 1000\n[broker]\nsubscribe_timeout_ms = 5000";
     let mut server = Server::start(&format!("{}\n{extra}", config(&proxy.url())));
-    wait_for("readiness", || {
-        (server.http("GET", "/readyz", &[], b"").status == 200).then_some(())
-    });
+    wait_readyz(&server, 200);
     let mut client = server.connect("t1", "alice");
     client.subscribe("c1");
     proxy.freeze();
@@ -611,10 +606,7 @@ fn shutdown_with_a_frozen_redis_link_ends_within_its_timeout() {
 fn a_subscribe_abandoned_while_redis_is_frozen_leaves_nothing_behind() {
     let redis = Redis::start();
     let proxy = Proxy::to(redis.port);
-    let server = Server::start(&config(&proxy.url()));
-    wait_for("readiness", || {
-        (server.http("GET", "/readyz", &[], b"").status == 200).then_some(())
-    });
+    let server = instance_at(&proxy.url());
     proxy.freeze();
     // Two clients ask for a conversation nobody had: both wait for Redis's confirmation.
     let subscribe = json!({"type": "subscribe", "conversationId": "c9", "id": "s"});
@@ -637,13 +629,9 @@ fn a_subscribe_abandoned_while_redis_is_frozen_leaves_nothing_behind() {
         "answered after {:?}",
         asked.elapsed()
     );
-    wait_for("readyz 503", || {
-        (server.http("GET", "/readyz", &[], b"").status == 503).then_some(())
-    });
+    wait_readyz(&server, 503);
     proxy.thaw();
-    wait_for("readiness again", || {
-        (server.http("GET", "/readyz", &[], b"").status == 200).then_some(())
-    });
+    wait_readyz(&server, 200);
     // Nobody wants c9 any more: Redis has no subscriber for it.
     let numsub = redis
         .command(&["PUBSUB", "NUMSUB", "fanfare:t1:c:c9"])

@@ -439,6 +439,14 @@ pub struct HttpResponse {
 }
 
 impl HttpResponse {
+    /// The `Retry-After` header, in seconds.
+    pub fn retry_after_s(&self) -> u64 {
+        self.header("Retry-After")
+            .expect("Retry-After")
+            .parse()
+            .expect("Retry-After in seconds")
+    }
+
     pub fn json(&self) -> Value {
         serde_json::from_str(&self.body)
             .unwrap_or_else(|e| panic!("body {:?} is not JSON: {e}", self.body))
