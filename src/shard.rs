@@ -15,6 +15,7 @@
 //! through Redis so that every instance, this one included, delivers by the same path. What
 //! arrives from Redis is checked like a publish body before it is framed.
 
+mod cluster;
 mod users;
 
 use std::cell::{Cell, RefCell};
@@ -485,7 +486,7 @@ impl Shard {
         let mut channels: Vec<String> =
             self.rooms.borrow().owned().map(|r| r.to_string()).collect();
         if self.id == 0 {
-            channels.push(users::PRESENCE_CHANNEL.to_string());
+            channels.push(cluster::PRESENCE_CHANNEL.to_string());
         }
         channels
     }
@@ -493,7 +494,7 @@ impl Shard {
     /// What the subscriber connection hands over.
     pub fn on_push(self: &Rc<Self>, push: Push<'_>) {
         match push {
-            Push::Message { channel, payload } if channel == users::PRESENCE_CHANNEL => {
+            Push::Message { channel, payload } if channel == cluster::PRESENCE_CHANNEL => {
                 self.on_presence_message(payload)
             }
             Push::Message { channel, payload } => {
@@ -518,7 +519,7 @@ impl Shard {
                 };
                 self.fan_out(&room, out);
             }
-            Push::Subscribed { channel } if channel == users::PRESENCE_CHANNEL => {
+            Push::Subscribed { channel } if channel == cluster::PRESENCE_CHANNEL => {
                 self.presence_live.set(true)
             }
             Push::Subscribed { channel } => self.rooms.borrow().confirmed(channel),
