@@ -7,7 +7,10 @@
 //! exponential backoff and jitter; while the command connection is down every command fails at
 //! once (callers answer 503 or fall back to local delivery); after the subscriber reconnects it
 //! subscribes again to everything the core wants, and a probe that does not come back within
-//! `PROBE_TIMEOUT` renews a subscription that went silent.
+//! `PROBE_TIMEOUT` renews a subscription that went silent. A connection counts as up only once
+//! Redis answered on it; a command unanswered past the timeout ends the command connection (a
+//! half-open link heals at once), at most `MAX_COMMANDS` wait per core, and TCP keepalive runs
+//! on both. A subscription is confirmed when Redis has confirmed every SUBSCRIBE sent for it.
 
 use std::cell::{Cell, RefCell};
 use std::collections::VecDeque;
