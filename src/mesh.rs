@@ -279,7 +279,12 @@ impl Mesh {
             }
             return false;
         }
-        if outbox.gaps.borrow_mut().remove(room) {
+        // Nearly always empty: no hashing per delivery then.
+        let gap = {
+            let mut gaps = outbox.gaps.borrow_mut();
+            !gaps.is_empty() && gaps.remove(room)
+        };
+        if gap {
             self.post(peer, Message::Gap { room: room.clone() });
         }
         let msg = Message::Deliver {
