@@ -536,14 +536,11 @@ async fn check_upgrade(
     match shard.admit(ip).await {
         Verdict::Granted => {}
         Verdict::RetryAfterMs(ms) => {
-            stats.rejected_rate_limited_total.inc();
-            let seconds = ms.div_ceil(1000).max(1);
-            return Err(Response::error(
-                429,
-                "rate_limited",
+            return Err(rate_limited(
+                shard,
+                ms,
                 "too many connection attempts from this address",
-            )
-            .with_header("Retry-After", seconds.to_string()));
+            ));
         }
         Verdict::Unavailable => {
             return Err(
@@ -608,6 +605,13 @@ fn instance_id() -> String {
     )
 }
 
+/// A counted `429` whose `Retry-After` is `ms` rounded up to whole seconds.
+fn rate_limited(shard: &Shard, ms: u64, reason: &str) -> Response {
+    shard.stats().rejected_rate_limited_total.inc();
+    Response::error(429, "rate_limited", reason)
+        .with_header("Retry-After", ms.div_ceil(1000).max(1).to_string())
+}
+
 /// Checks the request's API key (`Authorization: Bearer`): `401` for a bad one, `429` while
 /// the client's IP is over its limit of bad keys.
 fn check_api_key(shard: &Shard, req: &Request, ip: IpAddr) -> Result<(), Response> {
@@ -617,15 +621,11 @@ fn check_api_key(shard: &Shard, req: &Request, ip: IpAddr) -> Result<(), Respons
             .any(|key| constant_time_eq(key.as_bytes(), k.as_bytes()))
     });
     match shard.api_key_attempt(ip, valid) {
-        Err(ms) => {
-            shard.stats().rejected_rate_limited_total.inc();
-            Err(Response::error(
-                429,
-                "rate_limited",
-                "too many requests with a bad API key from this address",
-            )
-            .with_header("Retry-After", ms.div_ceil(1000).max(1).to_string()))
-        }
+        Err(ms) => Err(rate_limited(
+            shard,
+            ms,
+            "too many requests with a bad API key from this address",
+        )),
         Ok(()) if !valid => Err(Response::error(
             401,
             "unauthorized",
