@@ -17,8 +17,8 @@ fn fanout(c: &mut Criterion) {
         .make()
         .expect("executor");
     executor.run(async {
-        let (shard, _receivers) = common::single_core_shard().await;
-        let frame = fanfare::ws::text(&[b'x'; 100]);
+        let shard = common::single_core_shard().await;
+        let payload = bytes::Bytes::from_static(&[b'x'; 100]);
         let mut cx = Context::from_waker(Waker::noop());
         let mut g = c.benchmark_group("fanout");
         for n in [10u64, 1_000, 10_000] {
@@ -35,7 +35,7 @@ fn fanout(c: &mut Criterion) {
                 })
                 .collect();
             for conn in &conns {
-                block_on(shard.subscribe(&room, conn));
+                block_on(shard.subscribe(&room, conn, None));
             }
             g.throughput(Throughput::Elements(n));
             g.bench_function(BenchmarkId::new("deliver_100B", n), |b| {
@@ -43,7 +43,7 @@ fn fanout(c: &mut Criterion) {
                     // The owner is this core, so publishing completes without awaiting.
                     let event = Routed {
                         room: room.clone(),
-                        frame: frame.clone(),
+                        payload: payload.clone(),
                     };
                     let _ = block_on(shard.publish(vec![event]));
                     for conn in &conns {

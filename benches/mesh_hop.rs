@@ -5,32 +5,31 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
-use fanfare::mesh::{Fanned, Mesh, Message};
+use fanfare::mesh::{Fanned, Mesh, Message, Wiring};
 use fanfare::route::room_key;
-use glommio::channels::channel_mesh::{Full, MeshBuilder};
 use glommio::{LocalExecutorPoolBuilder, PoolPlacement};
 
 fn mesh_hop(c: &mut Criterion) {
-    let mesh = MeshBuilder::<Message, Full>::full(2, 1024);
+    let wiring = std::sync::Arc::new(Wiring::new(2, 1024));
     let (ask_tx, ask_rx) = mpsc::channel::<u64>();
     let (done_tx, done_rx) = mpsc::channel::<Duration>();
     let ask_rx = std::sync::Arc::new(std::sync::Mutex::new(Some(ask_rx)));
     let pool =
         LocalExecutorPoolBuilder::new(PoolPlacement::MaxSpread(2, glommio::CpuSet::online().ok()))
             .on_all_shards(move || {
-                let (mesh, ask_rx, done_tx) = (mesh.clone(), ask_rx.clone(), done_tx.clone());
+                let (ends, ask_rx, done_tx) = (wiring.take(), ask_rx.clone(), done_tx.clone());
                 async move {
-                    let (tx, rx) = mesh.join().await.expect("mesh");
-                    let peer = 1 - tx.peer_id();
-                    let me = tx.peer_id();
-                    let tx = Mesh::new(tx, 1024);
+                    let (tx, inbound) = Mesh::connect(ends.expect("ends"), 1024).await;
+                    let me = tx.id();
+                    let peer = 1 - me;
+                    let rx = &inbound[0];
                     tx.start(&fanfare::metrics::registry(2));
                     let ask = ask_rx
                         .lock()
                         .ok()
                         .and_then(|mut a| if me == 0 { a.take() } else { None });
                     let room = room_key("tenant", "room");
-                    let out = Fanned::event(fanfare::ws::text(&[b'x'; 100]));
+                    let out = Fanned::event(fanfare::ws::text(&[b'x'; 100]), None);
                     match ask {
                         // The driver: N round trips per request from criterion.
                         Some(ask) => {
@@ -44,15 +43,16 @@ fn mesh_hop(c: &mut Criterion) {
                                             out: out.clone(),
                                         },
                                     );
-                                    let _ = rx.recv_from(peer).await;
+                                    let _ = rx.recv().await;
                                 }
                                 let _ = done_tx.send(start.elapsed());
                             }
-                            drop(rx);
+                            // Anything but a delivery tells the echo to stop.
+                            tx.post(peer, Message::Reannounce);
                         }
-                        // The echo: sends every message back.
+                        // The echo: sends every delivery back.
                         None => {
-                            while let Ok(Some(msg)) = rx.recv_from(peer).await {
+                            while let Some(msg @ Message::Deliver { .. }) = rx.recv().await {
                                 tx.post(peer, msg);
                             }
                         }

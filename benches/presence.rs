@@ -19,7 +19,7 @@ fn presence(c: &mut Criterion) {
         .make()
         .expect("executor");
     executor.run(async {
-        let (shard, _receivers) = common::single_core_shard().await;
+        let shard = common::single_core_shard().await;
         let mut cx = Context::from_waker(Waker::noop());
         let tenant: Arc<str> = "tenant".into();
         let conns: Vec<Rc<ConnHandle>> = (0..USERS)

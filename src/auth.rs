@@ -20,6 +20,8 @@ pub struct Identity {
     pub user: Box<str>,
     /// `exp` in milliseconds since the Unix epoch, leeway included.
     pub expires_at_ms: u64,
+    /// The `cid` claim of a subscription token.
+    pub conversation: Option<Box<str>>,
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -42,6 +44,8 @@ pub enum AuthError {
     Issuer,
     #[error("invalid claim: {0}")]
     Claim(&'static str),
+    #[error("the token's {0} is not this subscription's")]
+    Mismatch(&'static str),
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -128,6 +132,8 @@ impl Verifier {
             ErrorKind::InvalidAlgorithmName | ErrorKind::UnsupportedAlgorithm => {
                 AuthError::Algorithm
             }
+            // A header that names an algorithm jsonwebtoken does not know (`none`, `NONE`).
+            _ if names_an_unknown_algorithm(token) => AuthError::Algorithm,
             _ => AuthError::Malformed,
         })?;
         let key = self.keys.get(&header.alg).ok_or(AuthError::Algorithm)?;
@@ -189,19 +195,94 @@ impl Verifier {
             .and_then(Value::as_str)
             .filter(|s| is_tenant_id(s))
             .ok_or(AuthError::Claim("tenant"))?;
+        let conversation = match claims.get("cid") {
+            None => None,
+            Some(cid) => Some(
+                cid.as_str()
+                    .filter(|c| is_entity_id(c))
+                    .ok_or(AuthError::Claim("cid"))?
+                    .into(),
+            ),
+        };
         Ok(Identity {
             tenant: tenant.into(),
             user: user.into(),
             expires_at_ms,
+            conversation,
         })
+    }
+
+    /// Verifies a subscription token (`auth.subscribe_policy = "token"`): valid as any token,
+    /// and its `sub`, tenant and `cid` are this subscription's.
+    pub fn verify_subscription(
+        &self,
+        token: &str,
+        tenant: &str,
+        user: &str,
+        conversation: &str,
+        now_ms: u64,
+    ) -> Result<(), AuthError> {
+        let identity = self.verify(token, now_ms)?;
+        if *identity.user != *user {
+            return Err(AuthError::Mismatch("sub"));
+        }
+        if *identity.tenant != *tenant {
+            return Err(AuthError::Mismatch("tenant"));
+        }
+        match identity.conversation.as_deref() {
+            None => Err(AuthError::Claim("cid")),
+            Some(cid) if cid != conversation => Err(AuthError::Mismatch("cid")),
+            Some(_) => Ok(()),
+        }
     }
 }
 
-/// Signs an HS256 token, as `fanfare token` prints it.
+/// Whether `token`'s header is JSON whose `alg` is a string that names no known algorithm.
+fn names_an_unknown_algorithm(token: &str) -> bool {
+    use base64::Engine;
+    let Some(header) = token.split('.').next() else {
+        return false;
+    };
+    base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(header)
+        .ok()
+        .and_then(|json| serde_json::from_slice::<Value>(&json).ok())
+        .is_some_and(|h| {
+            h["alg"]
+                .as_str()
+                .is_some_and(|a| a.parse::<Algorithm>().is_err())
+        })
+}
+
+/// Signs an HS256 connection token, as `fanfare token` prints it.
 pub fn mint_hs256(
     auth: &config::Auth,
     tenant: &str,
     user: &str,
+    ttl_s: u64,
+    now_s: u64,
+) -> Result<String, MintError> {
+    mint(auth, tenant, user, None, ttl_s, now_s)
+}
+
+/// Signs an HS256 subscription token for `conversation`, as `fanfare token --conversation`
+/// prints it.
+pub fn mint_hs256_subscription(
+    auth: &config::Auth,
+    tenant: &str,
+    user: &str,
+    conversation: &str,
+    ttl_s: u64,
+    now_s: u64,
+) -> Result<String, MintError> {
+    mint(auth, tenant, user, Some(conversation), ttl_s, now_s)
+}
+
+fn mint(
+    auth: &config::Auth,
+    tenant: &str,
+    user: &str,
+    conversation: Option<&str>,
     ttl_s: u64,
     now_s: u64,
 ) -> Result<String, MintError> {
@@ -214,8 +295,14 @@ pub fn mint_hs256(
     if !is_entity_id(user) {
         return Err(MintError::User(user.into()));
     }
+    if let Some(c) = conversation.filter(|c| !is_entity_id(c)) {
+        return Err(MintError::Conversation(c.into()));
+    }
     let mut claims = serde_json::Map::new();
     claims.insert("sub".into(), user.into());
+    if let Some(conversation) = conversation {
+        claims.insert("cid".into(), conversation.into());
+    }
     claims.insert(auth.tenant_claim.clone(), tenant.into());
     claims.insert("iat".into(), now_s.into());
     claims.insert("exp".into(), (now_s + ttl_s).into());
@@ -242,6 +329,8 @@ pub enum MintError {
     Tenant(String),
     #[error("user `{0}` does not match [A-Za-z0-9._~@:-]{{1,128}}")]
     User(String),
+    #[error("conversation `{0}` does not match [A-Za-z0-9._~@:-]{{1,128}}")]
+    Conversation(String),
     #[error("signing failed: {0}")]
     Sign(jsonwebtoken::errors::Error),
 }
@@ -345,14 +434,15 @@ mod tests {
             verify_with(&rs_only, &hs(&c, &public)),
             Err(AuthError::Algorithm)
         );
-        // alg: none — jsonwebtoken's header type cannot even represent it, so it never parses.
+        // alg: none — jsonwebtoken's header type cannot even represent it: never parsed, and
+        // refused as an algorithm not accepted.
         use base64_url as b64;
         let none = format!(
             "{}.{}.",
             b64::encode(r#"{"alg":"none","typ":"JWT"}"#),
             b64::encode(&c.to_string())
         );
-        assert_eq!(verify_with(&cfg(), &none), Err(AuthError::Malformed));
+        assert_eq!(verify_with(&cfg(), &none), Err(AuthError::Algorithm));
         let hs512 = jsonwebtoken::encode(
             &Header::new(Algorithm::HS512),
             &c,

@@ -1,7 +1,8 @@
-//! The Redis bridge of one core: a command connection (PUBLISH, presence keys) and a
-//! subscriber connection (the channels of the conversations this core owns, the presence
-//! channel on core 0, and a probe channel), both speaking RESP over glommio sockets with the
-//! `redis` crate's packed commands and `Parser`.
+//! The Redis bridge of one core: a command connection (PUBLISH, the history script, presence
+//! keys) and a subscriber connection (the channels of the conversations this core owns, the
+//! presence channel on core 0, and a probe channel), both speaking RESP over glommio sockets
+//! with the `redis` crate's packed commands and `Parser`. The subscriber speaks RESP3, so that
+//! a command sent on it ([`Broker::ordered`]) is answered in the order of its messages.
 //!
 //! Invariants: lives on one core. Both connections reconnect by themselves with capped
 //! exponential backoff and jitter; while the command connection is down every command fails at
@@ -26,11 +27,12 @@ use std::time::{Duration, Instant};
 use bytes::{Buf, BytesMut};
 use futures_lite::AsyncRead;
 use glommio::net::TcpStream;
-use redis::Value;
+use redis::{PushKind, Value};
 use tracing::{info, warn};
 
 use crate::conn::write_all;
 use crate::deadline::within;
+use crate::history::{Epoch, Position};
 use crate::route::Map;
 
 /// How often each core's subscriber checks that its subscription still delivers.
@@ -62,6 +64,9 @@ pub enum BrokerError {
     Overloaded,
     #[error("redis answered an error: {0}")]
     Server(String),
+    /// The memory broker's: a core of this instance did not confirm in time.
+    #[error("a core of this server did not confirm in time")]
+    Stalled,
 }
 
 /// Where Redis is: `redis://[[user]:password@]host[:port][/db]`.
@@ -137,9 +142,10 @@ impl Target {
             .await
     }
 
-    /// Commands that open every connection: AUTH and SELECT as configured, then a PING, so that
+    /// Commands that open every connection: AUTH and SELECT as configured, `HELLO 3` for the
+    /// subscriber (RESP3, so that it can run commands between its pushes), then a PING, so that
     /// a connection counts as up only once Redis has answered on it.
-    fn hello(&self) -> Vec<Vec<u8>> {
+    fn hello(&self, resp3: bool) -> Vec<Vec<u8>> {
         let mut out = Vec::new();
         if let Some(password) = &self.password {
             let mut auth = redis::cmd("AUTH");
@@ -151,10 +157,66 @@ impl Target {
         if self.db != 0 {
             out.push(redis::cmd("SELECT").arg(self.db).get_packed_command());
         }
+        if resp3 {
+            out.push(redis::cmd("HELLO").arg(3).get_packed_command());
+        }
         out.push(redis::cmd("PING").get_packed_command());
         out
     }
 }
+
+/// Publishes events with history (KEYS: each event's history hash and list; ARGV: size,
+/// ttl_ms, then each event's channel and payload), atomically: per event, a new epoch where
+/// the conversation's history is missing, the next offset, the payload with
+/// `,"offset":N` (and `,"epoch":"E"` on an epoch's first event) before its closing brace
+/// appended to the list trimmed to `size`, both keys' expiry renewed, and the offset payload
+/// published. Returns the offsets.
+const PUBLISH_SCRIPT: &str = r#"
+local size, ttl = tonumber(ARGV[1]), ARGV[2]
+local offsets = {}
+for i = 1, #KEYS / 2 do
+  local meta, list = KEYS[2 * i - 1], KEYS[2 * i]
+  local channel, payload = ARGV[2 * i + 1], ARGV[2 * i + 2]
+  local epoch = redis.call('HGET', meta, 'epoch')
+  if not epoch then
+    local t = redis.call('TIME')
+    epoch = string.format('%x', t[1] * 1000000 + t[2])
+    redis.call('DEL', list)
+    redis.call('HSET', meta, 'epoch', epoch, 'offset', 0)
+  end
+  local offset = redis.call('HINCRBY', meta, 'offset', 1)
+  local field = ',"offset":' .. offset
+  if offset == 1 then field = field .. ',"epoch":"' .. epoch .. '"' end
+  local brace = #payload
+  while brace > 1 and string.byte(payload, brace) ~= 125 do brace = brace - 1 end
+  local out = string.sub(payload, 1, brace - 1) .. field .. string.sub(payload, brace)
+  redis.call('RPUSH', list, out)
+  redis.call('LTRIM', list, -size, -1)
+  redis.call('PEXPIRE', meta, ttl)
+  redis.call('PEXPIRE', list, ttl)
+  redis.call('PUBLISH', channel, out)
+  offsets[i] = offset
+end
+return offsets
+"#;
+
+/// Reads a conversation's history (KEYS: its hash and list; ARGV: ttl_ms, and "1" for the
+/// events too): `[epoch, offset, events...]`, a new epoch made where it is missing.
+const READ_SCRIPT: &str = r#"
+local epoch = redis.call('HGET', KEYS[1], 'epoch')
+if not epoch then
+  local t = redis.call('TIME')
+  epoch = string.format('%x', t[1] * 1000000 + t[2])
+  redis.call('DEL', KEYS[2])
+  redis.call('HSET', KEYS[1], 'epoch', epoch, 'offset', 0)
+  redis.call('PEXPIRE', KEYS[1], ARGV[1])
+end
+local out = {epoch, tonumber(redis.call('HGET', KEYS[1], 'offset'))}
+if ARGV[2] == '1' then
+  for _, e in ipairs(redis.call('LRANGE', KEYS[2], 0, -1)) do out[#out + 1] = e end
+end
+return out
+"#;
 
 /// A command waiting for its reply.
 struct Slot {
@@ -178,7 +240,10 @@ pub enum Push<'a> {
     Message { channel: &'a str, payload: &'a [u8] },
     /// Redis confirmed a SUBSCRIBE of `channel` (prefix stripped).
     Subscribed { channel: &'a str },
-    /// The subscriber connection came up (`true`) or went down.
+    /// The reply to the oldest command sent with [`Broker::ordered`] and not answered yet.
+    Reply(Value),
+    /// The subscriber connection came up (`true`) or went down (the replies of commands sent
+    /// with [`Broker::ordered`] that did not come will not come).
     Link(bool),
 }
 
@@ -240,6 +305,46 @@ impl Broker {
 
     pub fn channel(&self, name: &str) -> String {
         format!("{}{name}", self.prefix)
+    }
+
+    /// The history keys of `room`: a hash (epoch, offset) and a list of offset payloads, in
+    /// the slot of its channel (the channel's name is their hash tag).
+    fn history_keys(&self, room: &str) -> [String; 2] {
+        let channel = self.channel(room);
+        [format!("{{{channel}}}:h"), format!("{{{channel}}}:l")]
+    }
+
+    /// The command that publishes `(room, payload)`s with history ([`PUBLISH_SCRIPT`]).
+    pub fn publish_with_history<'a>(
+        &self,
+        events: impl ExactSizeIterator<Item = (&'a str, &'a [u8])>,
+        size: usize,
+        ttl_ms: u64,
+    ) -> Vec<u8> {
+        let mut cmd = redis::cmd("EVAL");
+        cmd.arg(PUBLISH_SCRIPT).arg(2 * events.len());
+        let mut args: Vec<(String, &[u8])> = Vec::with_capacity(events.len());
+        for (room, payload) in events {
+            cmd.arg(&self.history_keys(room));
+            args.push((self.channel(room), payload));
+        }
+        cmd.arg(size).arg(ttl_ms);
+        for (channel, payload) in args {
+            cmd.arg(channel).arg(payload);
+        }
+        cmd.get_packed_command()
+    }
+
+    /// The command that reads `room`'s position, and its kept events when `events`
+    /// ([`READ_SCRIPT`]); its reply is read by [`read_reply`].
+    pub fn read_history(&self, room: &str, events: bool, ttl_ms: u64) -> Vec<u8> {
+        redis::cmd("EVAL")
+            .arg(READ_SCRIPT)
+            .arg(2)
+            .arg(&self.history_keys(room))
+            .arg(ttl_ms)
+            .arg(if events { "1" } else { "0" })
+            .get_packed_command()
     }
 
     /// Sends one packed command and waits for its reply.
@@ -312,6 +417,20 @@ impl Broker {
         }
     }
 
+    /// Sends a command on the subscriber connection: its reply comes back as [`Push::Reply`],
+    /// after every message Redis published before running it and before every one after.
+    /// False (nothing sent) while the subscriber is down.
+    pub fn ordered(&self, packed: &[u8]) -> bool {
+        if !self.sub_up.get() {
+            return false;
+        }
+        self.sub_out.borrow_mut().extend_from_slice(packed);
+        if let Some(w) = self.sub_waker.borrow_mut().take() {
+            w.wake();
+        }
+        true
+    }
+
     /// Queues a SUBSCRIBE; the confirmation comes back as [`Push::Subscribed`]. While the
     /// subscriber is down nothing is queued: it subscribes to everything again on reconnect.
     pub fn subscribe(&self, channels: &[&str]) {
@@ -365,7 +484,7 @@ impl Broker {
     }
 
     async fn command_session(&self) -> io::Result<()> {
-        let stream = RefCell::new(connect(&self.target).await?);
+        let stream = RefCell::new(connect(&self.target, false).await?);
         self.command_up.set(true);
         info!(target = %format_args!("{}:{}", self.target.host, self.target.port), "redis command connection up");
         let queued = |cx: &mut Context<'_>| {
@@ -437,7 +556,7 @@ impl Broker {
         wanted: &impl Fn() -> Vec<String>,
         on_push: &impl Fn(Push<'_>),
     ) -> io::Result<()> {
-        let stream = RefCell::new(connect(&self.target).await?);
+        let stream = RefCell::new(connect(&self.target, true).await?);
         // Up once Redis confirms the probe channel (see `on_subscriber_value`).
         let mut first = redis::cmd("SUBSCRIBE");
         first.arg(&self.probe);
@@ -483,14 +602,16 @@ impl Broker {
         wanted: &impl Fn() -> Vec<String>,
         on_push: &impl Fn(Push<'_>),
     ) {
-        let Value::Array(items) = value else { return };
-        let [Value::BulkString(kind), Value::BulkString(channel), rest @ ..] = items.as_slice()
-        else {
+        let (kind, items) = match value {
+            Value::Push { kind, data } => (kind, data),
+            reply => return on_push(Push::Reply(reply)),
+        };
+        let [Value::BulkString(channel), rest @ ..] = items.as_slice() else {
             return;
         };
         if channel.as_slice() == self.probe.as_bytes() {
             self.last_probe_seen.set(Instant::now());
-            if kind.as_slice() == b"subscribe" && !self.sub_up.replace(true) {
+            if kind == PushKind::Subscribe && !self.sub_up.replace(true) {
                 let channels = wanted();
                 self.subscribe(&channels.iter().map(String::as_str).collect::<Vec<_>>());
                 info!(channels = channels.len(), "redis subscriber connection up");
@@ -502,11 +623,11 @@ impl Broker {
             .strip_prefix(self.prefix.as_bytes())
             .and_then(|n| std::str::from_utf8(n).ok());
         let Some(channel) = name else { return };
-        match (kind.as_slice(), rest) {
-            (b"message", [Value::BulkString(payload)]) => {
+        match (kind, rest) {
+            (PushKind::Message, [Value::BulkString(payload)]) => {
                 on_push(Push::Message { channel, payload })
             }
-            (b"subscribe", _) => {
+            (PushKind::Subscribe, _) => {
                 let mut unconfirmed = self.unconfirmed.borrow_mut();
                 let left = unconfirmed.get_mut(channel).map(|n| {
                     *n -= 1;
@@ -521,6 +642,27 @@ impl Broker {
             _ => {}
         }
     }
+}
+
+/// The reply of [`Broker::read_history`]: the position, and the kept events as frames (oldest
+/// first, the last one at the position's offset).
+pub fn read_reply(value: &Value) -> Option<(Position, Vec<bytes::Bytes>)> {
+    let Value::Array(items) = value else {
+        return None;
+    };
+    let [Value::BulkString(epoch), Value::Int(offset), events @ ..] = items.as_slice() else {
+        return None;
+    };
+    let epoch = Epoch::parse(std::str::from_utf8(epoch).ok()?)?;
+    let offset = u64::try_from(*offset).ok()?;
+    let frames = events
+        .iter()
+        .map(|e| match e {
+            Value::BulkString(payload) => Some(crate::ws::text(payload)),
+            _ => None,
+        })
+        .collect::<Option<Vec<_>>>()?;
+    (frames.len() as u64 <= offset).then_some((Position { epoch, offset }, frames))
 }
 
 /// Runs one connection until it fails: writes whatever `queued` hands over, and gives every
@@ -577,14 +719,14 @@ impl Read for Feed<'_> {
 }
 
 /// Connects, sets keepalive, and runs the `hello` commands, all within `CONNECT_TIMEOUT`.
-async fn connect(target: &Target) -> io::Result<TcpStream> {
+async fn connect(target: &Target, resp3: bool) -> io::Result<TcpStream> {
     let timed_out = || io::Error::new(io::ErrorKind::TimedOut, "connect timed out");
-    within(CONNECT_TIMEOUT, open(target))
+    within(CONNECT_TIMEOUT, open(target, resp3))
         .await
         .unwrap_or_else(|| Err(timed_out()))
 }
 
-async fn open(target: &Target) -> io::Result<TcpStream> {
+async fn open(target: &Target, resp3: bool) -> io::Result<TcpStream> {
     let mut failed = io::Error::new(io::ErrorKind::NotFound, "redis host resolves to nothing");
     let mut stream = None;
     for addr in target.addrs().await? {
@@ -610,7 +752,7 @@ async fn open(target: &Target) -> io::Result<TcpStream> {
     let stream = RefCell::new(stream);
     let mut rbuf = BytesMut::new();
     let mut parser = redis::Parser::new();
-    for hello in target.hello() {
+    for hello in target.hello(resp3) {
         write_all(&stream, &hello, TCP_USER_TIMEOUT).await?;
         let reply = loop {
             if let Some(v) = next_value(&mut parser, &mut rbuf)? {

@@ -50,6 +50,8 @@ pub struct Config {
     pub heartbeat: Heartbeat,
     pub presence: Presence,
     pub broker: Broker,
+    pub fallback: Fallback,
+    pub history: History,
     pub publish: Publish,
     pub log: Log,
 }
@@ -66,6 +68,7 @@ pub struct Server {
     pub listen_backlog: u32,
     pub mesh_queue_len: usize,
     pub io_memory_bytes: usize,
+    pub echo_path: String,
 }
 
 impl Default for Server {
@@ -80,6 +83,7 @@ impl Default for Server {
             listen_backlog: 4096,
             mesh_queue_len: 8192,
             io_memory_bytes: 1 << 20,
+            echo_path: String::new(),
         }
     }
 }
@@ -94,6 +98,17 @@ pub struct Auth {
     pub audience: String,
     pub issuer: String,
     pub leeway_ms: u64,
+    pub subscribe_policy: SubscribePolicy,
+}
+
+/// Who may subscribe to a conversation (PROTOCOL.md, "Who may subscribe to what").
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SubscribePolicy {
+    /// Any conversation of the user's tenant.
+    Tenant,
+    /// A conversation for which the subscribe carries a subscription token.
+    Token,
 }
 
 impl Default for Auth {
@@ -106,6 +121,7 @@ impl Default for Auth {
             audience: String::new(),
             issuer: String::new(),
             leeway_ms: 0,
+            subscribe_policy: SubscribePolicy::Tenant,
         }
     }
 }
@@ -159,6 +175,18 @@ impl Default for Heartbeat {
 pub struct Presence {
     pub offline_grace_ms: u64,
     pub typing_throttle_ms: u64,
+    pub mode: PresenceMode,
+    pub max_watch: usize,
+}
+
+/// Who hears of a user's presence changes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PresenceMode {
+    /// Every other user's connections in the tenant.
+    Tenant,
+    /// The connections whose watch list (`presence.watch`) holds the user.
+    Watch,
 }
 
 impl Default for Presence {
@@ -166,6 +194,8 @@ impl Default for Presence {
         Presence {
             offline_grace_ms: 5000,
             typing_throttle_ms: 1000,
+            mode: PresenceMode::Tenant,
+            max_watch: 1000,
         }
     }
 }
@@ -188,6 +218,43 @@ impl Default for Broker {
             channel_prefix: "fanfare".into(),
             subscribe_timeout_ms: 5000,
             instance_ttl_ms: 15_000,
+        }
+    }
+}
+
+/// HTTP fallback sessions (SSE and long-poll).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Fallback {
+    pub poll_timeout_ms: u64,
+    pub session_ttl_ms: u64,
+}
+
+impl Default for Fallback {
+    fn default() -> Self {
+        Fallback {
+            poll_timeout_ms: 25_000,
+            session_ttl_ms: 60_000,
+        }
+    }
+}
+
+/// Missed-event recovery (off while `size` is 0).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct History {
+    pub size: usize,
+    pub ttl_ms: u64,
+}
+
+/// The most events kept per conversation.
+pub const MAX_HISTORY_SIZE: usize = 10_000;
+
+impl Default for History {
+    fn default() -> Self {
+        History {
+            size: 0,
+            ttl_ms: 300_000,
         }
     }
 }
@@ -315,7 +382,7 @@ impl Config {
                 ),
             ));
         }
-        let positive: [(&str, u64); 6] = [
+        let positive: [(&str, u64); 10] = [
             (
                 "server.shutdown_timeout_ms",
                 self.server.shutdown_timeout_ms,
@@ -331,11 +398,21 @@ impl Config {
                 self.limits.outbound_queue_bytes as u64,
             ),
             ("heartbeat.interval_ms", self.heartbeat.interval_ms),
+            ("fallback.poll_timeout_ms", self.fallback.poll_timeout_ms),
+            ("fallback.session_ttl_ms", self.fallback.session_ttl_ms),
+            ("history.ttl_ms", self.history.ttl_ms),
+            ("presence.max_watch", self.presence.max_watch as u64),
         ];
         for (key, value) in positive {
             if value == 0 {
                 return Err(ConfigError::key(key, "must be greater than 0"));
             }
+        }
+        if self.history.size > MAX_HISTORY_SIZE {
+            return Err(ConfigError::key(
+                "history.size",
+                format!("at most {MAX_HISTORY_SIZE} events per conversation"),
+            ));
         }
         let b = &self.broker;
         if b.kind == BrokerKind::Redis {
@@ -432,6 +509,19 @@ impl Config {
             return Err(ConfigError::key(
                 "log.level",
                 format!("`{}` is not a log filter", self.log.level),
+            ));
+        }
+        let echo = &self.server.echo_path;
+        if !echo.is_empty() && (!echo.starts_with('/') || echo.contains(char::is_whitespace)) {
+            return Err(ConfigError::key(
+                "server.echo_path",
+                "must be empty (off) or a path such as \"/echo\"",
+            ));
+        }
+        if !echo.is_empty() && !listen.ip().is_loopback() {
+            return Err(ConfigError::key(
+                "server.echo_path",
+                format!("the unauthenticated echo endpoint is refused on {listen}: loopback addresses only"),
             ));
         }
         if self.uses_dev_secrets() && !listen.ip().is_loopback() {
@@ -617,6 +707,34 @@ mod tests {
         )
         .contains("broker.redis_url"));
         assert!(error_of("[broker]\nkind = \"kafka\"\n", &[]).contains("broker.kind"));
+        assert!(
+            error_of("[fallback]\npoll_timeout_ms = 0\n", &[]).contains("fallback.poll_timeout_ms")
+        );
+        assert!(error_of("", &[("FANFARE_FALLBACK__SESSION_TTL_MS", "0")])
+            .contains("fallback.session_ttl_ms"));
+        assert!(
+            error_of("", &[("FANFARE_FALLBACK__SESSION_TTL_MS", "soon")])
+                .contains("fallback.session_ttl_ms")
+        );
+    }
+
+    #[test]
+    fn history_is_bounded_and_needs_a_ttl() {
+        let c = Config::load_from(None, env(&[("FANFARE_HISTORY__SIZE", "100")])).unwrap();
+        assert_eq!((c.history.size, c.history.ttl_ms), (100, 300_000));
+        assert!(error_of("[history]\nsize = 10001\n", &[]).contains("history.size"));
+        assert!(error_of("[history]\nttl_ms = 0\n", &[]).contains("history.ttl_ms"));
+        assert!(error_of("", &[("FANFARE_HISTORY__SIZE", "-1")]).contains("history.size"));
+    }
+
+    #[test]
+    fn the_echo_endpoint_is_for_loopback_only() {
+        let c = Config::load_from(None, env(&[("FANFARE_SERVER__ECHO_PATH", "/echo")])).unwrap();
+        assert_eq!(c.server.echo_path, "/echo");
+        let secrets = "[auth]\nhs256_secret = \"s\"\n[publish]\napi_keys = [\"k\"]\n";
+        let open = format!("[server]\nlisten = \"0.0.0.0:80\"\necho_path = \"/echo\"\n{secrets}");
+        assert!(error_of(&open, &[]).contains("loopback"));
+        assert!(error_of("[server]\necho_path = \"echo\"\n", &[]).contains("server.echo_path"));
     }
 
     #[test]

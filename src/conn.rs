@@ -49,8 +49,9 @@ enum End {
 struct Conn {
     /// Bytes of an incomplete frame; empty (unallocated) on an idle connection.
     rbuf: BytesMut,
-    /// What the client rules keep for this connection.
-    client: client::State,
+    /// What the client rules keep for this connection; `None` on the echo endpoint
+    /// (`server.echo_path`), which sends every message back and has no client.
+    client: Option<client::State>,
     /// A fragmented message being assembled: its opcode and bytes so far.
     fragments: Option<Box<(u8, BytesMut)>>,
     started: Instant,
@@ -83,7 +84,7 @@ pub fn serve(
     let config = &shard.config;
     let out = Rc::new(ConnHandle::new(
         shard.next_id(),
-        shard.tenant_key(identity.tenant),
+        shard.conns.tenant_key(identity.tenant),
         identity.user.into(),
         config.limits.outbound_queue_bytes,
         identity.expires_at_ms,
@@ -99,34 +100,70 @@ pub fn serve(
         .as_bytes(),
     ));
     info!(conn = %ClientId(out.id), tenant = %out.tenant, user = %out.user, %peer, core = shard.id, "connect");
-    let conn = Conn {
-        client: client::State::new(&shard, started),
-        rbuf: pending,
-        fragments: None,
-        started,
-    };
-    let link = Link {
-        shard,
-        out,
-        stream: RefCell::new(stream),
-        peer_close: Cell::new(None),
-        close_sent: Cell::new(None),
-    };
-    conn.run(link)
+    let client = Some(client::State::new(&shard, started));
+    Conn::new(client, pending).run(Link::new(shard, out, stream))
+}
+
+/// The task serving one connection to the echo endpoint (`server.echo_path`): the same framing,
+/// every data message sent back, no client rules (no authentication, presence or heartbeat).
+pub fn serve_echo(
+    shard: Rc<Shard>,
+    stream: TcpStream,
+    pending: BytesMut,
+) -> impl Future<Output = ()> {
+    let config = &shard.config;
+    let id = shard.next_id();
+    let out = Rc::new(ConnHandle::new(
+        id,
+        "echo".into(),
+        "echo".into(),
+        config.limits.outbound_queue_bytes,
+        u64::MAX,
+    ));
+    Conn::new(None, pending).run(Link::new(shard, out, stream))
+}
+
+impl Link {
+    fn new(shard: Rc<Shard>, out: Rc<ConnHandle>, stream: TcpStream) -> Link {
+        Link {
+            shard,
+            out,
+            stream: RefCell::new(stream),
+            peer_close: Cell::new(None),
+            close_sent: Cell::new(None),
+        }
+    }
 }
 
 impl Conn {
+    fn new(client: Option<client::State>, pending: BytesMut) -> Conn {
+        Conn {
+            client,
+            rbuf: pending,
+            fragments: None,
+            started: Instant::now(),
+        }
+    }
+
     /// The connection's whole life. Not an `async fn`: an `async fn` future holds its arguments
     /// twice (as captured, and moved into its body) for as long as it runs; the block below
     /// holds `self` and `link` once.
     #[allow(clippy::manual_async_fn)] // on purpose: see above
     fn run(mut self, link: Link) -> impl Future<Output = ()> {
         async move {
-            Box::pin(self.client(&link).join()).await;
+            let stats = link.shard.stats();
+            if let Some(client) = self.client(&link) {
+                Box::pin(client.join()).await;
+                stats.connects_total.inc();
+                stats.connections_open.inc();
+            }
             let end = futures_lite::future::or(self.read_loop(&link), write_loop(&link)).await;
 
             // Boxed, like every rarely taken await of this task: see `read_loop`.
-            Box::pin(self.client(&link).leave()).await;
+            if let Some(mut client) = self.client(&link) {
+                Box::pin(client.leave()).await;
+                stats.connections_open.dec();
+            }
             let duration_ms = self.started.elapsed().as_millis() as u64;
             let out = &link.out;
             let (conn, tenant, user) = (ClientId(out.id), &out.tenant, &out.user);
@@ -207,8 +244,9 @@ impl Conn {
             }
             ws::OP_PONG => {}
             ws::OP_CLOSE => {
-                link.peer_close.set(Some(ws::close_code_of(&payload)));
-                link.out.close(CloseCode::Normal);
+                let code = ws::close_code_of(&payload);
+                link.peer_close.set(Some(code.unwrap_or(None)));
+                link.out.close(code.err().unwrap_or(CloseCode::Normal));
             }
             opcode => {
                 let (opcode, message) = match (opcode, self.fragments.take(), head.fin) {
@@ -241,14 +279,20 @@ impl Conn {
         Ok(())
     }
 
-    /// One complete data message from the client.
+    /// One complete data message from the client (or, on the echo endpoint, to send back).
     async fn on_message(
         &mut self,
         link: &Link,
         opcode: u8,
         mut message: BytesMut,
     ) -> Result<(), CloseCode> {
-        let mut client = self.client(link);
+        if opcode == ws::OP_TEXT && std::str::from_utf8(&message).is_err() {
+            return Err(CloseCode::InvalidPayload);
+        }
+        let Some(mut client) = self.client(link) else {
+            link.out.push(ws::frame(opcode, &message));
+            return Ok(());
+        };
         if !client.within_rate() {
             return Ok(());
         }
@@ -257,20 +301,17 @@ impl Conn {
             client.error(ErrorCode::InvalidMessage, message, None);
             return Ok(());
         }
-        if std::str::from_utf8(&message).is_err() {
-            return Err(CloseCode::InvalidPayload);
-        }
         client.on_event(&mut message).await;
         Ok(())
     }
 
-    /// The client rules' view of this connection.
-    fn client<'a>(&'a mut self, link: &'a Link) -> Client<'a> {
-        Client {
+    /// The client rules' view of this connection (none on the echo endpoint).
+    fn client<'a>(&'a mut self, link: &'a Link) -> Option<Client<'a>> {
+        Some(Client {
             shard: &link.shard,
             out: &link.out,
-            state: &mut self.client,
-        }
+            state: self.client.as_mut()?,
+        })
     }
 }
 
@@ -336,12 +377,12 @@ async fn close(link: &Link, code: CloseCode) -> End {
 
 /// Writes all of `data` to `stream` and says how many bytes that was. A peer that accepts no
 /// byte for `stall` is given up on (`TimedOut`). The one socket write of the server: the
-/// connections and the Redis links use it.
+/// connections, SSE streams and the Redis links use it.
 ///
 /// Not an `async fn`, and its timer is made only when the socket is full: the usual write
 /// costs no allocation, and every idle connection's future stays small.
-pub(crate) fn write_all<'a>(
-    stream: &'a RefCell<TcpStream>,
+pub(crate) fn write_all<'a, S: AsyncWrite + Unpin>(
+    stream: &'a RefCell<S>,
     data: &'a [u8],
     stall: Duration,
 ) -> impl Future<Output = io::Result<usize>> + 'a {

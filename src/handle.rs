@@ -1,10 +1,14 @@
-//! A connection as the rest of its core sees it: who it is, how alive it is, and its bounded
-//! queue of frames to write.
+//! A client as the rest of its core sees it: who it is, how alive it is, and its bounded queue
+//! of frames to write. A WebSocket connection's queue forgets a frame once it is taken to be
+//! written; an HTTP fallback session's ([`ConnHandle::retaining`]) numbers every frame and keeps
+//! it until the client acknowledges it or the bound pushes it out, so that a stream can resume.
 //!
 //! Invariants: lives on one core (`Rc`, `RefCell`, never crosses threads); the queue never holds
 //! more than `limit` bytes. Over the limit, queued ephemeral frames (`presence.typing`) are shed
-//! first; if that is not enough the queue is dropped and a `1013` close requested. Pushing is
-//! O(1) and never copies a frame (`Bytes` is a refcount bump).
+//! first; if that is not enough, a connection's queue is dropped and a `1013` close requested,
+//! while a session drops its oldest frames and remembers the last one lost, so that a reader
+//! behind it learns that it missed events. Pushing is O(1) amortized and never copies a frame
+//! (`Bytes` is a refcount bump).
 
 use std::cell::{Cell, RefCell};
 use std::collections::VecDeque;
@@ -31,6 +35,8 @@ pub struct ConnHandle {
     /// Until when, in [`clock_ms`], the connection is not told again that it missed events
     /// (`overloaded`): once a second at most.
     pub overload_quiet_until: Cell<u64>,
+    /// A session's queue: frames are numbered and kept after they are read.
+    retains: bool,
 }
 
 /// Whether a frame may be shed under backpressure.
@@ -44,10 +50,15 @@ pub enum Kind {
 
 #[derive(Default)]
 struct State {
-    queue: VecDeque<(Bytes, Kind)>,
+    /// Frames with their sequence numbers (a session's; 0 for a connection's).
+    queue: VecDeque<(Bytes, Kind, u64)>,
     queued_bytes: usize,
     close: Option<CloseCode>,
     waker: Option<Waker>,
+    /// A session's last sequence number given out, and the highest one of an event that left
+    /// the queue unread or was acknowledged: a reader from before it missed something.
+    last_seq: u64,
+    gone_through: u64,
 }
 
 /// What a push did.
@@ -73,6 +84,19 @@ pub enum Next {
     Close(CloseCode),
 }
 
+/// What a session's reader gets ([`ConnHandle::poll_after`]).
+pub enum Read {
+    /// Frames after the reader's cursor, with their sequence numbers, and the cursor after
+    /// them. `missed`: events after the reader's cursor are gone (it is told `overloaded`).
+    Frames {
+        missed: bool,
+        frames: Vec<(u64, Bytes)>,
+        cursor: u64,
+    },
+    /// Everything is read and the session is closing with this code.
+    Closed(CloseCode),
+}
+
 impl ConnHandle {
     pub fn new(
         id: u64,
@@ -92,7 +116,19 @@ impl ConnHandle {
             last_ping: Cell::new(now),
             expires_at_ms: Cell::new(expires_at_ms),
             overload_quiet_until: Cell::new(0),
+            retains: false,
         }
+    }
+
+    /// This handle as a session's: its queue retains what it hands out, numbered.
+    pub fn retaining(mut self) -> Self {
+        self.retains = true;
+        self
+    }
+
+    /// True for an HTTP fallback session's handle.
+    pub fn is_session(&self) -> bool {
+        self.retains
     }
 
     pub fn push(&self, frame: Bytes) -> Pushed {
@@ -110,21 +146,38 @@ impl ConnHandle {
                 return Pushed::Shed(1);
             }
             let before = s.queue.len();
-            s.queue.retain(|(_, k)| *k == Kind::Event);
+            s.queue.retain(|(_, k, _)| *k == Kind::Event);
             shed = before - s.queue.len();
             if shed > 0 {
-                s.queued_bytes = s.queue.iter().map(|(f, _)| f.len()).sum();
+                s.queued_bytes = s.queue.iter().map(|(f, _, _)| f.len()).sum();
             }
-            if s.queued_bytes + frame.len() > self.limit {
+            if s.queued_bytes + frame.len() > self.limit && !self.retains {
                 s.queue = VecDeque::new();
                 s.queued_bytes = 0;
                 s.close = Some(CloseCode::SlowConsumer);
                 wake(&mut s);
                 return Pushed::Overflowed;
             }
+            // A session makes room from its oldest frames.
+            while s.queued_bytes + frame.len() > self.limit {
+                let Some((old, _, seq)) = s.queue.pop_front() else {
+                    break;
+                };
+                s.queued_bytes -= old.len();
+                s.gone_through = seq;
+                shed += 1;
+            }
+        }
+        let seq = if self.retains { s.last_seq + 1 } else { 0 };
+        s.last_seq = seq;
+        if frame.len() > self.limit {
+            // Larger than a whole session queue: lost, and known to be.
+            s.gone_through = seq;
+            wake(&mut s);
+            return Pushed::Shed(shed + 1);
         }
         s.queued_bytes += frame.len();
-        s.queue.push_back((frame, kind));
+        s.queue.push_back((frame, kind, seq));
         wake(&mut s);
         if shed > 0 {
             Pushed::Shed(shed)
@@ -160,7 +213,7 @@ impl ConnHandle {
         }
         // How many frames fit in one batch (at least one).
         let (mut count, mut taken) = (0, 0);
-        for (f, _) in &s.queue {
+        for (f, _, _) in &s.queue {
             if count > 0 && taken + f.len() > max_bytes {
                 break;
             }
@@ -169,10 +222,10 @@ impl ConnHandle {
         }
         s.queued_bytes -= taken;
         let next = if count == 1 {
-            Next::One(s.queue.pop_front().map(|(f, _)| f).unwrap_or_default())
+            Next::One(s.queue.pop_front().map(|(f, _, _)| f).unwrap_or_default())
         } else {
             let mut batch = Vec::with_capacity(taken);
-            for (f, _) in s.queue.drain(..count) {
+            for (f, _, _) in s.queue.drain(..count) {
                 batch.extend_from_slice(&f);
             }
             Next::Many(batch)
@@ -182,6 +235,70 @@ impl ConnHandle {
             s.queue = VecDeque::new();
         }
         Poll::Ready(next)
+    }
+
+    /// A session's reader: waits for frames after `cursor` (up to `max_bytes`, at least one),
+    /// or for the close once everything is read. Frames stay queued until acknowledged.
+    pub fn poll_after(&self, cx: &mut Context<'_>, cursor: u64, max_bytes: usize) -> Poll<Read> {
+        let mut s = self.state.borrow_mut();
+        let missed = cursor < s.gone_through;
+        let (mut frames, mut taken) = (Vec::new(), 0);
+        // Numbers grow along the queue: the frames after the cursor are at its end, and a
+        // reader that keeps up has one or two of them. Counted from the end, touching only
+        // those (just pushed, still in cache), not a bisection over every retained frame.
+        let after = s
+            .queue
+            .iter()
+            .rev()
+            .take_while(|(_, _, seq)| *seq > cursor)
+            .count();
+        let first = s.queue.len() - after;
+        for (f, _, seq) in s.queue.range(first..) {
+            if !frames.is_empty() && taken + f.len() > max_bytes {
+                break;
+            }
+            taken += f.len();
+            frames.push((*seq, f.clone()));
+        }
+        if frames.is_empty() && !missed {
+            return match s.close {
+                Some(code) => Poll::Ready(Read::Closed(code)),
+                None => {
+                    s.waker = Some(cx.waker().clone());
+                    Poll::Pending
+                }
+            };
+        }
+        let cursor = frames.last().map_or(s.gone_through, |(seq, _)| *seq);
+        Poll::Ready(Read::Frames {
+            missed,
+            frames,
+            cursor,
+        })
+    }
+
+    /// A session's client has every frame through `cursor`: they leave the queue, and a reader
+    /// from before `cursor` has missed them.
+    pub fn acknowledge(&self, cursor: u64) {
+        let mut s = self.state.borrow_mut();
+        while let Some((f, _, _)) = s.queue.front().filter(|(_, _, seq)| *seq <= cursor) {
+            s.queued_bytes -= f.len();
+            s.queue.pop_front();
+        }
+        s.gone_through = s.gone_through.max(cursor);
+        if s.queue.is_empty() {
+            s.queue = VecDeque::new();
+        }
+    }
+
+    /// A session's last sequence number given out: a cursor past it is not one it gave.
+    pub fn last_seq(&self) -> u64 {
+        self.state.borrow().last_seq
+    }
+
+    /// Wakes the reader waiting on this handle (a session's, when another one takes over).
+    pub fn wake_reader(&self) {
+        wake(&mut self.state.borrow_mut());
     }
 }
 
@@ -283,5 +400,69 @@ mod tests {
             next(&o, 1000),
             Some(Next::Close(CloseCode::GoingAway))
         ));
+    }
+
+    fn read(o: &ConnHandle, cursor: u64, max: usize) -> Option<(bool, Vec<u64>, u64)> {
+        match o.poll_after(&mut Context::from_waker(Waker::noop()), cursor, max) {
+            Poll::Ready(Read::Frames {
+                missed,
+                frames,
+                cursor,
+            }) => Some((missed, frames.iter().map(|(s, _)| *s).collect(), cursor)),
+            Poll::Ready(Read::Closed(code)) => panic!("closed with {code:?}"),
+            Poll::Pending => None,
+        }
+    }
+
+    #[test]
+    fn a_session_numbers_frames_and_keeps_them_until_acknowledged() {
+        let o = handle(100).retaining();
+        for i in 0..3u8 {
+            assert_eq!(o.push(Bytes::from(vec![i; 10])), Pushed::Queued);
+        }
+        assert_eq!(
+            read(&o, 0, 15),
+            Some((false, vec![1], 1)),
+            "one batch's worth"
+        );
+        assert_eq!(
+            read(&o, 0, 1000),
+            Some((false, vec![1, 2, 3], 3)),
+            "read again"
+        );
+        assert_eq!(read(&o, 2, 1000), Some((false, vec![3], 3)));
+        assert_eq!(read(&o, 3, 1000), None, "nothing after the last");
+        o.acknowledge(2);
+        assert_eq!(read(&o, 2, 1000), Some((false, vec![3], 3)));
+        assert_eq!(
+            read(&o, 1, 1000),
+            Some((true, vec![3], 3)),
+            "from before the acknowledgement: missed"
+        );
+        o.close(CloseCode::GoingAway);
+        assert!(matches!(
+            o.poll_after(&mut Context::from_waker(Waker::noop()), 3, 1000),
+            Poll::Ready(Read::Closed(CloseCode::GoingAway))
+        ));
+    }
+
+    #[test]
+    fn a_full_session_sheds_typing_then_its_oldest_frames() {
+        let o = handle(30).retaining();
+        o.push(Bytes::from(vec![1; 10]));
+        o.push_kind(Bytes::from(vec![2; 10]), Kind::Ephemeral);
+        o.push(Bytes::from(vec![3; 10]));
+        assert_eq!(o.push(Bytes::from(vec![4; 10])), Pushed::Shed(1));
+        assert_eq!(read(&o, 0, 1000), Some((false, vec![1, 3, 4], 4)));
+        assert_eq!(o.push(Bytes::from(vec![5; 20])), Pushed::Shed(2));
+        assert_eq!(read(&o, 0, 1000), Some((true, vec![4, 5], 5)));
+        assert_eq!(read(&o, 3, 1000), Some((false, vec![4, 5], 5)));
+        assert_eq!(o.push(Bytes::from(vec![6; 31])), Pushed::Shed(3));
+        assert_eq!(
+            read(&o, 5, 1000),
+            Some((true, vec![], 6)),
+            "a frame larger than the queue is lost, and known to be"
+        );
+        assert!(o.close_code().is_none(), "a session is never closed for it");
     }
 }

@@ -23,11 +23,16 @@ pub enum HeadError {
     Malformed(String),
     #[error("request head over {0} bytes")]
     TooLarge(usize),
+    #[error("more than {0} header fields")]
+    TooManyHeaders(usize),
 }
+
+/// The most header fields a request may have.
+pub const MAX_HEADERS: usize = 48;
 
 /// Parses a request head from `buf`: `Ok(None)` while incomplete.
 pub fn parse_head(buf: &[u8], max_len: usize) -> Result<Option<Request>, HeadError> {
-    let mut headers = [httparse::EMPTY_HEADER; 48];
+    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
     let mut req = httparse::Request::new(&mut headers);
     match req.parse(buf) {
         Ok(httparse::Status::Partial) if buf.len() >= max_len => Err(HeadError::TooLarge(max_len)),
@@ -54,6 +59,7 @@ pub fn parse_head(buf: &[u8], max_len: usize) -> Result<Option<Request>, HeadErr
                 head_len,
             }))
         }
+        Err(httparse::Error::TooManyHeaders) => Err(HeadError::TooManyHeaders(MAX_HEADERS)),
         Err(e) => Err(HeadError::Malformed(e.to_string())),
     }
 }
@@ -162,7 +168,9 @@ pub fn reason(status: u16) -> &'static str {
     match status {
         101 => "Switching Protocols",
         200 => "OK",
+        201 => "Created",
         202 => "Accepted",
+        204 => "No Content",
         400 => "Bad Request",
         401 => "Unauthorized",
         403 => "Forbidden",
@@ -209,14 +217,35 @@ impl Response {
         self
     }
 
+    pub fn with_headers(mut self, headers: &[(&'static str, String)]) -> Response {
+        self.headers.extend_from_slice(headers);
+        self
+    }
+
+    /// `413` for a body over `limits.max_publish_bytes` (`limit`).
+    pub fn too_large(limit: usize) -> Response {
+        Response::error(
+            413,
+            "payload_too_large",
+            &format!("body over limits.max_publish_bytes ({limit})"),
+        )
+    }
+
+    /// An answer without a body (`204`).
+    pub fn empty(status: u16) -> Response {
+        Response::json(status, String::new())
+    }
+
     pub fn to_bytes(&self, keep_alive: bool) -> Vec<u8> {
-        let mut head = format!(
-            "HTTP/1.1 {} {}\r\nContent-Type: {}\r\nContent-Length: {}\r\n",
-            self.status,
-            reason(self.status),
-            self.content_type,
-            self.body.len()
-        );
+        let mut head = format!("HTTP/1.1 {} {}\r\n", self.status, reason(self.status));
+        if self.status != 204 {
+            let _ = write!(
+                head,
+                "Content-Type: {}\r\nContent-Length: {}\r\n",
+                self.content_type,
+                self.body.len()
+            );
+        }
         for (name, value) in &self.headers {
             // Writing into a String cannot fail.
             let _ = write!(head, "{name}: {value}\r\n");

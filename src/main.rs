@@ -39,6 +39,10 @@ enum Command {
         /// Lifetime in seconds.
         #[arg(long, default_value_t = 3600)]
         ttl: u64,
+        /// Mint a subscription token for this conversation (`auth.subscribe_policy = "token"`)
+        /// instead of a connection token.
+        #[arg(long)]
+        conversation: Option<String>,
         #[arg(long)]
         config: Option<PathBuf>,
     },
@@ -85,41 +89,34 @@ fn main() -> ExitCode {
                     return ExitCode::FAILURE;
                 }
             }
-            let code = match fanfare::server::run(config, shutdown, |_| {}) {
-                Ok(()) => 0,
+            match fanfare::server::run(config, shutdown, |_| {}) {
+                Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     tracing::error!(error = %e, "fanfare failed");
                     eprintln!("fanfare: {e}");
-                    1
+                    ExitCode::FAILURE
                 }
-            };
-            // Every connection is closed and every executor joined: nothing is left to run.
-            // Leave without the C-level exit handlers: after a two-executor glommio pool has
-            // torn down, mimalloc's process-exit heap collection crashed (SIGSEGV) in about 2%
-            // of exits here (none with one executor; tests/shutdown.rs loops over this).
-            use std::io::Write;
-            let _ = std::io::stdout().flush();
-            let _ = std::io::stderr().flush();
-            // SAFETY: `_exit` ends the process at once; every executor has been joined.
-            unsafe { libc::_exit(code) }
+            }
         }
         Command::Token {
             tenant,
             user,
             ttl,
+            conversation,
             config,
         } => {
             let config = match load(config.as_ref()) {
                 Ok(c) => c,
                 Err(code) => return code,
             };
-            match fanfare::auth::mint_hs256(
-                &config.auth,
-                &tenant,
-                &user,
-                ttl,
-                fanfare::auth::now_ms() / 1000,
-            ) {
+            let (auth, now_s) = (&config.auth, fanfare::auth::now_ms() / 1000);
+            let minted = match &conversation {
+                Some(c) => {
+                    fanfare::auth::mint_hs256_subscription(auth, &tenant, &user, c, ttl, now_s)
+                }
+                None => fanfare::auth::mint_hs256(auth, &tenant, &user, ttl, now_s),
+            };
+            match minted {
                 Ok(token) => {
                     println!("{token}");
                     ExitCode::SUCCESS

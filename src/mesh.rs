@@ -12,42 +12,92 @@
 //! subscribers) that finds the outbox full is dropped and counted; the peer is then sent a
 //! [`Message::Gap`] ahead of the room's next delivery, or as soon as there is room, so that its
 //! subscribers learn of the loss (`error{code:"overloaded"}`).
+//!
+//! Wiring: the rings between every pair of cores are made on the main thread before the
+//! executors start ([`Wiring`]); each executor takes its own ends once and connects them
+//! ([`Mesh::connect`]). glommio's `MeshBuilder` is not used: it keeps its peer list behind an
+//! `Rc` that every executor thread clones and drops, and those racing non-atomic counts
+//! corrupted the heap (the crash at exit that `_exit` used to hide).
 
 use std::cell::{Cell, RefCell};
 use std::collections::VecDeque;
 use std::future::{poll_fn, Future};
 use std::net::IpAddr;
 use std::rc::Rc;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::task::{Poll, Waker};
 use std::time::Duration;
 
 use bytes::Bytes;
-use glommio::channels::channel_mesh::Senders;
+use glommio::channels::shared_channel::{
+    self, ConnectedReceiver, ConnectedSender, SharedReceiver, SharedSender,
+};
 use glommio::{GlommioError, ResourceType};
 
 use crate::handle::Kind;
+use crate::history::{Position, Read};
 use crate::metrics::Registry;
 use crate::presence::UserKey;
+use crate::publish::Routed;
 use crate::route::{Map, RoomKey, Set};
 
 /// Messages between cores.
 pub enum Message {
-    /// Core `from` now has subscribers for `room`; answer with `Reply { req }`.
+    /// Core `from` now has subscribers for `room`; answer with `Live { req }` once its events
+    /// flow.
     Subscribe {
         room: RoomKey,
         from: usize,
         req: u64,
+    },
+    /// The events of `room` flow to core `from` (or not, `verdict`), from the room's owner;
+    /// with history, the stream's position when they began to.
+    Live {
+        room: RoomKey,
+        req: u64,
+        verdict: Verdict,
+        at: Option<Position>,
     },
     /// Core `from` has no subscribers for `room` any more.
     Unsubscribe {
         room: RoomKey,
         from: usize,
     },
-    /// An event for `room`, to its owner.
-    Publish {
+    /// A subscriber of core `from` recovers `room` from `since`: answer with `Recovered { req }`
+    /// once the room's events flow there, in order with its deliveries.
+    Recover {
         room: RoomKey,
-        frame: Bytes,
+        since: Position,
+        from: usize,
+        req: u64,
+    },
+    /// What the subscriber of request `req` missed, from the room's owner.
+    Recovered {
+        room: RoomKey,
+        req: u64,
+        read: Box<Read>,
+    },
+    /// The history of `room` after `since`, for the history API; answer `HistoryRead { req }`.
+    ReadHistory {
+        room: RoomKey,
+        since: Position,
+        from: usize,
+        req: u64,
+    },
+    HistoryRead {
+        req: u64,
+        read: Box<Read>,
+    },
+    /// Published events of rooms the receiving core owns, in publish order; answer with
+    /// `Published { req }` (their offsets) once they are fanned out.
+    Publish {
+        events: Vec<Routed>,
+        from: usize,
+        req: u64,
+    },
+    Published {
+        req: u64,
+        offsets: Vec<u64>,
     },
     /// A frame for `room`, from its owner to a core with subscribers.
     Deliver {
@@ -87,11 +137,6 @@ pub enum Message {
     },
     /// The other instances had taken this one for gone: announce this core's users again.
     Reannounce,
-    /// Answer `Reply { req }` to `from` once everything `from` sent before is handled.
-    Sync {
-        from: usize,
-        req: u64,
-    },
     /// A connection attempt from `ip`, to the owner of its rate bucket.
     Admit {
         ip: IpAddr,
@@ -102,6 +147,8 @@ pub enum Message {
         req: u64,
         verdict: Verdict,
     },
+    /// An HTTP request for a session of the receiving core, with its socket: served there.
+    Handover(Box<crate::server::HandedOver>),
 }
 
 /// A frame on its way to a room's subscribers.
@@ -111,15 +158,18 @@ pub struct Fanned {
     pub kind: Kind,
     /// Whose own connections skip it (the typist's).
     pub except: Option<Arc<str>>,
+    /// A published event's place in its stream, with history.
+    pub at: Option<Position>,
 }
 
 impl Fanned {
     /// A published event: for everyone, never shed.
-    pub fn event(frame: Bytes) -> Fanned {
+    pub fn event(frame: Bytes, at: Option<Position>) -> Fanned {
         Fanned {
             frame,
             kind: Kind::Event,
             except: None,
+            at,
         }
     }
 }
@@ -136,51 +186,65 @@ pub enum Verdict {
 ///
 /// A waiter that gives up (its future dropped, e.g. by a timeout or `or`) takes its waker
 /// back: a long-lived latch such as `Shard::stopping` must not collect one per request.
-#[derive(Default)]
-pub struct Latch {
-    value: Cell<Option<Verdict>>,
+pub struct Latch<T = Verdict> {
+    value: RefCell<Option<T>>,
     waiters: RefCell<Map<u64, Waker>>,
     next_waiter: Cell<u64>,
 }
 
-impl Latch {
-    pub fn set(&self, v: Verdict) {
-        self.value.set(Some(v));
+impl<T> Default for Latch<T> {
+    fn default() -> Self {
+        Latch {
+            value: RefCell::new(None),
+            waiters: RefCell::default(),
+            next_waiter: Cell::new(0),
+        }
+    }
+}
+
+impl<T: Clone> Latch<T> {
+    pub fn set(&self, v: T) {
+        *self.value.borrow_mut() = Some(v);
         for (_, w) in self.waiters.take() {
             w.wake();
         }
     }
 
-    pub fn get(&self) -> Option<Verdict> {
-        self.value.get()
+    pub fn get(&self) -> Option<T> {
+        self.value.borrow().clone()
     }
 
-    pub fn wait(&self) -> LatchWait<'_> {
+    pub fn wait(&self) -> LatchWait<'_, T> {
         LatchWait {
             latch: self,
             key: None,
         }
     }
 
+    /// The value, or `None` if it is not set within `limit`.
+    pub async fn within(&self, limit: Duration) -> Option<T> {
+        crate::deadline::within(limit, self.wait()).await
+    }
+}
+
+impl Latch {
     /// The value, or `Unavailable` if it is not set within `limit`.
     pub async fn wait_at_most(&self, limit: Duration) -> Verdict {
-        crate::deadline::within(limit, self.wait())
-            .await
-            .unwrap_or(Verdict::Unavailable)
+        self.within(limit).await.unwrap_or(Verdict::Unavailable)
     }
 }
 
 /// The future of [`Latch::wait`].
-pub struct LatchWait<'a> {
-    latch: &'a Latch,
+pub struct LatchWait<'a, T> {
+    latch: &'a Latch<T>,
     key: Option<u64>,
 }
 
-impl Future for LatchWait<'_> {
-    type Output = Verdict;
+impl<T: Clone> Future for LatchWait<'_, T> {
+    type Output = T;
 
-    fn poll(mut self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> Poll<Verdict> {
-        if let Some(v) = self.latch.value.get() {
+    fn poll(mut self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> Poll<T> {
+        if let Some(v) = self.latch.get() {
             return Poll::Ready(v);
         }
         let latch = self.latch;
@@ -194,11 +258,61 @@ impl Future for LatchWait<'_> {
     }
 }
 
-impl Drop for LatchWait<'_> {
+impl<T> Drop for LatchWait<'_, T> {
     fn drop(&mut self) {
         if let Some(key) = self.key {
             self.latch.waiters.borrow_mut().remove(&key);
         }
+    }
+}
+
+/// Requests of this core waiting for another core's answer, by request id.
+pub struct Pending<T = Verdict> {
+    waiting: RefCell<Map<u64, Rc<Latch<T>>>>,
+}
+
+impl<T> Default for Pending<T> {
+    fn default() -> Self {
+        Pending {
+            waiting: RefCell::default(),
+        }
+    }
+}
+
+impl<T: Clone> Pending<T> {
+    /// Waits for the answer to `req` under `latch` (which others may wait for too).
+    pub fn insert(&self, req: u64, latch: Rc<Latch<T>>) {
+        self.waiting.borrow_mut().insert(req, latch);
+    }
+
+    /// The answer to `req`; an answer nobody waits for any more is dropped.
+    pub fn answer(&self, req: u64, v: T) {
+        if let Some(latch) = self.waiting.borrow_mut().remove(&req) {
+            latch.set(v);
+        }
+    }
+
+    pub fn forget(&self, req: u64) {
+        self.waiting.borrow_mut().remove(&req);
+    }
+
+    /// Sends a request with `post(req)` and waits for its answer, at most `limit`; dropped
+    /// or timed out, it takes its entry back.
+    pub async fn request(&self, req: u64, limit: Duration, post: impl FnOnce(u64)) -> Option<T> {
+        let answer = Rc::new(Latch::default());
+        self.insert(req, answer.clone());
+        let _forget = Forget(self, req);
+        post(req);
+        answer.within(limit).await
+    }
+}
+
+/// Removes a request's entry when its wait ends, answered or not.
+struct Forget<'a, T>(&'a Pending<T>, u64);
+
+impl<T> Drop for Forget<'_, T> {
+    fn drop(&mut self) {
+        self.0.waiting.borrow_mut().remove(&self.1);
     }
 }
 
@@ -215,32 +329,117 @@ struct Outbox {
     waiting: RefCell<Vec<Waker>>,
 }
 
+/// The rings of every pair of cores, before any executor took its ends.
+pub struct Wiring {
+    ends: Mutex<Vec<Ends>>,
+}
+
+/// One core's unconnected ends: a ring to and a ring from every other core.
+pub struct Ends {
+    core: usize,
+    to: Vec<Option<SharedSender<Message>>>,
+    from: Vec<Option<SharedReceiver<Message>>>,
+}
+
+/// A ring from one peer core, connected.
+pub type Inbound = ConnectedReceiver<Message>;
+
+impl Wiring {
+    /// Rings of `ring_len` messages between every pair of `cores` cores.
+    pub fn new(cores: usize, ring_len: usize) -> Wiring {
+        let mut ends: Vec<Ends> = (0..cores)
+            .map(|core| Ends {
+                core,
+                to: (0..cores).map(|_| None).collect(),
+                from: (0..cores).map(|_| None).collect(),
+            })
+            .collect();
+        for a in 0..cores {
+            for b in (0..cores).filter(|&b| b != a) {
+                let (tx, rx) = shared_channel::new_bounded(ring_len);
+                ends[a].to[b] = Some(tx);
+                ends[b].from[a] = Some(rx);
+            }
+        }
+        Wiring {
+            ends: Mutex::new(ends),
+        }
+    }
+
+    /// The ends of a core no executor took yet; `None` once every core's are taken.
+    pub fn take(&self) -> Option<Ends> {
+        self.ends.lock().ok()?.pop()
+    }
+}
+
+impl Ends {
+    /// The core these ends are for.
+    pub fn core(&self) -> usize {
+        self.core
+    }
+}
+
 /// This core's end of the mesh.
 pub struct Mesh {
-    senders: Senders<Message>,
+    core: usize,
+    /// Indexed by peer core; `None` at this core's own index.
+    senders: Box<[Option<ConnectedSender<Message>>]>,
     outboxes: Box<[Outbox]>,
     bound: usize,
 }
 
 impl Mesh {
-    /// `bound`: the most messages an outbox holds before deliveries are dropped.
-    pub fn new(senders: Senders<Message>, bound: usize) -> Rc<Mesh> {
-        let outboxes = (0..senders.nr_consumers())
-            .map(|_| Outbox::default())
+    /// Connects this core's ends to every peer's; resolves once every peer has connected its
+    /// own. `bound`: the most messages an outbox holds before deliveries are dropped. Returns
+    /// this core's mesh and the rings from its peers.
+    pub async fn connect(ends: Ends, bound: usize) -> (Rc<Mesh>, Vec<Inbound>) {
+        // A glommio executor whose tasks all sleep may miss the peer's wake-up while
+        // connecting (FIELD-NOTES: DataDog/glommio #261, #555); a short periodic timer
+        // prevents it. Both sides of every ring connect at once: each waits for the other.
+        let ticker = glommio::spawn_local(async {
+            loop {
+                glommio::timer::sleep(Duration::from_millis(10)).await;
+            }
+        });
+        let to: Vec<_> = ends
+            .to
+            .into_iter()
+            .map(|tx| tx.map(|tx| glommio::spawn_local(tx.connect())))
             .collect();
-        Rc::new(Mesh {
-            senders,
+        let from: Vec<_> = ends
+            .from
+            .into_iter()
+            .flatten()
+            .map(|rx| glommio::spawn_local(rx.connect()))
+            .collect();
+        let mut senders = Vec::with_capacity(to.len());
+        for tx in to {
+            senders.push(match tx {
+                Some(tx) => Some(tx.await),
+                None => None,
+            });
+        }
+        let mut inbound = Vec::with_capacity(from.len());
+        for rx in from {
+            inbound.push(rx.await);
+        }
+        ticker.cancel().await;
+        let outboxes = senders.iter().map(|_| Outbox::default()).collect();
+        let mesh = Rc::new(Mesh {
+            core: ends.core,
+            senders: senders.into(),
             outboxes,
             bound: bound.max(1),
-        })
+        });
+        (mesh, inbound)
     }
 
     pub fn id(&self) -> usize {
-        self.senders.peer_id()
+        self.core
     }
 
     pub fn cores(&self) -> usize {
-        self.senders.nr_consumers()
+        self.senders.len()
     }
 
     /// Starts one drain task per peer. They end when the peer's ring closes (shutdown).
@@ -254,7 +453,10 @@ impl Mesh {
     pub fn post(&self, peer: usize, msg: Message) {
         let outbox = &self.outboxes[peer];
         let msg = if outbox.queue.borrow().is_empty() && !outbox.sending.get() {
-            match self.senders.try_send_to(peer, msg) {
+            let Some(tx) = &self.senders[peer] else {
+                return;
+            };
+            match tx.try_send(msg) {
                 Ok(()) => return,
                 Err(GlommioError::WouldBlock(ResourceType::Channel(msg))) => msg,
                 // Closed: the peer is stopping, nothing will read it.
@@ -266,6 +468,13 @@ impl Mesh {
         outbox.queue.borrow_mut().push_back(msg);
         if let Some(w) = outbox.drainer.borrow_mut().take() {
             w.wake();
+        }
+    }
+
+    /// Queues `msg()` for every other core.
+    pub fn post_to_peers(&self, msg: impl Fn() -> Message) {
+        for peer in (0..self.cores()).filter(|&p| p != self.id()) {
+            self.post(peer, msg());
         }
     }
 
@@ -332,7 +541,10 @@ impl Mesh {
             .await;
             outbox.sending.set(true);
             stats.mesh_queued_total.inc();
-            let sent = self.senders.send_to(peer, msg).await;
+            let Some(tx) = &self.senders[peer] else {
+                return;
+            };
+            let sent = tx.send(msg).await;
             outbox.sending.set(false);
             if sent.is_err() {
                 return;

@@ -173,6 +173,12 @@ impl Replica {
         }
     }
 
+    pub fn contains(&self, (tenant, user): &UserKey) -> bool {
+        self.online
+            .get(tenant)
+            .is_some_and(|users| users.contains(user))
+    }
+
     /// The tenant's online users, sorted.
     pub fn snapshot(&self, tenant: &str) -> Vec<Arc<str>> {
         let mut users: Vec<Arc<str>> = self

@@ -88,6 +88,9 @@ impl CloseCode {
 pub enum ClientEvent<'a> {
     Subscribe {
         conversation_id: &'a str,
+        since: Option<Since>,
+        /// A subscription token (`auth.subscribe_policy = "token"`).
+        token: Option<&'a str>,
     },
     Unsubscribe {
         conversation_id: &'a str,
@@ -99,9 +102,21 @@ pub enum ClientEvent<'a> {
         conversation_id: Option<&'a str>,
     },
     PresenceQuery,
+    /// The connection's new watch list (`presence.mode = "watch"`).
+    Watch {
+        user_ids: Vec<&'a str>,
+    },
     Auth {
         token: &'a str,
     },
+}
+
+/// A subscribe's `since`: the last offset the client saw, in its epoch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Since {
+    pub offset: u64,
+    /// 0 for a string the server never wrote as an epoch (no conversation's current one).
+    pub epoch: u64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -137,6 +152,17 @@ struct Wire<'a> {
     activity: Option<&'a str>,
     #[serde(borrow)]
     token: Option<&'a str>,
+    since: Option<simd_json::OwnedValue>,
+    #[serde(rename = "userIds", borrow)]
+    user_ids: Option<Vec<&'a str>>,
+}
+
+/// `since` as PROTOCOL.md gives it: `{"offset":N,"epoch":"E"}`.
+fn since(value: &simd_json::OwnedValue) -> Option<Since> {
+    use simd_json::prelude::*;
+    let offset = value.get("offset")?.as_u64()?;
+    let epoch = crate::history::Epoch::parse(value.get("epoch")?.as_str()?).unwrap_or(0);
+    Some(Since { offset, epoch })
 }
 
 /// Parses one text frame in place (simd-json rewrites `buf`).
@@ -158,6 +184,16 @@ pub fn parse_client_event(buf: &mut [u8]) -> Result<Request<'_>, Invalid<'_>> {
     let event = match wire.kind {
         Some("subscribe") => ClientEvent::Subscribe {
             conversation_id: conversation()?,
+            since: match &wire.since {
+                None => None,
+                Some(value) => Some(since(value).ok_or_else(|| {
+                    invalid(
+                        "since must be {\"offset\":N,\"epoch\":\"E\"} (N a non-negative integer)"
+                            .into(),
+                    )
+                })?),
+            },
+            token: wire.token,
         },
         Some("unsubscribe") => ClientEvent::Unsubscribe {
             conversation_id: conversation()?,
@@ -180,6 +216,17 @@ pub fn parse_client_event(buf: &mut [u8]) -> Result<Request<'_>, Invalid<'_>> {
             }
         }
         Some("presence.query") => ClientEvent::PresenceQuery,
+        Some("presence.watch") => match wire.user_ids {
+            Some(ids) if ids.iter().all(|u| is_entity_id(u)) => {
+                ClientEvent::Watch { user_ids: ids }
+            }
+            Some(_) => {
+                return Err(invalid(
+                    "userIds must match [A-Za-z0-9._~@:-]{1,128}".into(),
+                ))
+            }
+            None => return Err(invalid("userIds is required".into())),
+        },
         Some("auth") => match wire.token {
             Some(token) if !token.is_empty() => ClientEvent::Auth { token },
             _ => return Err(invalid("token is required".into())),
@@ -194,6 +241,7 @@ pub fn parse_client_event(buf: &mut [u8]) -> Result<Request<'_>, Invalid<'_>> {
 /// passed their pattern are written as they are.
 pub mod server_event {
     use super::ErrorCode;
+    use crate::history::Position;
 
     fn push_str(out: &mut String, s: &str) {
         // Writing a &str into a String cannot fail.
@@ -211,6 +259,22 @@ pub mod server_event {
 
     pub fn ack(id: &str) -> String {
         with_id("{\"type\":\"ack\"".into(), Some(id))
+    }
+
+    /// The ack of a subscribe: `{"type":"ack","id":..,"offset":N,"epoch":"E","recovered":b}`,
+    /// position and outcome where there are.
+    pub fn subscribed(id: &str, at: Option<Position>, recovered: Option<bool>) -> String {
+        let mut out = with_id("{\"type\":\"ack\"".into(), Some(id));
+        out.pop();
+        if let Some(at) = at {
+            let epoch = crate::history::Epoch(at.epoch);
+            out.push_str(&format!(",\"offset\":{},\"epoch\":\"{epoch}\"", at.offset));
+        }
+        if let Some(recovered) = recovered {
+            out.push_str(&format!(",\"recovered\":{recovered}"));
+        }
+        out.push('}');
+        out
     }
 
     pub fn pong(id: Option<&str>) -> String {
@@ -291,8 +355,13 @@ mod tests {
     fn parses_client_events() {
         assert_eq!(
             parse(r#"{"type":"subscribe","conversationId":"c1","id":"r1","extra":[1]}"#).unwrap(),
-            r#"Request { id: Some("r1"), event: Subscribe { conversation_id: "c1" } }"#
+            r#"Request { id: Some("r1"), event: Subscribe { conversation_id: "c1", since: None, token: None } }"#
         );
+        assert!(parse(
+            r#"{"type":"subscribe","conversationId":"c1","since":{"offset":7,"epoch":"e1"}}"#
+        )
+        .unwrap()
+        .contains(r#"since: Some(Since { offset: 7, epoch: 225 })"#));
         assert!(
             parse(r#"{"type":"unsubscribe","conversationId":"c\u0031"}"#)
                 .unwrap()
@@ -318,6 +387,29 @@ mod tests {
         assert!(parse(r#"{"type":"subscribe","conversationId":"a b"}"#)
             .unwrap_err()
             .contains("does not match"));
+        for since in [
+            r#"{"offset":-1,"epoch":"e"}"#,
+            r#"{"offset":1}"#,
+            r#"{"offset":1,"epoch":2}"#,
+            "3",
+        ] {
+            let event =
+                format!(r#"{{"type":"subscribe","conversationId":"c","id":"s","since":{since}}}"#);
+            let e = parse(&event).unwrap_err();
+            assert!(e.starts_with("Some(\"s\") since must be"), "{since}: {e}");
+        }
+        assert!(
+            parse(r#"{"type":"presence.watch","userIds":["u1","a b"],"id":"w"}"#)
+                .unwrap_err()
+                .starts_with("Some(\"w\") userIds must match")
+        );
+        assert!(parse(r#"{"type":"presence.watch"}"#)
+            .unwrap_err()
+            .contains("userIds is required"));
+        assert_eq!(
+            parse(r#"{"type":"presence.watch","userIds":["u1","u2"]}"#).unwrap(),
+            r#"Request { id: None, event: Watch { user_ids: ["u1", "u2"] } }"#
+        );
         assert!(parse(r#"{"id":"9"}"#)
             .unwrap_err()
             .contains("type is required"));

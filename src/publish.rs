@@ -12,7 +12,6 @@ use serde_json::value::RawValue;
 
 use crate::protocol::{is_entity_id, is_tenant_id};
 use crate::route::{room_key, RoomKey};
-use crate::ws;
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -35,13 +34,28 @@ struct EventHead<'a> {
     message_id: Option<Cow<'a, str>>,
     #[serde(rename = "userId", borrow)]
     user_id: Option<Cow<'a, str>>,
+    /// Reserved for the server (missed-event recovery), whatever their value, `null` too.
+    #[serde(default)]
+    offset: Present,
+    #[serde(default)]
+    epoch: Present,
 }
 
-/// One event ready to route: its room and its frame, built once from the publisher's bytes
-/// (`ws::payload_of` gives them back, for Redis).
+/// Whether a field was there at all.
+#[derive(Default)]
+struct Present(bool);
+
+impl<'de> Deserialize<'de> for Present {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        serde::de::IgnoredAny::deserialize(d).map(|_| Present(true))
+    }
+}
+
+/// One event ready to route: its room and the publisher's bytes, framed once by the room's
+/// owner (with its offset, when history is on).
 pub struct Routed {
     pub room: RoomKey,
-    pub frame: Bytes,
+    pub payload: Bytes,
 }
 
 /// Why a publish body was refused: the sentence of the `400` answer.
@@ -76,6 +90,8 @@ pub enum EventError {
     Type(String),
     #[error("conversationId `{0}` is not the channel's conversation")]
     OtherConversation(String),
+    #[error("`{0}` is reserved for the server (missed-event recovery)")]
+    Reserved(&'static str),
 }
 
 /// Validates a publish body.
@@ -96,10 +112,10 @@ pub fn parse(body: &[u8]) -> Result<Vec<Routed>, BodyError> {
         .map(|(index, raw)| {
             let head = head(raw.get()).map_err(|error| BodyError::Event { index, error })?;
             let conversation =
-                published(&head).map_err(|error| BodyError::Event { index, error })?;
+                published(&head, false).map_err(|error| BodyError::Event { index, error })?;
             Ok(Routed {
                 room: room_key(&body.tenant_id, conversation),
-                frame: ws::text(raw.get().as_bytes()),
+                payload: Bytes::copy_from_slice(raw.get().as_bytes()),
             })
         })
         .collect()
@@ -116,8 +132,13 @@ pub enum FromRedis {
 
 /// Checks a payload that arrived on the Redis channel of `conversation` as strictly as the
 /// publish API checks an event: anyone who can reach Redis can `PUBLISH` there, and what is
-/// let through reaches every subscriber's browser.
-pub fn check_pushed(payload: &[u8], conversation: &str) -> Result<FromRedis, EventError> {
+/// let through reaches every subscriber's browser. `positioned`: the payload ends with the
+/// place in its stream that the history script appended (`offset`, `epoch` are then allowed).
+pub fn check_pushed(
+    payload: &[u8],
+    conversation: &str,
+    positioned: bool,
+) -> Result<FromRedis, EventError> {
     let text = std::str::from_utf8(payload).map_err(|_| EventError::Utf8)?;
     let head = head(text)?;
     let pushed = match &*head.kind {
@@ -125,7 +146,7 @@ pub fn check_pushed(payload: &[u8], conversation: &str) -> Result<FromRedis, Eve
             FromRedis::Typing(required("userId", &head.kind, &head.user_id)?.into())
         }
         _ => {
-            published(&head)?;
+            published(&head, positioned)?;
             FromRedis::Event
         }
     };
@@ -140,8 +161,9 @@ fn head(event: &str) -> Result<EventHead<'_>, EventError> {
     serde_json::from_str(event).map_err(EventError::NotAnEvent)
 }
 
-/// Checks a published event's type and fields; returns its conversation.
-fn published<'a>(head: &'a EventHead<'_>) -> Result<&'a str, EventError> {
+/// Checks a published event's type and fields (the server's `offset` and `epoch` only where
+/// it `positioned` the event); returns its conversation.
+fn published<'a>(head: &'a EventHead<'_>, positioned: bool) -> Result<&'a str, EventError> {
     let kind = &head.kind;
     match &**kind {
         "conversation.updated" => {}
@@ -152,6 +174,11 @@ fn published<'a>(head: &'a EventHead<'_>) -> Result<&'a str, EventError> {
             required("userId", kind, &head.user_id)?;
         }
         other => return Err(EventError::Type(other.into())),
+    }
+    for (field, present) in [("offset", &head.offset), ("epoch", &head.epoch)] {
+        if present.0 && !positioned {
+            return Err(EventError::Reserved(field));
+        }
     }
     required("conversationId", kind, &head.conversation_id)
 }
@@ -183,7 +210,7 @@ mod tests {
         assert_eq!(routed.len(), 1);
         assert_eq!(&*routed[0].room, "t1:c:c1");
         assert_eq!(
-            ws::payload_of(&routed[0].frame),
+            &routed[0].payload[..],
             br#"{ "type" : "message.received","conversationId":"c1","messageId":"m1","x":[1, 2]}"#
         );
     }
@@ -225,6 +252,14 @@ mod tests {
                 "conversationId",
             ),
             (
+                r#"{"tenantId":"t1","event":{"type":"conversation.updated","conversationId":"a","offset":3}}"#,
+                "`offset` is reserved",
+            ),
+            (
+                r#"{"tenantId":"t1","event":{"type":"message.received","conversationId":"a","messageId":"m","epoch":null}}"#,
+                "`epoch` is reserved",
+            ),
+            (
                 r#"{"tenantId":"t1","event":{"type":"conversation.updated","conversationId":"a b"}}"#,
                 "conversationId",
             ),
@@ -244,12 +279,12 @@ mod tests {
     fn checks_what_redis_hands_over_like_a_publish() {
         let typing = crate::protocol::server_event::typing("u1", "c1");
         assert_eq!(
-            check_pushed(typing.as_bytes(), "c1").unwrap(),
+            check_pushed(typing.as_bytes(), "c1", false).unwrap(),
             FromRedis::Typing("u1".into())
         );
         let event = br#"{"type":"message.received","conversationId":"c1","messageId":"m1"}"#;
-        assert_eq!(check_pushed(event, "c1").unwrap(), FromRedis::Event);
-        let bad: [(&[u8], &str); 6] = [
+        assert_eq!(check_pushed(event, "c1", false).unwrap(), FromRedis::Event);
+        let bad: [(&[u8], &str); 7] = [
             (
                 b"{\"type\":\"conversation.updated\",\"conversationId\":\"c1\",\"x\":\"\xff\"}",
                 "UTF-8",
@@ -271,9 +306,13 @@ mod tests {
                 br#"{"type":"presence.typing","conversationId":"c1","userId":"a b"}"#,
                 "userId",
             ),
+            (
+                br#"{"type":"conversation.updated","conversationId":"c1","offset":1}"#,
+                "reserved",
+            ),
         ];
         for (payload, reason) in bad {
-            let e = check_pushed(payload, "c1").expect_err(reason);
+            let e = check_pushed(payload, "c1", false).expect_err(reason);
             assert!(e.to_string().contains(reason), "{e}");
         }
     }

@@ -1,6 +1,7 @@
 //! Rooms on one core: for each conversation this core owns, which cores have subscribers (the
 //! owner's side, with the latch that says when its events flow); for each conversation with
-//! subscribers here, those subscribers (the local index); and the fan-out of one frame to them.
+//! subscribers here, those subscribers (the local index), those waiting for a replay of what
+//! they missed, and the stream position delivered here; and the fan-out of one frame to them.
 //!
 //! Invariants: pure bookkeeping on one core: no mesh, no broker, no await (`Shard` drives it
 //! and sends the messages). A room is in `local` exactly while it has a subscriber here, and in
@@ -10,6 +11,7 @@
 use std::rc::Rc;
 
 use crate::handle::{ConnHandle, Kind, Pushed};
+use crate::history::{Position, Read};
 use crate::mesh::{Fanned, Latch, Verdict};
 use crate::metrics::CoreStats;
 use crate::protocol::{server_event, ErrorCode};
@@ -26,10 +28,17 @@ struct OwnedRoom {
 /// This core's subscribers of one room.
 struct LocalRoom {
     conns: Vec<Rc<ConnHandle>>,
+    /// Subscribers waiting for the owner's replay of what they missed (request, client):
+    /// deliveries skip them until it arrives, in order with the deliveries, so that they get
+    /// every event once.
+    recovering: Vec<(u64, Rc<ConnHandle>)>,
     /// Set once the owner has registered this core's interest.
     live: Rc<Latch>,
     /// The request that announced this core's interest to the owner.
     req: u64,
+    /// With history: the stream's position as of the last delivery here (or when the room
+    /// became live), so that a subscribe's ack tells what its first event follows.
+    at: Option<Position>,
 }
 
 /// What joining a room found.
@@ -55,20 +64,35 @@ impl Rooms {
     }
 
     /// Adds `conn` to this core's subscribers of `room`; `req` names the announcement to the
-    /// owner if it is the first.
-    pub fn join(&mut self, room: &RoomKey, conn: &Rc<ConnHandle>, req: u64) -> Joined {
-        if let Some(r) = self.local.get_mut(room) {
-            r.conns.push(conn.clone());
-            return Joined::Member(r.live.clone());
-        }
-        let live = Rc::new(Latch::default());
-        let first = LocalRoom {
-            conns: vec![conn.clone()],
-            live: live.clone(),
-            req,
+    /// owner if it is the first. With `recovery` (its request), `conn` gets no delivery until
+    /// [`Rooms::recovered`].
+    pub fn join(
+        &mut self,
+        room: &RoomKey,
+        conn: &Rc<ConnHandle>,
+        req: u64,
+        recovery: Option<u64>,
+    ) -> Joined {
+        let (joined, r) = match self.local.get_mut(room) {
+            Some(r) => (Joined::Member(r.live.clone()), r),
+            None => {
+                let live = Rc::new(Latch::default());
+                let first = LocalRoom {
+                    conns: Vec::new(),
+                    recovering: Vec::new(),
+                    live: live.clone(),
+                    req,
+                    at: None,
+                };
+                let r = self.local.entry(room.clone()).or_insert(first);
+                (Joined::First(live), r)
+            }
         };
-        self.local.insert(room.clone(), first);
-        Joined::First(live)
+        match recovery {
+            Some(recovery) => r.recovering.push((recovery, conn.clone())),
+            None => r.conns.push(conn.clone()),
+        }
+        joined
     }
 
     /// Removes a connection from `room`; the announcement's `req` when it was the last here.
@@ -77,15 +101,51 @@ impl Rooms {
         if let Some(at) = r.conns.iter().position(|c| c.id == conn_id) {
             r.conns.swap_remove(at);
         }
-        if !r.conns.is_empty() {
+        r.recovering.retain(|(_, c)| c.id != conn_id);
+        if !r.conns.is_empty() || !r.recovering.is_empty() {
             return None;
         }
         self.local.remove(room).map(|r| r.req)
     }
 
+    /// The owner's answer to announcement `req`: the room is live here from position `at`.
+    pub fn live_from(&mut self, room: &RoomKey, req: u64, at: Option<Position>) {
+        if let Some(r) = self.local.get_mut(room).filter(|r| r.req == req) {
+            r.at = at.or(r.at);
+        }
+    }
+
+    /// The owner's answer to recovery `req`: its subscriber is queued the missed frames (when
+    /// they could all be read) and joins the deliveries from here on. False when that
+    /// subscriber is gone.
+    pub fn recovered(&mut self, room: &RoomKey, req: u64, read: &Read, stats: &CoreStats) -> bool {
+        let Some(r) = self.local.get_mut(room) else {
+            return false;
+        };
+        let Some(at) = r.recovering.iter().position(|(q, _)| *q == req) else {
+            return false;
+        };
+        let (_, conn) = r.recovering.swap_remove(at);
+        if let Ok(frames) = &read.events {
+            for frame in frames {
+                let replay = Fanned::event(frame.clone(), None);
+                push_all(std::iter::once(&*conn), &replay, stats);
+            }
+        }
+        r.conns.push(conn);
+        r.at = Some(read.at);
+        true
+    }
+
+    /// With history: where `room`'s stream is, as far as this core has seen.
+    pub fn position(&self, room: &RoomKey) -> Option<Position> {
+        self.local.get(room).and_then(|r| r.at)
+    }
+
     /// Queues `out` to this core's subscribers of `room`.
-    pub fn deliver(&self, room: &RoomKey, out: &Fanned, stats: &CoreStats) {
-        if let Some(r) = self.local.get(room) {
+    pub fn deliver(&mut self, room: &RoomKey, out: &Fanned, stats: &CoreStats) {
+        if let Some(r) = self.local.get_mut(room) {
+            r.at = out.at.or(r.at);
             push_all(r.conns.iter().map(|c| &**c), out, stats);
         }
     }
@@ -149,6 +209,11 @@ impl Rooms {
         held_key(&self.owned, name)
     }
 
+    /// The latch of owned room `room`: set while its events flow.
+    pub fn owned_live(&self, room: &RoomKey) -> Option<Rc<Latch>> {
+        self.owned.get(room).map(|r| r.live.clone())
+    }
+
     pub fn owned(&self) -> impl Iterator<Item = &RoomKey> {
         self.owned.keys()
     }
@@ -172,8 +237,13 @@ impl Rooms {
     }
 }
 
-/// Queues `out` to each of `conns` but the excepted user's; counts what happened.
-pub fn push_all<'a>(conns: impl Iterator<Item = &'a ConnHandle>, out: &Fanned, stats: &CoreStats) {
+/// Queues `out` to each of `conns` but the excepted user's; counts what happened. Returns how
+/// many were queued a frame.
+pub fn push_all<'a>(
+    conns: impl Iterator<Item = &'a ConnHandle>,
+    out: &Fanned,
+    stats: &CoreStats,
+) -> u64 {
     let mut delivered = 0;
     for conn in conns {
         if out.except.as_ref().is_some_and(|u| *u == conn.user) {
@@ -190,4 +260,5 @@ pub fn push_all<'a>(conns: impl Iterator<Item = &'a ConnHandle>, out: &Fanned, s
         }
     }
     stats.frames_delivered_total.add(delivered);
+    delivered
 }

@@ -7,7 +7,7 @@
 //! `shutdown` is raised and every connection has closed with `1001` (or the timeout passed).
 
 use std::net::{IpAddr, SocketAddr};
-use std::os::fd::{FromRawFd, IntoRawFd};
+use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd, OwnedFd};
 use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -15,7 +15,6 @@ use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
 use futures_lite::{AsyncReadExt, AsyncWriteExt};
-use glommio::channels::channel_mesh::{Full, MeshBuilder};
 use glommio::net::{TcpListener, TcpStream};
 use glommio::{CpuSet, Latency, LocalExecutorPoolBuilder, PoolPlacement, Shares};
 use tracing::{info, warn};
@@ -25,17 +24,15 @@ use crate::broker::{Broker, Target};
 use crate::config::BrokerKind;
 use crate::config::Config;
 use crate::deadline::within;
+use crate::history::{Epoch, Position};
 use crate::http::{self, Request, Response};
-use crate::mesh::{Mesh, Message, Verdict};
+use crate::mesh::{Mesh, Message, Verdict, Wiring};
 use crate::metrics::{self, Registry};
 use crate::protocol::{server_event, CloseCode, ErrorCode};
+use crate::session::{self, Served};
 use crate::shard::Shard;
-use crate::{conn, publish};
-
-/// A glommio executor whose tasks all sleep may miss a cross-core wake-up at start-up
-/// (FIELD-NOTES: DataDog/glommio #261, #555); a short periodic timer on every core prevents it.
-/// The same tick polls the shutdown flag.
-const TICK: Duration = Duration::from_millis(10);
+use crate::watchdog::{Watchdog, TICK};
+use crate::{conn, demo, publish};
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -59,8 +56,8 @@ pub enum Error {
 pub enum CoreError {
     #[error("no listener left for this core")]
     NoListener,
-    #[error("the cross-core mesh could not be joined: {0}")]
-    Mesh(String),
+    #[error("no mesh ends left for this core")]
+    NoMesh,
     #[error("broker.redis_url: {0}")]
     RedisUrl(#[from] crate::broker::TargetError),
     #[error("mesh receive task: {0}")]
@@ -88,16 +85,24 @@ pub fn run(
     }
     let registry = metrics::registry(shards);
     let config = Arc::new(config);
-    let mesh = MeshBuilder::<Message, Full>::full(shards, config.server.mesh_queue_len);
+    let wiring = Arc::new(Wiring::new(shards, config.server.mesh_queue_len));
+    let watchdog = Watchdog::new(shards);
+    let watching = watchdog
+        .spawn()
+        .map_err(|e| Error::Executor(format!("watchdog thread: {e}")))?;
     let instance: Arc<str> = instance_id().into();
     let listeners = Arc::new(Mutex::new(listeners));
     info!(%addr, shards, %instance, broker = ?config.broker.kind, "listening");
+    if demo::enabled(&config) {
+        info!("development demo page at http://{addr}/demo");
+    }
     on_bound(addr);
     let start = Start {
         config: config.clone(),
         verifier,
         registry,
-        mesh,
+        wiring,
+        watchdog: watchdog.clone(),
         shutdown,
         instance,
     };
@@ -117,7 +122,10 @@ pub fn run(
             }
         })
         .map_err(|e| Error::Executor(e.to_string()))?;
-    for result in pool.join_all() {
+    let results = pool.join_all();
+    watchdog.stop();
+    let _ = watching.join();
+    for result in results {
         match result {
             Ok(Ok(())) => {}
             Ok(Err(e)) => return Err(Error::Core(e)),
@@ -169,7 +177,8 @@ struct Start {
     config: Arc<Config>,
     verifier: Arc<Verifier>,
     registry: Registry,
-    mesh: MeshBuilder<Message, Full>,
+    wiring: Arc<Wiring>,
+    watchdog: Arc<Watchdog>,
     shutdown: Arc<AtomicBool>,
     instance: Arc<str>,
 }
@@ -179,21 +188,29 @@ async fn run_shard(start: Start, listener: socket2::Socket) -> Result<(), CoreEr
         config,
         verifier,
         registry,
-        mesh,
+        wiring,
+        watchdog,
         shutdown,
         instance,
     } = start;
-    let ticker = glommio::spawn_local(async {
+    let ends = wiring.take().ok_or(CoreError::NoMesh)?;
+    let core = ends.core();
+    let _seated = watchdog.sit(core);
+    let stats = registry.clone();
+    glommio::spawn_local(async move {
         loop {
             glommio::timer::sleep(TICK).await;
+            if watchdog.tick(core) {
+                warn!(
+                    core,
+                    "this core slept through a wake-up; the watchdog woke it"
+                );
+                stats[core].core_stalls_total.inc();
+            }
         }
-    });
-    let (senders, mut receivers) = mesh
-        .join()
-        .await
-        .map_err(|e| CoreError::Mesh(e.to_string()))?;
-    ticker.cancel().await;
-    let core = senders.peer_id();
+    })
+    .detach();
+    let (mesh, inbound) = Mesh::connect(ends, config.server.mesh_queue_len).await;
     let broker = match config.broker.kind {
         BrokerKind::Memory => None,
         BrokerKind::Redis => {
@@ -208,7 +225,6 @@ async fn run_shard(start: Start, listener: socket2::Socket) -> Result<(), CoreEr
             )))
         }
     };
-    let mesh = Mesh::new(senders, config.server.mesh_queue_len);
     mesh.start(&registry);
     let shard = Rc::new(Shard::new(
         mesh,
@@ -225,7 +241,9 @@ async fn run_shard(start: Start, listener: socket2::Socket) -> Result<(), CoreEr
             broker.run_subscriber(move || wanted.wanted_channels(), move |p| pushed.on_push(p)),
         )
         .detach();
-        glommio::spawn_local(shard.clone().run_cluster()).detach();
+    }
+    if let Some(cluster) = &shard.cluster {
+        glommio::spawn_local(cluster.clone().run()).detach();
     }
 
     // Cross-core delivery must not wait behind other work: its own latency-sensitive queue.
@@ -234,7 +252,7 @@ async fn run_shard(start: Start, listener: socket2::Socket) -> Result<(), CoreEr
         Latency::Matters(Duration::from_millis(1)),
         "mesh",
     );
-    for (_, rx) in receivers.streams() {
+    for rx in inbound {
         let shard = shard.clone();
         glommio::spawn_local_into(
             async move {
@@ -261,7 +279,8 @@ async fn run_shard(start: Start, listener: socket2::Socket) -> Result<(), CoreEr
         match futures_lite::future::or(async { Some(listener.accept().await) }, stopping).await {
             None => break,
             Some(Ok(stream)) => {
-                glommio::spawn_local(handle_client(shard.clone(), stream)).detach();
+                glommio::spawn_local(handle_client(shard.clone(), stream, BytesMut::new(), None))
+                    .detach();
             }
             Some(Err(e)) => {
                 // Typically out of file descriptors: back off instead of spinning.
@@ -275,7 +294,10 @@ async fn run_shard(start: Start, listener: socket2::Socket) -> Result<(), CoreEr
     // takes this instance's users out of the cluster.
     let limit = Duration::from_millis(shard.config.server.shutdown_timeout_ms);
     let leave = async {
-        if shard.id == 0 && within(limit, shard.leave_cluster()).await.is_none() {
+        let Some(cluster) = shard.cluster.as_ref().filter(|_| shard.id == 0) else {
+            return;
+        };
+        if within(limit, cluster.leave()).await.is_none() {
             warn!("shutdown timeout: this instance's presence stays in redis until its TTL");
         }
     };
@@ -283,9 +305,9 @@ async fn run_shard(start: Start, listener: socket2::Socket) -> Result<(), CoreEr
     Ok(())
 }
 
-/// Periodic per-core work: the shutdown flag, heartbeats, token expiry, and pruning of idle
-/// rate buckets. Never awaits anything but its timer: the cluster work that waits on Redis has
-/// its own task (`Shard::run_cluster`).
+/// Periodic per-core work: the shutdown flag, heartbeats, token expiry, sessions' lifetimes,
+/// and pruning of idle rate buckets. Never awaits anything but its timer: the cluster work
+/// that waits on Redis has its own task (`Cluster::run`).
 async fn housekeeping(shard: Rc<Shard>, shutdown: Arc<AtomicBool>) {
     let hb = &shard.config.heartbeat;
     let (interval, timeout) = (
@@ -311,8 +333,9 @@ async fn housekeeping(shard: Rc<Shard>, shutdown: Arc<AtomicBool>) {
             let stats = shard.stats();
             let now_ms = crate::auth::now_ms();
             let clock = crate::handle::clock_ms();
-            shard.for_each_connection(|c| {
-                if c.close_code().is_some() {
+            shard.conns.for_each(|c| {
+                // A session has no heartbeat; its expiry is the sessions' sweep's.
+                if c.close_code().is_some() || c.is_session() {
                     return;
                 }
                 if now_ms >= c.expires_at_ms.get() {
@@ -333,26 +356,28 @@ async fn housekeeping(shard: Rc<Shard>, shutdown: Arc<AtomicBool>) {
                     }
                 }
             });
+            shard.sessions.sweep(&shard);
         }
         if now.duration_since(last_prune) >= prune_every {
             last_prune = now;
             shard.prune_buckets();
             shard.prune_typing();
+            shard.prune_history();
         }
     }
 }
 
 /// Closes every connection with 1001 and waits for them, at most `limit`.
 async fn drain(shard: &Shard, limit: Duration) {
-    shard.for_each_connection(|c| c.close(CloseCode::GoingAway));
+    shard.conns.for_each(|c| c.close(CloseCode::GoingAway));
     let deadline = Instant::now() + limit;
-    while shard.connection_count() > 0 && Instant::now() < deadline {
+    while !shard.conns.is_empty() && Instant::now() < deadline {
         glommio::timer::sleep(TICK).await;
     }
-    if shard.connection_count() > 0 {
+    if !shard.conns.is_empty() {
         warn!(
             core = shard.id,
-            left = shard.connection_count(),
+            left = shard.conns.len(),
             "shutdown timeout: dropping connections"
         );
     }
@@ -366,41 +391,100 @@ enum HeadEnd {
     Bad(u16, String),
 }
 
-/// Serves HTTP requests on one connection until it closes or becomes a WebSocket.
-async fn handle_client(shard: Rc<Shard>, mut stream: TcpStream) {
+/// Serves HTTP requests on one connection until it closes, becomes a WebSocket or an SSE
+/// stream, or is handed to another core. `first` is a request already read (handed over).
+///
+/// Each endpoint's future is boxed: a keep-alive connection waits in `read_head` most of its
+/// life, and its task should not carry the largest state an endpoint passes through (5.9 KB
+/// inline, 1.4 KB boxed).
+async fn handle_client(
+    shard: Rc<Shard>,
+    mut stream: TcpStream,
+    mut buf: BytesMut,
+    mut first: Option<Request>,
+) {
     let Ok(peer) = stream.peer_addr() else { return };
     let _ = stream.set_nodelay(true);
-    let mut buf = BytesMut::new();
     loop {
-        let req = match read_head(&shard, &mut stream, &mut buf).await {
-            HeadEnd::Request(req) => req,
-            HeadEnd::Gone => return,
-            HeadEnd::Bad(status, reason) => {
-                shard.stats().rejected_bad_request_total.inc();
-                info!(%peer, status, %reason, "bad request");
-                let answer = Response::error(status, "bad_request", &reason);
-                let _ = stream.write_all(&answer.to_bytes(false)).await;
+        if buf.is_empty() {
+            // Nothing of a next request yet: an idle keep-alive connection holds no buffer.
+            buf = BytesMut::new();
+        }
+        let req = match first.take() {
+            Some(req) => req,
+            None => match read_head(&shard, &mut stream, &mut buf).await {
+                HeadEnd::Request(req) => {
+                    let _ = buf.split_to(req.head_len);
+                    req
+                }
+                HeadEnd::Gone => return,
+                HeadEnd::Bad(status, reason) => {
+                    shard.stats().rejected_bad_request_total.inc();
+                    info!(%peer, status, %reason, "bad request");
+                    let answer = Response::error(status, "bad_request", &reason);
+                    let _ = stream.write_all(&answer.to_bytes(false)).await;
+                    return;
+                }
+            },
+        };
+        // Only the publish API and posted session events read a body; after any other
+        // request with one, the connection cannot tell where the next request starts.
+        let has_body = !matches!(req.content_length(), Ok(0));
+        let reads_body =
+            req.path == "/v1/publish" || session::posts_events(&req) || demo::posts(&req);
+        let keep_alive = req.keep_alive() && (!has_body || reads_body);
+        let echo = &shard.config.server.echo_path;
+        let response = match (req.method.as_str(), req.path.as_str()) {
+            ("GET", path) if !echo.is_empty() && path == echo => {
+                let accepted = websocket_key(&req).map(|key| ((), key));
+                if answer_upgrade(&mut stream, &req, peer, accepted)
+                    .await
+                    .is_some()
+                {
+                    glommio::spawn_local(conn::serve_echo(shard, stream, buf)).detach();
+                }
                 return;
             }
-        };
-        let _ = buf.split_to(req.head_len);
-        // Only the publish API reads a body; after any other request with one, the connection
-        // cannot tell where the next request starts, so it ends.
-        let has_body = !matches!(req.content_length(), Ok(0));
-        let keep_alive = req.keep_alive() && (!has_body || req.path == "/v1/publish");
-        let response = match (req.method.as_str(), req.path.as_str()) {
             ("GET", "/ws") => {
-                if let Some(identity) = upgrade(&shard, &mut stream, &req, peer).await {
+                if let Some(identity) = Box::pin(upgrade(&shard, &mut stream, &req, peer)).await {
                     // Its own task: the connection's future carries none of the HTTP state.
                     glommio::spawn_local(conn::serve(shard, stream, buf, identity, peer)).detach();
                 }
                 return;
             }
+            (_, path) if session::is_session_path(path) => {
+                match Box::pin(session::serve(&shard, &mut stream, &mut buf, &req, peer)).await {
+                    Served::Answer(response) => response,
+                    Served::Closed => return,
+                    Served::Stream(sse) => {
+                        glommio::spawn_local(sse.serve(shard, stream)).detach();
+                        return;
+                    }
+                    Served::Elsewhere(core) => return hand_over(&shard, core, stream, req, buf),
+                }
+            }
+            (_, path) if demo::is_demo_path(path) && demo::enabled(&shard.config) => {
+                match Box::pin(demo::serve(&shard, &mut stream, &mut buf, &req)).await {
+                    Some(response) => response,
+                    None => return,
+                }
+            }
             ("GET", path) if path.starts_with("/v1/presence/") => {
                 presence_request(&shard, &req, peer.ip())
             }
+            ("GET", path) if path.starts_with("/v1/history/") => {
+                Box::pin(history_request(&shard, &req, peer.ip())).await
+            }
             ("POST", "/v1/publish") => {
-                match publish_request(&shard, &mut stream, &mut buf, &req, peer.ip()).await {
+                match Box::pin(publish_request(
+                    &shard,
+                    &mut stream,
+                    &mut buf,
+                    &req,
+                    peer.ip(),
+                ))
+                .await
+                {
                     Some(response) => response,
                     None => return,
                 }
@@ -414,7 +498,7 @@ async fn handle_client(shard: Rc<Shard>, mut stream: TcpStream) {
             (_, "/ws" | "/v1/publish" | "/healthz" | "/readyz" | "/metrics") => {
                 Response::error(405, "method_not_allowed", &req.method)
             }
-            (_, path) if path.starts_with("/v1/presence/") => {
+            (_, path) if path.starts_with("/v1/presence/") || path.starts_with("/v1/history/") => {
                 Response::error(405, "method_not_allowed", &req.method)
             }
             _ => Response::error(404, "not_found", &req.path),
@@ -435,6 +519,41 @@ async fn handle_client(shard: Rc<Shard>, mut stream: TcpStream) {
     }
 }
 
+/// A request handed to the core that serves it, with its connection and the bytes read after
+/// its head.
+pub struct HandedOver {
+    fd: OwnedFd,
+    req: Request,
+    buf: BytesMut,
+}
+
+/// Sends `stream` and `req` to `core`, which goes on serving the connection.
+fn hand_over(shard: &Rc<Shard>, core: usize, stream: TcpStream, req: Request, buf: BytesMut) {
+    // glommio's stream does not give its descriptor up: a duplicate travels, this core's
+    // closes (the socket lives on in the duplicate).
+    // SAFETY: dup of a descriptor this stream owns; the result is owned below or not at all.
+    let fd = unsafe { libc::dup(stream.as_raw_fd()) };
+    if fd < 0 {
+        warn!(error = %std::io::Error::last_os_error(), "cannot hand a request over to its session's core");
+        return;
+    }
+    // SAFETY: `fd` is a fresh descriptor that nothing else owns.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    drop(stream);
+    shard.stats().session_handovers_total.inc();
+    shard.route(
+        core,
+        Message::Handover(Box::new(HandedOver { fd, req, buf })),
+    );
+}
+
+/// Serves a connection handed over by another core, from the request it carried.
+pub async fn serve_handed_over(shard: Rc<Shard>, handed: HandedOver) {
+    // SAFETY: the descriptor is the hand-over's own, given up here.
+    let stream = unsafe { TcpStream::from_raw_fd(handed.fd.into_raw_fd()) };
+    handle_client(shard, stream, handed.buf, Some(handed.req)).await
+}
+
 /// Reads one request head into `buf`, bounded by `server.max_request_head_bytes` and
 /// `server.request_timeout_ms`.
 async fn read_head(shard: &Shard, stream: &mut TcpStream, buf: &mut BytesMut) -> HeadEnd {
@@ -448,8 +567,8 @@ async fn read_head(shard: &Shard, stream: &mut TcpStream, buf: &mut BytesMut) ->
             match http::parse_head(buf, server.max_request_head_bytes) {
                 Ok(Some(req)) => return Some(HeadEnd::Request(req)),
                 Ok(None) => {}
-                Err(http::HeadError::TooLarge(n)) => {
-                    return Some(HeadEnd::Bad(431, format!("request head over {n} bytes")))
+                Err(e @ (http::HeadError::TooLarge(_) | http::HeadError::TooManyHeaders(_))) => {
+                    return Some(HeadEnd::Bad(431, e.to_string()))
                 }
                 Err(e) => return Some(HeadEnd::Bad(400, e.to_string())),
             }
@@ -482,6 +601,17 @@ async fn upgrade(
     peer: SocketAddr,
 ) -> Option<auth::Identity> {
     let answer = check_upgrade(shard, req, peer.ip()).await;
+    answer_upgrade(stream, req, peer, answer).await
+}
+
+/// Writes the `101` that completes an upgrade checked as `answer` (with the client's key), or
+/// the refusal; what the accepted upgrade carries when it is accepted and written.
+async fn answer_upgrade<T>(
+    stream: &mut TcpStream,
+    req: &Request,
+    peer: SocketAddr,
+    answer: Result<(T, String), Response>,
+) -> Option<T> {
     let bytes = match &answer {
         Ok((_, key)) => format!(
             "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: {}\r\n\r\n",
@@ -492,7 +622,7 @@ async fn upgrade(
     };
     let written = stream.write_all(&bytes).await;
     match answer {
-        Ok((identity, _)) if written.is_ok() => Some(identity),
+        Ok((accepted, _)) if written.is_ok() => Some(accepted),
         Ok(_) => None,
         Err(refusal) => {
             let (status, body) = (refusal.status, &refusal.body);
@@ -508,6 +638,24 @@ async fn check_upgrade(
     ip: IpAddr,
 ) -> Result<(auth::Identity, String), Response> {
     let stats = shard.stats();
+    let key = websocket_key(req)?;
+    admit(shard, ip).await?;
+    let origins = &shard.config.server.allowed_origins;
+    if let Some(origin) = req.header("origin") {
+        if !origins.is_empty() && !origins.iter().any(|o| o == origin) {
+            stats.rejected_origin_total.inc();
+            return Err(Response::error(
+                403,
+                "forbidden",
+                &format!("origin {origin} is not allowed"),
+            ));
+        }
+    }
+    Ok((identity(shard, req)?, key))
+}
+
+/// The client's `Sec-WebSocket-Key` of a well-formed upgrade request, or the refusal.
+fn websocket_key(req: &Request) -> Result<String, Response> {
     if !req.is_websocket_upgrade() {
         return Err(Response::error(
             426,
@@ -523,52 +671,56 @@ async fn check_upgrade(
         )
         .with_header("Sec-WebSocket-Version", "13"));
     }
-    let Some(key) = req.header("sec-websocket-key").filter(|k| !k.is_empty()) else {
-        return Err(Response::error(
+    match req.header("sec-websocket-key").filter(|k| !k.is_empty()) {
+        Some(key) => Ok(key.to_string()),
+        None => Err(Response::error(
             400,
             "bad_request",
             "Sec-WebSocket-Key is missing",
-        ));
-    };
+        )),
+    }
+}
+
+/// The identity in a client request's token (`?token=` or `Authorization: Bearer`), or the
+/// `401` that refuses it.
+pub(crate) fn identity(shard: &Shard, req: &Request) -> Result<auth::Identity, Response> {
+    verify(shard, &token(req))
+}
+
+/// A client request's token: `?token=`, else `Authorization: Bearer`, else empty.
+pub(crate) fn token(req: &Request) -> String {
+    req.query_param("token")
+        .or_else(|| req.bearer().map(str::to_string))
+        .unwrap_or_default()
+}
+
+/// The identity in `token`, or the `401` that refuses it.
+pub(crate) fn verify(shard: &Shard, token: &str) -> Result<auth::Identity, Response> {
+    shard.verifier.verify(token, auth::now_ms()).map_err(|e| {
+        shard.stats().rejected_unauthorized_total.inc();
+        Response::error(401, "unauthorized", &e.to_string())
+    })
+}
+
+/// A connection attempt (a `/ws` upgrade or a new session) from `ip`, or the `429` (or `503`)
+/// that refuses it: checked before any token work.
+pub(crate) async fn admit(shard: &Rc<Shard>, ip: IpAddr) -> Result<(), Response> {
     if shard.stopping.get().is_some() {
-        return Err(Response::error(503, "unavailable", "server shutting down"));
+        return Err(Response::error(503, "unavailable", "server shutting down")
+            .with_header("Retry-After", "1"));
     }
     match shard.admit(ip).await {
-        Verdict::Granted => {}
-        Verdict::RetryAfterMs(ms) => {
-            return Err(rate_limited(
-                shard,
-                ms,
-                "too many connection attempts from this address",
-            ));
-        }
+        Verdict::Granted => Ok(()),
+        Verdict::RetryAfterMs(ms) => Err(rate_limited(
+            shard,
+            ms,
+            "too many connection attempts from this address",
+        )),
         Verdict::Unavailable => {
-            return Err(
+            Err(
                 Response::error(503, "unavailable", "server overloaded; retry")
                     .with_header("Retry-After", "1"),
             )
-        }
-    }
-    let origins = &shard.config.server.allowed_origins;
-    if let Some(origin) = req.header("origin") {
-        if !origins.is_empty() && !origins.iter().any(|o| o == origin) {
-            stats.rejected_origin_total.inc();
-            return Err(Response::error(
-                403,
-                "forbidden",
-                &format!("origin {origin} is not allowed"),
-            ));
-        }
-    }
-    let token = req
-        .query_param("token")
-        .or_else(|| req.bearer().map(str::to_string))
-        .unwrap_or_default();
-    match shard.verifier.verify(&token, auth::now_ms()) {
-        Ok(identity) => Ok((identity, key.to_string())),
-        Err(e) => {
-            stats.rejected_unauthorized_total.inc();
-            Err(Response::error(401, "unauthorized", &e.to_string()))
         }
     }
 }
@@ -648,9 +800,61 @@ fn presence_request(shard: &Shard, req: &Request, ip: IpAddr) -> Response {
             "tenantId does not match [A-Za-z0-9._-]{1,64}",
         );
     }
-    let users = shard.online_users(tenant);
+    let users = shard.users.online_users(tenant);
     let users: Vec<&str> = users.iter().map(|u| &**u).collect();
     Response::json(200, serde_json::json!({ "userIds": users }).to_string())
+}
+
+/// `GET /v1/history/<tenantId>/<conversationId>?since=N&epoch=E`: the conversation's events
+/// after offset N of epoch E, or `409` with the current position when they are not all kept.
+async fn history_request(shard: &Rc<Shard>, req: &Request, ip: IpAddr) -> Response {
+    if let Err(refused) = check_api_key(shard, req, ip) {
+        return refused;
+    }
+    if !shard.history_enabled() {
+        return Response::error(404, "not_found", "history is off (history.size = 0)");
+    }
+    let target = req.path.trim_start_matches("/v1/history/");
+    let Some((tenant, conversation)) = target
+        .split_once('/')
+        .filter(|(t, c)| crate::protocol::is_tenant_id(t) && crate::protocol::is_entity_id(c))
+    else {
+        let reason = "the path is /v1/history/<tenantId>/<conversationId>";
+        return Response::error(400, "bad_request", reason);
+    };
+    let since = req.query_param("since").and_then(|n| n.parse::<u64>().ok());
+    let (Some(offset), Some(epoch)) = (since, req.query_param("epoch")) else {
+        let reason = "since (a non-negative integer) and epoch are required";
+        return Response::error(400, "bad_request", reason);
+    };
+    let since = Position {
+        epoch: Epoch::parse(&epoch).unwrap_or(0),
+        offset,
+    };
+    let room = crate::route::room_key(tenant, conversation);
+    let Some(read) = shard.read_history(room, since).await else {
+        let reason = "the conversation's core did not answer in time";
+        return Response::error(503, "unavailable", reason).with_header("Retry-After", "1");
+    };
+    let (epoch, latest) = (Epoch(read.at.epoch), read.at.offset);
+    match read.events {
+        Ok(frames) => {
+            let mut body = format!("{{\"epoch\":\"{epoch}\",\"offset\":{latest},\"events\":[");
+            for (i, frame) in frames.iter().enumerate() {
+                if i > 0 {
+                    body.push(',');
+                }
+                // The server's own frames of published events: valid UTF-8 JSON.
+                body.push_str(&String::from_utf8_lossy(crate::ws::payload_of(frame)));
+            }
+            body.push_str("]}");
+            Response::json(200, body)
+        }
+        Err(_) => Response::json(
+            409,
+            format!("{{\"epoch\":\"{epoch}\",\"offset\":{latest}}}"),
+        ),
+    }
 }
 
 /// `POST /v1/publish`. `None` when the connection must close without (another) answer.
@@ -661,34 +865,11 @@ async fn publish_request(
     req: &Request,
     ip: IpAddr,
 ) -> Option<Response> {
-    let length = match req.content_length() {
-        Ok(n) => n,
-        Err(e) => return Some(Response::error(400, "bad_request", &e.to_string())),
+    let refused = check_api_key(shard, req, ip).err();
+    let body = match body(shard, stream, buf, req, refused, &[]).await {
+        Ok(body) => body,
+        Err(answer) => return answer,
     };
-    // Refused before the body is read: a bad key costs the server no body, and one too large
-    // is never buffered.
-    let limit = shard.config.limits.max_publish_bytes;
-    let refused = match check_api_key(shard, req, ip) {
-        Err(refused) => Some(refused),
-        Ok(()) if length > limit => Some(Response::error(
-            413,
-            "payload_too_large",
-            &format!("body over limits.max_publish_bytes ({limit})"),
-        )),
-        Ok(()) => None,
-    };
-    if let Some(answer) = refused {
-        info!(%ip, status = answer.status, length, body = %answer.body, "request refused");
-        let _ = stream.write_all(&answer.to_bytes(false)).await;
-        // Swallow what the client is still sending (within the request timeout), so that it
-        // reads the answer instead of a reset.
-        read_body(shard, stream, buf, length, false).await;
-        return None;
-    }
-    if !read_body(shard, stream, buf, length, true).await {
-        return None;
-    }
-    let body = buf.split_to(length);
     if shard.stopping.get().is_some() {
         return Some(
             Response::error(503, "unavailable", "server shutting down")
@@ -698,19 +879,64 @@ async fn publish_request(
     match publish::parse(&body) {
         Ok(events) => {
             let accepted = events.len();
-            if let Err(e) = shard.publish(events).await {
-                // Nothing was published (one transaction): the backend retries.
-                warn!(error = %e, "publish refused: broker unavailable");
-                return Some(
-                    Response::error(503, "unavailable", &e.to_string())
-                        .with_header("Retry-After", "1"),
-                );
-            }
+            let offsets = match shard.publish(events).await {
+                Ok(offsets) => offsets,
+                Err(e) => {
+                    // With Redis nothing was published (one transaction): the backend retries.
+                    warn!(error = %e, "publish refused: broker unavailable");
+                    return Some(
+                        Response::error(503, "unavailable", &e.to_string())
+                            .with_header("Retry-After", "1"),
+                    );
+                }
+            };
             shard.stats().events_published_total.add(accepted as u64);
-            Some(Response::json(202, format!("{{\"accepted\":{accepted}}}")))
+            let body = match offsets.is_empty() {
+                true => format!("{{\"accepted\":{accepted}}}"),
+                false => {
+                    serde_json::json!({ "accepted": accepted, "offsets": offsets }).to_string()
+                }
+            };
+            Some(Response::json(202, body))
         }
         Err(reason) => Some(Response::error(400, "bad_request", &reason.to_string())),
     }
+}
+
+/// The body of a request that may carry at most `limits.max_publish_bytes`. `refused` (or
+/// `413` for a longer `Content-Length`) is answered before any body byte is read: a refused
+/// client costs the server no body, and one too large is never buffered; what it still sends
+/// is swallowed (within the request timeout) so that it reads the answer instead of a reset.
+/// Every answer it writes carries `headers`. `Err(None)`: the connection closes without
+/// (another) answer.
+pub(crate) async fn body(
+    shard: &Shard,
+    stream: &mut TcpStream,
+    buf: &mut BytesMut,
+    req: &Request,
+    refused: Option<Response>,
+    headers: &[(&'static str, String)],
+) -> Result<BytesMut, Option<Response>> {
+    let length = match req.content_length() {
+        Ok(n) => n,
+        Err(e) => return Err(Some(Response::error(400, "bad_request", &e.to_string()))),
+    };
+    let limit = shard.config.limits.max_publish_bytes;
+    let refused = refused.or_else(|| (length > limit).then(|| Response::too_large(limit)));
+    if let Some(answer) = refused {
+        let answer = answer.with_headers(headers);
+        let peer = stream
+            .peer_addr()
+            .map_or_else(|_| "?".into(), |p| p.to_string());
+        info!(%peer, target = %req.redacted_target(), status = answer.status, length, body = %answer.body, "request refused");
+        let _ = stream.write_all(&answer.to_bytes(false)).await;
+        read_body(shard, stream, buf, length, false).await;
+        return Err(None);
+    }
+    if !read_body(shard, stream, buf, length, true).await {
+        return Err(None);
+    }
+    Ok(buf.split_to(length))
 }
 
 /// Reads until `length` body bytes have arrived after the head, within

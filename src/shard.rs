@@ -1,7 +1,8 @@
-//! One core's share of the server, and the glue between its parts: its connections by tenant,
-//! its rooms ([`Rooms`]), the users whose presence it owns (`users`), the connection-attempt
-//! and bad-key buckets of the IPs it owns, and its end of the mesh ([`Mesh`]), through which it
-//! is the one router of cross-core messages ([`Shard::route`], with the local fast path).
+//! One core's share of the server, and the glue between its parts: its connections by tenant
+//! ([`Connections`]), its rooms ([`Rooms`]), presence on the core ([`Users`]), with Redis this
+//! instance among the others ([`Cluster`]), the connection-attempt and bad-key buckets of the
+//! IPs it owns, and its end of the mesh ([`Mesh`]), through which it is the one router of
+//! cross-core messages ([`Shard::route`], with the local fast path).
 //!
 //! Invariants: a `Shard` lives on one executor and is reached only through `Rc`; other cores
 //! talk to it only by [`Message`]s. A conversation's owner (`route::shard_for`) keeps the set of
@@ -14,12 +15,20 @@
 //! confirmed (or `broker.subscribe_timeout_ms` passed: `unavailable`), and events are published
 //! through Redis so that every instance, this one included, delivers by the same path. What
 //! arrives from Redis is checked like a publish body before it is framed.
+//!
+//! With history, the owner frames each event with its offset ([`History`]; with Redis the
+//! history script did, and the owner's `History` is a cache of what it delivered). A
+//! subscriber that recovers skips its room's deliveries until the owner's answer, which the
+//! owner sends in order with them, from where its stream is at that moment (with Redis, from a
+//! read on the subscriber connection when its cache lacks events): every event once, in order.
 
 mod cluster;
+mod conns;
 mod from_redis;
 mod users;
 
 use std::cell::{Cell, RefCell};
+use std::collections::VecDeque;
 use std::net::IpAddr;
 use std::rc::Rc;
 use std::sync::Arc;
@@ -28,42 +37,20 @@ use std::time::{Duration, Instant};
 use crate::broker::{Broker, BrokerError};
 use crate::config::Config;
 use crate::handle::{ConnHandle, Kind};
+use crate::history::{History, Miss, Position, Read};
 use crate::limit::TokenBucket;
-use crate::mesh::{Fanned, Latch, Mesh, Message, Verdict};
+use crate::mesh::{Fanned, Latch, Mesh, Message, Pending, Verdict};
 use crate::metrics::{CoreStats, Registry};
 use crate::presence;
 use crate::protocol::server_event;
 use crate::publish::Routed;
 use crate::rooms::{Joined, Rooms};
-use crate::route::{held_key, ip_key, shard_for, Map, RoomKey, Set};
+use crate::route::{ip_key, shard_for, Map, RoomKey};
 use tracing::warn;
 
-/// Connections by id: a set of handles looked up by their `id` (8 bytes an entry, where a map
-/// from id to handle takes 16).
-type Conns = Set<ById>;
-
-/// A handle that hashes and compares as its id.
-struct ById(Rc<ConnHandle>);
-
-impl PartialEq for ById {
-    fn eq(&self, other: &Self) -> bool {
-        self.0.id == other.0.id
-    }
-}
-
-impl Eq for ById {}
-
-impl std::hash::Hash for ById {
-    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
-        self.0.id.hash(state)
-    }
-}
-
-impl std::borrow::Borrow<u64> for ById {
-    fn borrow(&self) -> &u64 {
-        &self.0.id
-    }
-}
+pub use cluster::Cluster;
+pub use conns::Connections;
+pub use users::Users;
 
 pub struct Shard {
     pub id: usize,
@@ -74,28 +61,38 @@ pub struct Shard {
     mesh: Rc<Mesh>,
     /// The Redis bridge, with `broker.kind = "redis"`.
     pub broker: Option<Rc<Broker>>,
-    /// This instance's id among the instances sharing a Redis.
-    pub instance: Arc<str>,
     rooms: RefCell<Rooms>,
-    /// On core 0 with Redis: the presence channel's subscription is confirmed.
-    presence_live: Cell<bool>,
-    /// With Redis: set while this core's broker is ready (see `set_broker_ready`).
-    broker_ready: RefCell<Rc<Latch>>,
-    /// This core's connections, by tenant (for presence delivery) and id.
-    tenants: RefCell<Map<Arc<str>, Conns>>,
-    /// Users this core owns.
-    users: RefCell<presence::Owned>,
-    /// Every tenant's online users, as the owners broadcast them.
-    online: RefCell<presence::Replica>,
+    pub conns: Rc<Connections>,
+    pub users: Rc<Users>,
+    /// With Redis.
+    pub cluster: Option<Rc<Cluster>>,
+    /// This core's HTTP fallback sessions.
+    pub sessions: crate::session::Sessions,
+    /// This instance's id (in session ids, and with Redis among the instances).
+    pub instance: Arc<str>,
+    /// With Redis: this core's channel for requests to its sessions from other instances and
+    /// answers to what it forwarded to them (`session::relay`).
+    sessions_channel: String,
     /// Typing events forwarded, for rooms this core owns.
     typing: RefCell<presence::Throttle>,
-    pending: RefCell<Map<u64, Rc<Latch>>>,
+    /// The streams of the rooms this core owns (missed-event recovery); with Redis, a cache.
+    history: RefCell<History>,
+    /// With Redis: what each command sent on the subscriber connection (`Broker::ordered`) and
+    /// not answered yet was for, in order.
+    ordered: RefCell<VecDeque<Ordered>>,
+    /// With Redis: recoveries waiting for a read of their room's history, by room (one read
+    /// for all that come while it runs).
+    recovering: RefCell<Map<RoomKey, Vec<Recovery>>>,
+    /// This core's requests waiting for another core: verdicts, publish offsets, history reads.
+    pending: Pending,
+    offsets: Pending<Vec<u64>>,
+    reads: Pending<Read>,
     next_id: Cell<u64>,
     buckets: RefCell<Map<IpAddr, TokenBucket>>,
     /// API requests with a bad key, per client IP, on this core.
     bad_keys: RefCell<Map<IpAddr, TokenBucket>>,
     /// Set when the server is stopping.
-    pub stopping: Latch,
+    pub stopping: Rc<Latch>,
     /// Every read of this core lands here first; connections keep only incomplete frames.
     pub scratch: RefCell<Box<[u8]>>,
 }
@@ -109,27 +106,54 @@ impl Shard {
         broker: Option<Rc<Broker>>,
         instance: Arc<str>,
     ) -> Shard {
+        let conns = Rc::new(Connections::default());
+        let grace = Duration::from_millis(config.presence.offline_grace_ms);
+        let watch = config.presence.mode == crate::config::PresenceMode::Watch;
+        let users = Users::new(mesh.clone(), conns.clone(), registry.clone(), grace, watch);
+        let stopping = Rc::new(Latch::default());
+        let cluster = broker.as_ref().map(|broker| {
+            Cluster::new(
+                broker.clone(),
+                mesh.clone(),
+                users.clone(),
+                registry.clone(),
+                instance.clone(),
+                &config,
+                stopping.clone(),
+            )
+        });
+        let id = mesh.id();
+        let history = RefCell::new(History::new(
+            config.history.size,
+            Duration::from_millis(config.history.ttl_ms),
+            broker.is_none(),
+        ));
         Shard {
-            id: mesh.id(),
+            id,
             count: mesh.cores(),
             config,
             verifier,
             registry,
             mesh,
             broker,
-            instance,
             rooms: RefCell::default(),
-            presence_live: Cell::new(false),
-            broker_ready: RefCell::default(),
-            tenants: RefCell::default(),
-            users: RefCell::default(),
-            online: RefCell::default(),
+            conns,
+            users,
+            cluster,
+            sessions: Default::default(),
+            sessions_channel: crate::session::relay::channel(&instance, id),
+            instance,
             typing: RefCell::default(),
-            pending: RefCell::default(),
+            history,
+            ordered: RefCell::default(),
+            recovering: RefCell::default(),
+            pending: Pending::default(),
+            offsets: Pending::default(),
+            reads: Pending::default(),
             next_id: Cell::new(0),
             buckets: RefCell::default(),
             bad_keys: RefCell::default(),
-            stopping: Latch::default(),
+            stopping,
             scratch: RefCell::new(vec![0; 64 * 1024].into_boxed_slice()),
         }
     }
@@ -147,56 +171,28 @@ impl Shard {
 
     // ---- connections -------------------------------------------------------------------
 
-    /// `tenant`, or the equal key this core already holds for it (its connections share one).
-    pub fn tenant_key(&self, tenant: Box<str>) -> Arc<str> {
-        held_key(&self.tenants.borrow(), &tenant).unwrap_or_else(|| tenant.into())
-    }
-
-    /// Adds a connection to this core's indexes and counts it for its user's presence.
+    /// Adds a client (connection or session) to this core's indexes and counts it for its
+    /// user's presence.
     pub async fn register(self: &Rc<Self>, conn: Rc<ConnHandle>) {
-        self.stats().connections_open.inc();
         let user = (conn.tenant.clone(), conn.user.clone());
-        self.tenants
-            .borrow_mut()
-            .entry(conn.tenant.clone())
-            .or_default()
-            .insert(ById(conn));
+        self.conns.insert(conn);
         self.route_connection(user, true).await;
     }
 
-    /// Removes a connection from this core's indexes; its user may go offline after the grace.
+    /// Removes a client from this core's indexes; its user may go offline after the grace.
     pub async fn unregister(self: &Rc<Self>, conn: &ConnHandle) {
-        {
-            let mut tenants = self.tenants.borrow_mut();
-            let Some(conns) = tenants.get_mut(&conn.tenant) else {
-                return;
-            };
-            if !conns.remove(&conn.id) {
-                return;
-            }
-            if conns.is_empty() {
-                tenants.remove(&conn.tenant);
-            }
+        if !self.conns.remove(conn) {
+            return;
         }
-        self.stats().connections_open.dec();
         self.route_connection((conn.tenant.clone(), conn.user.clone()), false)
             .await;
     }
 
-    pub fn connection_count(&self) -> usize {
-        self.stats().connections_open.get() as usize
-    }
-
-    /// Calls `f` on every connection of this core.
-    pub fn for_each_connection(&self, mut f: impl FnMut(&ConnHandle)) {
-        for c in self
-            .tenants
-            .borrow()
-            .values()
-            .flat_map(|conns| conns.iter())
-        {
-            f(&c.0);
-        }
+    /// Tells `user`'s owner that one of its connections opened or closed.
+    async fn route_connection(self: &Rc<Self>, user: presence::UserKey, up: bool) {
+        let owner = self.users.owner(&user);
+        self.mesh.room(owner).await;
+        self.route(owner, Message::Connection { user, up });
     }
 
     // ---- subscriptions (connection side) ---------------------------------------------
@@ -207,37 +203,78 @@ impl Shard {
     }
 
     /// Adds `conn` to `room` and resolves once an event published from now on reaches it, or
-    /// with `Unavailable` after `broker.subscribe_timeout_ms`. With Redis, waits first for the
-    /// broker, so that joining a room that was live before an outage is not acked while Redis
-    /// is away.
+    /// with `None` after `broker.subscribe_timeout_ms`. With Redis, waits first for the broker,
+    /// so that joining a room that was live before an outage is not acked while Redis is away.
+    /// With history and `since`, `conn` is first queued what it missed after `since` when all
+    /// of it is kept (then `recovered`), nothing otherwise.
     ///
     /// Cancellation: dropped at any await, it leaves `conn` in the room at most, which the
     /// caller's `unsubscribe` undoes (the last one out withdraws the request and the interest).
-    pub async fn subscribe(self: &Rc<Self>, room: &RoomKey, conn: &Rc<ConnHandle>) -> Verdict {
-        let ready = self
-            .broker
-            .as_ref()
-            .map(|_| self.broker_ready.borrow().clone());
+    pub async fn subscribe(
+        self: &Rc<Self>,
+        room: &RoomKey,
+        conn: &Rc<ConnHandle>,
+        since: Option<Position>,
+    ) -> Option<Subscription> {
+        let ready = self.cluster.as_ref().map(|c| c.ready());
         let timeout = Duration::from_millis(self.config.broker.subscribe_timeout_ms);
         if let Some(ready) = ready.filter(|r| r.get().is_none()) {
             if ready.wait_at_most(timeout).await == Verdict::Unavailable {
-                return Verdict::Unavailable;
+                return None;
             }
         }
         let owner = self.owner_of(room);
         self.mesh.room(owner).await;
         let req = self.next_id();
-        let joined = self.rooms.borrow_mut().join(room, conn, req);
+        let since = since.filter(|_| self.history.borrow().enabled());
+        let recovery = since.map(|_| self.next_id());
+        let joined = self.rooms.borrow_mut().join(room, conn, req, recovery);
         let live = match joined {
             Joined::Member(live) => live,
             Joined::First(live) => {
-                self.pending.borrow_mut().insert(req, live.clone());
+                self.pending.insert(req, live.clone());
                 let (room, from) = (room.clone(), self.id);
                 self.route(owner, Message::Subscribe { room, from, req });
                 live
             }
         };
-        live.wait_at_most(timeout).await
+        let recovered = match (since, recovery) {
+            (Some(since), Some(req)) => {
+                let (room, from) = (room.clone(), self.id);
+                let post = |req| {
+                    self.route(
+                        owner,
+                        Message::Recover {
+                            room,
+                            since,
+                            from,
+                            req,
+                        },
+                    )
+                };
+                let read = self.reads.request(req, timeout, post).await?;
+                read.events.is_ok()
+            }
+            _ => {
+                if live.wait_at_most(timeout).await != Verdict::Granted {
+                    return None;
+                }
+                false
+            }
+        };
+        Some(Subscription {
+            at: self.rooms.borrow().position(room),
+            recovered,
+        })
+    }
+
+    pub fn history_enabled(&self) -> bool {
+        self.history.borrow().enabled()
+    }
+
+    /// With history: `room`'s stream position as this core's subscribers have seen it.
+    pub fn position_here(&self, room: &RoomKey) -> Option<Position> {
+        self.rooms.borrow().position(room)
     }
 
     /// Removes `conn` from `room`; the last one out tells the owner.
@@ -248,7 +285,7 @@ impl Shard {
             return;
         };
         // A reply still on its way finds nothing to wake.
-        self.pending.borrow_mut().remove(&req);
+        self.pending.forget(req);
         let from = self.id;
         self.route(
             owner,
@@ -262,40 +299,185 @@ impl Shard {
     // ---- events ------------------------------------------------------------------------
 
     /// Routes published events to every subscriber, on every core (and, with Redis, on every
-    /// instance). With Redis all of them are published atomically, or none.
-    pub async fn publish(self: &Rc<Self>, events: Vec<Routed>) -> Result<(), BrokerError> {
+    /// instance); with history, their offsets in request order. With Redis all of them are
+    /// published atomically, or none.
+    pub async fn publish(self: &Rc<Self>, events: Vec<Routed>) -> Result<Vec<u64>, BrokerError> {
+        let history = self.history.borrow().enabled();
+        if let (Some(broker), true) = (&self.broker, history) {
+            let h = &self.config.history;
+            let batch = events.iter().map(|e| (&*e.room, &e.payload[..]));
+            let packed = broker.publish_with_history(batch, h.size, h.ttl_ms);
+            let offsets = match broker.command(packed).await? {
+                redis::Value::Array(offsets) => offsets
+                    .iter()
+                    .map(|o| match o {
+                        redis::Value::Int(n) => u64::try_from(*n).ok(),
+                        _ => None,
+                    })
+                    .collect::<Option<Vec<u64>>>(),
+                _ => None,
+            };
+            return offsets
+                .ok_or_else(|| BrokerError::Server("the publish script's answer".into()));
+        }
         if let Some(broker) = &self.broker {
             let publishes: Vec<redis::Cmd> = events
                 .iter()
                 .map(|e| {
                     redis::cmd("PUBLISH")
                         .arg(broker.channel(&e.room))
-                        .arg(crate::ws::payload_of(&e.frame))
+                        .arg(&e.payload[..])
                         .clone()
                 })
                 .collect();
-            return broker.transaction(&publishes).await.map(drop);
+            return broker.transaction(&publishes).await.map(|_| Vec::new());
         }
-        let mut owners = 0u64;
-        for Routed { room, frame } in events {
-            let owner = self.owner_of(&room);
-            owners |= 1 << owner;
-            self.mesh.room(owner).await;
-            self.route(owner, Message::Publish { room, frame });
-        }
-        // Answered only once every owner has fanned the events out: a publish that is
-        // answered before the next one is sent is delivered before it, whatever core each
-        // request reached.
-        owners &= !(1 << self.id);
-        while owners != 0 {
-            let owner = owners.trailing_zeros() as usize;
-            owners &= owners - 1;
-            let from = self.id;
-            if self.request(owner, |req| Message::Sync { from, req }).await != Verdict::Granted {
-                warn!(core = owner, "a core did not confirm a publish in time");
+        // One message per owner, in the order of their first event (order is per room).
+        let mut owners: Vec<(usize, Vec<Routed>, Vec<usize>)> = Vec::new();
+        for (index, event) in events.into_iter().enumerate() {
+            let owner = self.owner_of(&event.room);
+            match owners.iter_mut().find(|(o, ..)| *o == owner) {
+                Some((_, events, indexes)) => {
+                    events.push(event);
+                    indexes.push(index);
+                }
+                None => owners.push((owner, vec![event], vec![index])),
             }
         }
-        Ok(())
+        let mut offsets = vec![0; owners.iter().map(|(_, _, i)| i.len()).sum()];
+        let limit = Duration::from_millis(self.config.server.request_timeout_ms);
+        // Answered only once every owner has fanned its events out: a publish that is
+        // answered before the next one is sent is delivered before it, whatever core each
+        // request reached.
+        for (owner, events, indexes) in owners {
+            self.mesh.room(owner).await;
+            let from = self.id;
+            let post = |req| self.route(owner, Message::Publish { events, from, req });
+            let Some(given) = self.offsets.request(self.next_id(), limit, post).await else {
+                warn!(core = owner, "a core did not confirm a publish in time");
+                return Err(BrokerError::Stalled);
+            };
+            if history {
+                for (index, offset) in indexes.into_iter().zip(given) {
+                    offsets[index] = offset;
+                }
+            }
+        }
+        if !history {
+            offsets.clear();
+        }
+        Ok(offsets)
+    }
+
+    /// On the owner: frames each event once (with its offset, when history is on) and fans it
+    /// out; the offsets given.
+    fn publish_owned(&self, events: Vec<Routed>) -> Vec<u64> {
+        let now = Instant::now();
+        let mut offsets = Vec::new();
+        for Routed { room, payload } in events {
+            let out = if self.history.borrow().enabled() {
+                let (frame, at) = self.history.borrow_mut().append(&room, &payload, now);
+                offsets.push(at.offset);
+                Fanned::event(frame, Some(at))
+            } else {
+                Fanned::event(crate::ws::text(&payload), None)
+            };
+            self.fan_out(&room, out);
+        }
+        offsets
+    }
+
+    /// The history of `room` after `since`, from its owner or with Redis from there; `None`
+    /// when history is off, or its owner or Redis did not answer in time.
+    pub async fn read_history(self: &Rc<Self>, room: RoomKey, since: Position) -> Option<Read> {
+        if !self.history.borrow().enabled() {
+            return None;
+        }
+        if let Some(broker) = &self.broker {
+            let packed = broker.read_history(&room, true, self.config.history.ttl_ms);
+            let reply = broker.command(packed).await.ok()?;
+            let (at, frames) = crate::broker::read_reply(&reply)?;
+            return Some(crate::history::read_kept(at, frames.iter(), since));
+        }
+        let owner = self.owner_of(&room);
+        self.mesh.room(owner).await;
+        let limit = Duration::from_millis(self.config.server.request_timeout_ms);
+        let from = self.id;
+        let post = |req| {
+            self.route(
+                owner,
+                Message::ReadHistory {
+                    room,
+                    since,
+                    from,
+                    req,
+                },
+            )
+        };
+        self.reads.request(self.next_id(), limit, post).await
+    }
+
+    /// On the owner, with history: where `room`'s stream is now.
+    fn position(&self, room: &RoomKey) -> Option<Position> {
+        let mut history = self.history.borrow_mut();
+        match history.enabled() {
+            true => history.position(room, Instant::now()),
+            false => None,
+        }
+    }
+
+    /// On the owner, once `room` is live: answers a recovery from this core's stream, or with
+    /// Redis from a read of the history behind it when the cache lacks what it needs.
+    fn recover(self: &Rc<Self>, room: RoomKey, recovery: Recovery) {
+        let read = self
+            .history
+            .borrow_mut()
+            .read(&room, recovery.since, Instant::now());
+        if let Some(read) = read {
+            return self.recovered(&room, recovery, read);
+        }
+        let mut recovering = self.recovering.borrow_mut();
+        let waiting = recovering.entry(room.clone()).or_default();
+        waiting.push(recovery);
+        if waiting.len() > 1 {
+            return;
+        }
+        let ttl = self.config.history.ttl_ms;
+        let sent = self
+            .broker
+            .as_ref()
+            .is_some_and(|broker| broker.ordered(&broker.read_history(&room, true, ttl)));
+        if sent {
+            self.stats().history_reads_total.inc();
+            self.ordered.borrow_mut().push_back(Ordered::Recovery(room));
+        } else {
+            // The link is down: the subscribers' waits end in `unavailable`.
+            recovering.remove(&room);
+        }
+    }
+
+    /// Sends a recovery's answer to its core, counted.
+    fn recovered(self: &Rc<Self>, room: &RoomKey, recovery: Recovery, read: Read) {
+        let stats = self.stats();
+        match &read.events {
+            Ok(events) => {
+                stats.recoveries_total_recovered.inc();
+                stats.events_replayed_total.add(events.len() as u64);
+            }
+            Err(Miss::Epoch) => stats.recoveries_total_epoch.inc(),
+            Err(Miss::Ahead) => stats.recoveries_total_ahead.inc(),
+            Err(Miss::Trimmed) => stats.recoveries_total_trimmed.inc(),
+        }
+        let (room, req, read) = (room.clone(), recovery.req, Box::new(read));
+        self.route(recovery.from, Message::Recovered { room, req, read });
+    }
+
+    /// Releases the history of conversations idle for `history.ttl_ms`.
+    pub fn prune_history(&self) {
+        let rooms = self.rooms.borrow();
+        self.history
+            .borrow_mut()
+            .sweep(Instant::now(), |room| rooms.interested_cores(room) != 0);
     }
 
     /// Forwards `user`'s typing in `room` to the room's subscribers (but not to the user's
@@ -334,6 +516,7 @@ impl Shard {
                 frame,
                 kind: Kind::Ephemeral,
                 except: Some(user),
+                at: None,
             },
         );
     }
@@ -350,7 +533,7 @@ impl Shard {
             let core = cores.trailing_zeros() as usize;
             cores &= cores - 1;
             if core == self.id {
-                self.rooms.borrow().deliver(room, &out, self.stats());
+                self.rooms.borrow_mut().deliver(room, &out, self.stats());
             } else if !self.mesh.deliver(core, room, &out) {
                 self.stats().mesh_overflow_total.inc();
             }
@@ -369,15 +552,13 @@ impl Shard {
     }
 
     /// Sends `msg(req)` to `core` and waits for its `Reply { req }`, at most
-    /// `server.request_timeout_ms`. Dropped or timed out, it takes its `pending` entry back.
+    /// `server.request_timeout_ms`.
     async fn request(self: &Rc<Self>, core: usize, msg: impl FnOnce(u64) -> Message) -> Verdict {
         self.mesh.room(core).await;
-        let (answer, req) = (Rc::new(Latch::default()), self.next_id());
-        self.pending.borrow_mut().insert(req, answer.clone());
-        let _forget = Forget(self, req);
-        self.route(core, msg(req));
         let limit = Duration::from_millis(self.config.server.request_timeout_ms);
-        answer.wait_at_most(limit).await
+        let post = |req| self.route(core, msg(req));
+        let answer = self.pending.request(self.next_id(), limit, post).await;
+        answer.unwrap_or(Verdict::Unavailable)
     }
 
     fn take_token(&self, ip: IpAddr) -> Verdict {
@@ -478,50 +659,127 @@ impl Shard {
                 let live = self.add_interest(&room, from);
                 let me = self.clone();
                 self.when_live(live, move |verdict| {
-                    me.route(from, Message::Reply { req, verdict })
+                    let at = me.position(&room);
+                    me.route(
+                        from,
+                        Message::Live {
+                            room,
+                            req,
+                            verdict,
+                            at,
+                        },
+                    );
                 });
             }
+            Message::Live {
+                room,
+                req,
+                verdict,
+                at,
+            } => {
+                self.rooms.borrow_mut().live_from(&room, req, at);
+                self.pending.answer(req, verdict);
+            }
             Message::Unsubscribe { room, from } => self.remove_interest(&room, from),
-            Message::Publish { room, frame } => self.fan_out(&room, Fanned::event(frame)),
+            Message::Recover {
+                room,
+                since,
+                from,
+                req,
+            } => {
+                // Always owned: the interest was announced before, in order. Not live in time:
+                // the subscriber's own wait has ended already.
+                let Some(live) = self.rooms.borrow().owned_live(&room) else {
+                    return;
+                };
+                let me = self.clone();
+                self.when_live(live, move |verdict| {
+                    if verdict == Verdict::Granted {
+                        me.recover(room, Recovery { since, from, req });
+                    }
+                });
+            }
+            Message::Recovered { room, req, read } => {
+                if self
+                    .rooms
+                    .borrow_mut()
+                    .recovered(&room, req, &read, self.stats())
+                {
+                    self.reads.answer(req, *read);
+                }
+            }
+            Message::ReadHistory {
+                room,
+                since,
+                from,
+                req,
+            } => {
+                let read = self.history.borrow_mut().read(&room, since, Instant::now());
+                if let Some(read) = read.map(Box::new) {
+                    self.route(from, Message::HistoryRead { req, read });
+                }
+            }
+            Message::HistoryRead { req, read } => self.reads.answer(req, *read),
+            Message::Publish { events, from, req } => {
+                let offsets = self.publish_owned(events);
+                self.route(from, Message::Published { req, offsets });
+            }
+            Message::Published { req, offsets } => self.offsets.answer(req, offsets),
             Message::Deliver { room, out } => {
-                self.rooms.borrow().deliver(&room, &out, self.stats())
+                self.rooms.borrow_mut().deliver(&room, &out, self.stats())
             }
             Message::Gap { room } => self.rooms.borrow().gap(&room),
             Message::Typing { room, user } => self.typing_at_owner(&room, user),
-            Message::Connection { user, up } => self.connection_at_owner(user, up),
+            Message::Connection { user, up } => {
+                if self.users.connection(user.clone(), up) {
+                    if let Some(cluster) = &self.cluster {
+                        cluster.announce(&user, up);
+                    }
+                }
+            }
             Message::Presence {
                 user,
                 online,
                 frame,
-            } => self.presence_here(user, online, frame),
-            Message::Remote { user, instance, up } => self.remote_at_owner(user, instance, up),
-            Message::Members { instance, users } => self.members_here(&instance, &users),
-            Message::Reannounce => self.announce_local_users(),
-            Message::Sync { from, req } => self.route(
-                from,
-                Message::Reply {
-                    req,
-                    verdict: Verdict::Granted,
-                },
-            ),
+            } => self.users.presence(user, online, frame),
+            Message::Remote { user, instance, up } => self.users.remote(user, &instance, up),
+            Message::Members { instance, users } => self.users.members(&instance, &users),
+            Message::Reannounce => {
+                if let Some(cluster) = &self.cluster {
+                    cluster.announce_local_users();
+                }
+            }
             Message::Admit { ip, from, req } => {
                 let verdict = self.take_token(ip);
                 self.route(from, Message::Reply { req, verdict });
             }
-            Message::Reply { req, verdict } => {
-                if let Some(latch) = self.pending.borrow_mut().remove(&req) {
-                    latch.set(verdict);
-                }
+            Message::Reply { req, verdict } => self.pending.answer(req, verdict),
+            Message::Handover(request) => {
+                glommio::spawn_local(crate::server::serve_handed_over(self.clone(), *request))
+                    .detach();
             }
         }
     }
 }
 
-/// Removes a request's `pending` entry when its wait ends, answered or not.
-struct Forget<'a>(&'a Shard, u64);
+/// A subscriber's recovery from `since`, on the room's owner: request `req` of core `from`.
+pub(crate) struct Recovery {
+    since: Position,
+    from: usize,
+    req: u64,
+}
 
-impl Drop for Forget<'_> {
-    fn drop(&mut self) {
-        self.0.pending.borrow_mut().remove(&self.1);
-    }
+/// What a command on the subscriber connection was for.
+pub(crate) enum Ordered {
+    /// The position of a room whose SUBSCRIBE Redis just confirmed: it is live from there.
+    Position(RoomKey),
+    /// The history of a room, for the recoveries waiting for it.
+    Recovery(RoomKey),
+}
+
+/// What a subscribe got: with history, the stream's position its ack gives, and whether what
+/// the client missed was replayed.
+pub struct Subscription {
+    pub at: Option<Position>,
+    pub recovered: bool,
 }

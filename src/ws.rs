@@ -26,20 +26,28 @@ pub fn header_len(len: usize) -> usize {
 
 /// Builds one final, unmasked server frame: header and payload in one allocation.
 pub fn frame(opcode: u8, payload: &[u8]) -> Bytes {
-    let mut out = BytesMut::with_capacity(header_len(payload.len()) + payload.len());
+    frame_of(opcode, &[payload])
+}
+
+/// As [`frame`], with the payload given in parts (written one after the other).
+pub fn frame_of(opcode: u8, parts: &[&[u8]]) -> Bytes {
+    let len: usize = parts.iter().map(|p| p.len()).sum();
+    let mut out = BytesMut::with_capacity(header_len(len) + len);
     out.put_u8(0x80 | opcode);
-    match payload.len() {
-        len @ 0..=125 => out.put_u8(len as u8),
-        len @ 126..=0xFFFF => {
+    match len {
+        0..=125 => out.put_u8(len as u8),
+        126..=0xFFFF => {
             out.put_u8(126);
             out.put_u16(len as u16);
         }
-        len => {
+        _ => {
             out.put_u8(127);
             out.put_u64(len as u64);
         }
     }
-    out.put_slice(payload);
+    for part in parts {
+        out.put_slice(part);
+    }
     out.freeze()
 }
 
@@ -158,14 +166,53 @@ pub fn unmask(data: &mut [u8], mask: [u8; 4]) {
     }
 }
 
-/// The close code a peer sent, if its close payload carried one.
-pub fn close_code_of(payload: &[u8]) -> Option<u16> {
-    (payload.len() >= 2).then(|| u16::from_be_bytes([payload[0], payload[1]]))
+/// The close code a peer sent, if its close payload carried one; the code to answer a close
+/// payload that RFC 6455 forbids with (section 7.4: a one-byte payload, a code no endpoint may
+/// send, a reason that is not UTF-8).
+pub fn close_code_of(payload: &[u8]) -> Result<Option<u16>, CloseCode> {
+    match payload {
+        [] => Ok(None),
+        [_] => Err(CloseCode::ProtocolError),
+        [hi, lo, reason @ ..] => {
+            let code = u16::from_be_bytes([*hi, *lo]);
+            // RFC 6455's codes and the IANA registry's 1012–1014 (this server sends 1013).
+            let sendable = matches!(code, 1000..=1003 | 1007..=1014 | 3000..=4999);
+            if !sendable {
+                return Err(CloseCode::ProtocolError);
+            }
+            match std::str::from_utf8(reason) {
+                Ok(_) => Ok(Some(code)),
+                Err(_) => Err(CloseCode::InvalidPayload),
+            }
+        }
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_peers_close_payload_is_checked() {
+        assert_eq!(close_code_of(b""), Ok(None));
+        assert_eq!(close_code_of(&[0x03, 0xE8]), Ok(Some(1000)));
+        assert_eq!(close_code_of(&[0x0F, 0xA0, b'o', b'k']), Ok(Some(4000)));
+        assert_eq!(close_code_of(&[0x03, 0xF5]), Ok(Some(1013)));
+        for bad in [
+            &[0x03][..],
+            &[0x03, 0xEE],
+            &[0x03, 0xED],
+            &[0x03, 0xF7],
+            &[0x00, 0x00],
+            &[0x13, 0x88],
+        ] {
+            assert_eq!(close_code_of(bad), Err(CloseCode::ProtocolError), "{bad:?}");
+        }
+        assert_eq!(
+            close_code_of(&[0x03, 0xE8, 0xFF]),
+            Err(CloseCode::InvalidPayload)
+        );
+    }
 
     fn client_frame(fin: bool, opcode: u8, payload: &[u8], mask: [u8; 4]) -> Vec<u8> {
         let mut plain = frame(opcode, payload).to_vec();
@@ -207,7 +254,7 @@ mod tests {
     fn close_frame_carries_code_and_reason() {
         let f = close(CloseCode::SlowConsumer);
         assert_eq!(f[0], 0x88);
-        assert_eq!(close_code_of(&f[2..]), Some(1013));
+        assert_eq!(close_code_of(&f[2..]), Ok(Some(1013)));
         assert_eq!(&f[4..], b"slow consumer");
     }
 

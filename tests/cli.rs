@@ -72,30 +72,11 @@ fn bad_configuration_stops_start_up_naming_the_key() {
 #[test]
 fn serve_runs_on_embedded_defaults_and_token_mints_for_it() {
     // No --config: built-in defaults, with only the port moved off 8080 for the test.
-    let (mut child, lines) = spawn_logged(
-        Command::new(bin())
-            .arg("serve")
-            .env("FANFARE_SERVER__LISTEN", "127.0.0.1:0"),
-    );
-    let addr: std::net::SocketAddr = wait_for("listening", || {
-        lines
-            .lock()
-            .unwrap()
-            .iter()
-            .find(|l| l.contains("listening"))
-            .and_then(|l| {
-                l.split("addr=")
-                    .nth(1)?
-                    .split_whitespace()
-                    .next()?
-                    .parse()
-                    .ok()
-            })
-    });
+    let mut server = Server::start_embedded();
+    let addr = server.addr;
     assert!(
-        lines
-            .lock()
-            .unwrap()
+        server
+            .logs()
             .iter()
             .any(|l| l.contains("WARN") && l.contains("development")),
         "dev secret warning"
@@ -118,9 +99,8 @@ fn serve_runs_on_embedded_defaults_and_token_mints_for_it() {
     )
     .unwrap();
     assert_eq!(r.status, 202);
-    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
-    let status = wait_for("exit", || child.try_wait().ok().flatten());
-    assert!(status.success());
+    server.signal(libc::SIGTERM);
+    assert!(server.wait_exit().success());
 }
 
 #[test]

@@ -89,10 +89,3 @@ fn a_refresh_for_another_user_or_a_bad_token_is_refused() {
         started.elapsed()
     );
 }
-
-fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_millis() as i64
-}

@@ -6,6 +6,13 @@
 //!   from each event's scheduled send time), then the floor: the same number of frames written
 //!   by this tool to N loopback sockets, one frame per send and 16 per send.
 //! - `idle`: N idle subscribed connections; the server's RSS per connection and the accept rate.
+//! - `storm`: N clients of one conversation (needs `history.size` > 0) that drop and
+//!   resubscribe with `since` while publishing goes on: recovery latency, what each recovery
+//!   cost Redis (history reads per recovery), and whether any event was lost or repeated.
+//!
+//! `--transport sse` runs either mode over HTTP fallback sessions instead of WebSockets: each
+//! client creates a session, posts its subscribe and reads an SSE stream (one connection from
+//! its own source address for all three).
 //!
 //! Every loop is bounded in count and time, and only loopback addresses are ever targeted.
 
@@ -42,6 +49,9 @@ struct Cli {
     /// Publish API key.
     #[arg(long, default_value = fanfare::config::DEV_API_KEY, global = true)]
     api_key: String,
+    /// How clients connect.
+    #[arg(long, value_enum, default_value_t = Transport::Ws, global = true)]
+    transport: Transport,
     #[command(subcommand)]
     mode: Mode,
 }
@@ -71,6 +81,23 @@ enum Mode {
         #[arg(long, default_value_t = 1)]
         publishers: u64,
     },
+    /// Reconnect storm: clients of one conversation drop and resubscribe with `since` while
+    /// events are published; recovery latency and exactness (WebSocket only).
+    Storm {
+        #[arg(long, default_value_t = 100)]
+        clients: usize,
+        /// Events per second to the conversation.
+        #[arg(long, default_value_t = 200)]
+        rate: u64,
+        /// Seconds of publishing (at most 120).
+        #[arg(long, default_value_t = 10)]
+        seconds: u64,
+        /// How long a client stays connected, then away, each round (milliseconds).
+        #[arg(long, default_value_t = 300)]
+        stay_ms: u64,
+        #[arg(long, default_value_t = 200)]
+        away_ms: u64,
+    },
     /// Idle: open N subscribed connections and report RSS per connection and accept rate.
     Idle {
         #[arg(long, default_value_t = 10_000)]
@@ -83,7 +110,28 @@ enum Mode {
         /// Conversations per tenant; a tenant's connections spread over them.
         #[arg(long, default_value_t = 100)]
         conversations: usize,
+        /// With the server's `presence.mode = "watch"`: each connection watches the next K
+        /// users of its tenant, so each user has K watchers (0: no watch list).
+        #[arg(long, default_value_t = 0)]
+        watch: usize,
     },
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Transport {
+    /// WebSocket connections.
+    Ws,
+    /// HTTP fallback sessions read over SSE.
+    Sse,
+}
+
+impl Transport {
+    fn clients(self) -> &'static str {
+        match self {
+            Transport::Ws => "WebSocket connections",
+            Transport::Sse => "SSE sessions",
+        }
+    }
 }
 
 const TENANT: &str = "bench";
@@ -125,7 +173,32 @@ fn main() {
             connections,
             tenant_size,
             conversations,
-        } => idle(&cli, connections, tenant_size.max(1), conversations.max(1)),
+            watch,
+        } => idle(
+            &cli,
+            connections,
+            (tenant_size.max(1), conversations.max(1)),
+            watch,
+        ),
+        Mode::Storm {
+            clients,
+            rate,
+            seconds,
+            stay_ms,
+            away_ms,
+        } => {
+            let rounds = Rounds {
+                stay: Duration::from_millis(stay_ms),
+                away: Duration::from_millis(away_ms),
+            };
+            storm(
+                &cli,
+                clients.max(1),
+                rate.max(1),
+                seconds.min(MAX_SECONDS),
+                rounds,
+            )
+        }
     }
 }
 
@@ -165,13 +238,14 @@ fn source_ip(i: usize) -> Ipv4Addr {
     Ipv4Addr::new(127, 0, 0, 2 + (i % 249) as u8)
 }
 
-/// Connects from `source_ip(i)`, upgrades, subscribes to `conversation`, and returns the
-/// stream once the subscribe is acked.
+/// Connects from `source_ip(i)`, subscribes to `conversation` over `transport`, and returns
+/// the stream once the subscribe is acked.
 async fn open_subscribed(
     addr: SocketAddr,
     i: usize,
     token: &str,
     conversation: &str,
+    transport: Transport,
 ) -> std::io::Result<glommio::net::TcpStream> {
     let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
     socket.bind(&SocketAddr::V4(SocketAddrV4::new(source_ip(i), 0)).into())?;
@@ -181,11 +255,67 @@ async fn open_subscribed(
     socket.set_nodelay(true)?;
     // SAFETY: we own the fd and give it up here.
     let mut stream = unsafe { glommio::net::TcpStream::from_raw_fd(socket.into_raw_fd()) };
+    let subscribe = format!(r#"{{"type":"subscribe","conversationId":"{conversation}","id":"s"}}"#);
+    if transport == Transport::Sse {
+        return open_session(stream, addr, token, &subscribe).await;
+    }
     let request = format!(
         "GET /ws?token={token} HTTP/1.1\r\nHost: {addr}\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\
          Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: ZmFuZmFyZS1iZW5jaC1rZXk=\r\n\r\n"
     );
     stream.write_all(request.as_bytes()).await?;
+    expect_head(&mut stream, "HTTP/1.1 101").await?;
+    stream.write_all(&masked_text(subscribe.as_bytes())).await?;
+    until_ack(&mut stream, Transport::Ws).await?;
+    Ok(stream)
+}
+
+/// Creates a session on `stream`, posts `subscribe` to it and opens its SSE stream: three
+/// requests on one connection.
+async fn open_session(
+    mut stream: glommio::net::TcpStream,
+    addr: SocketAddr,
+    token: &str,
+    subscribe: &str,
+) -> std::io::Result<glommio::net::TcpStream> {
+    let create = format!(
+        "POST /v1/sessions?token={token} HTTP/1.1\r\nHost: {addr}\r\nContent-Length: 0\r\n\r\n"
+    );
+    stream.write_all(create.as_bytes()).await?;
+    let head = expect_head(&mut stream, "HTTP/1.1 201").await?;
+    let mut body = vec![0u8; content_length(&head)];
+    stream.read_exact(&mut body).await?;
+    let body: serde_json::Value = serde_json::from_slice(&body).map_err(std::io::Error::other)?;
+    let id = body["sessionId"].as_str().unwrap_or_default();
+    let post = format!(
+        "POST /v1/sessions/{id}/events?token={token} HTTP/1.1\r\nHost: {addr}\r\nContent-Length: {}\r\n\r\n{subscribe}",
+        subscribe.len()
+    );
+    stream.write_all(post.as_bytes()).await?;
+    let head = expect_head(&mut stream, "HTTP/1.1 202").await?;
+    stream
+        .read_exact(&mut vec![0u8; content_length(&head)])
+        .await?;
+    let sse = format!("GET /v1/sessions/{id}/sse?token={token} HTTP/1.1\r\nHost: {addr}\r\n\r\n");
+    stream.write_all(sse.as_bytes()).await?;
+    expect_head(&mut stream, "HTTP/1.1 200").await?;
+    until_ack(&mut stream, Transport::Sse).await?;
+    Ok(stream)
+}
+
+/// A response head's `Content-Length` (0 without one).
+fn content_length(head: &str) -> usize {
+    head.lines()
+        .find_map(|l| l.strip_prefix("Content-Length: "))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+/// Reads a response head, which must start with `status`.
+async fn expect_head(
+    stream: &mut glommio::net::TcpStream,
+    status: &str,
+) -> std::io::Result<String> {
     let mut head = Vec::new();
     let mut byte = [0u8; 1];
     while !head.ends_with(b"\r\n\r\n") {
@@ -194,14 +324,18 @@ async fn open_subscribed(
         }
         head.push(byte[0]);
     }
-    if !head.starts_with(b"HTTP/1.1 101") {
-        return Err(std::io::Error::other(
-            String::from_utf8_lossy(&head).into_owned(),
-        ));
+    let head = String::from_utf8_lossy(&head).into_owned();
+    if !head.starts_with(status) {
+        return Err(std::io::Error::other(head));
     }
-    let subscribe = format!(r#"{{"type":"subscribe","conversationId":"{conversation}","id":"s"}}"#);
-    stream.write_all(&masked_text(subscribe.as_bytes())).await?;
-    // Read frames until the ack (session.ready comes first).
+    Ok(head)
+}
+
+/// Reads server messages until the subscribe's ack (session.ready comes first).
+async fn until_ack(
+    stream: &mut glommio::net::TcpStream,
+    transport: Transport,
+) -> std::io::Result<()> {
     let mut buf = Vec::new();
     let mut chunk = [0u8; 1024];
     loop {
@@ -210,12 +344,24 @@ async fn open_subscribed(
             return Err(std::io::ErrorKind::UnexpectedEof.into());
         }
         buf.extend_from_slice(&chunk[..n]);
-        while let Some((payload, used)) = server_frame(&buf) {
+        while let Some((payload, used)) = server_message(&buf, transport) {
             let acked = payload.windows(12).any(|w| w == br#""type":"ack""#);
             buf.drain(..used);
             if acked {
-                return Ok(stream);
+                return Ok(());
             }
+        }
+    }
+}
+
+/// One server message at the front of `buf`: its bytes and total length.
+fn server_message(buf: &[u8], transport: Transport) -> Option<(&[u8], usize)> {
+    match transport {
+        Transport::Ws => server_frame(buf),
+        // An SSE message ends with a blank line.
+        Transport::Sse => {
+            let end = buf.windows(2).position(|w| w == b"\n\n")? + 2;
+            Some((&buf[..end], end))
         }
     }
 }
@@ -259,6 +405,7 @@ fn server_frame(buf: &[u8]) -> Option<(&[u8], usize)> {
 /// (nanoseconds after `epoch` at which the event was scheduled).
 async fn drain(
     mut stream: glommio::net::TcpStream,
+    transport: Transport,
     epoch: Instant,
     shared: Rc<Tally>,
     stop: Arc<AtomicBool>,
@@ -275,7 +422,7 @@ async fn drain(
         buf.extend_from_slice(&chunk[..n]);
         let now = epoch.elapsed().as_nanos() as u64;
         let mut used = 0;
-        while let Some((payload, len)) = server_frame(&buf[used..]) {
+        while let Some((payload, len)) = server_message(&buf[used..], transport) {
             if let Some(t) = field_t(payload) {
                 shared.received.set(shared.received.get() + 1);
                 let _ = shared
@@ -346,8 +493,13 @@ fn fanout(
     // add its own serial recv time to the latency of the last frames of each event.
     let receivers: Vec<_> = (0..receivers)
         .map(|r| {
-            let (stop, opened, addr, token) =
-                (stop.clone(), opened.clone(), cli.addr, token.clone());
+            let (stop, opened, addr, token, transport) = (
+                stop.clone(),
+                opened.clone(),
+                cli.addr,
+                token.clone(),
+                cli.transport,
+            );
             std::thread::spawn(move || {
                 let ex = glommio::LocalExecutorBuilder::new(glommio::Placement::Unbound)
                     .make()
@@ -360,11 +512,12 @@ fn fanout(
                     let mut tasks = Vec::new();
                     for i in (r..connections).step_by(receivers) {
                         let conversation = format!("c{}", i % conversations);
-                        match open_subscribed(addr, i, &token, &conversation).await {
+                        match open_subscribed(addr, i, &token, &conversation, transport).await {
                             Ok(stream) => {
                                 opened.fetch_add(1, Ordering::Relaxed);
                                 tasks.push(glommio::spawn_local(drain(
                                     stream,
+                                    transport,
                                     epoch,
                                     tally.clone(),
                                     stop.clone(),
@@ -390,7 +543,10 @@ fn fanout(
         std::thread::sleep(Duration::from_millis(20));
     }
     let live = opened.load(Ordering::Relaxed) as usize;
-    println!("connections: {live}/{connections} subscribed, {conversations} conversations, {payload} B events");
+    println!(
+        "{}: {live}/{connections} subscribed, {conversations} conversations, {payload} B events",
+        cli.transport.clients()
+    );
     let before = server_usage(cli.pid);
     let writes_before = server_counter(cli.addr, "writes_total");
     let started = Instant::now();
@@ -648,21 +804,196 @@ fn raw_floor(sockets: usize, frames: u64, payload: usize, batch: usize) -> f64 {
     cpu * 1e6 / written.max(1) as f64
 }
 
-// ---- idle ---------------------------------------------------------------------------------
+// ---- storm --------------------------------------------------------------------------------
 
-fn idle(cli: &Cli, connections: usize, tenant_size: usize, conversations: usize) {
-    let before = server_usage(cli.pid);
+/// How long a storm client stays connected, then away, each round.
+#[derive(Clone, Copy)]
+struct Rounds {
+    stay: Duration,
+    away: Duration,
+}
+
+/// What one storm client saw.
+#[derive(Default)]
+struct Recoveries {
+    attempted: u64,
+    recovered: u64,
+    replayed: u64,
+    /// Offsets that did not follow the last one seen (lost, repeated or out of order).
+    anomalies: u64,
+    /// Subscribe sent → ack, microseconds.
+    latency_us: Vec<u64>,
+}
+
+/// One client's rounds until `done`, then a last recovery up to the end of the stream.
+fn storm_client(cli: &Cli, i: usize, token: &str, rounds: Rounds, done: &AtomicBool) -> Recoveries {
+    let mut seen = Recoveries::default();
+    let mut since: Option<(u64, String)> = None;
+    let mut last_round = false;
+    loop {
+        last_round |= done.load(Ordering::Relaxed);
+        let Ok(mut ws) = storm_connect(cli.addr, i, token) else {
+            eprintln!("client {i}: connect failed");
+            return seen;
+        };
+        let mut subscribe =
+            serde_json::json!({"type": "subscribe", "conversationId": "c0", "id": "s"});
+        if let Some((offset, epoch)) = &since {
+            subscribe["since"] = serde_json::json!({"offset": offset, "epoch": epoch});
+            seen.attempted += 1;
+        }
+        let sent = Instant::now();
+        if ws
+            .send(tungstenite::Message::text(subscribe.to_string()))
+            .is_err()
+        {
+            return seen;
+        }
+        let mut last = since.as_ref().map_or(0, |(o, _)| *o);
+        let mut replaying = since.is_some();
+        let stay_until = Instant::now() + rounds.stay;
+        while Instant::now() < stay_until || replaying {
+            let Ok(message) = ws.read() else { break };
+            let tungstenite::Message::Text(text) = message else {
+                continue;
+            };
+            let v: serde_json::Value = serde_json::from_str(&text).unwrap_or_default();
+            if v["id"] == "s" {
+                if since.is_some() {
+                    seen.latency_us.push(sent.elapsed().as_micros() as u64);
+                    seen.recovered += u64::from(v["recovered"] == true);
+                }
+                match v["recovered"] == true {
+                    // The ack follows the last event sent before it.
+                    true => seen.anomalies += u64::from(v["offset"].as_u64() != Some(last)),
+                    false => last = v["offset"].as_u64().unwrap_or(0),
+                }
+                let epoch = v["epoch"].as_str().unwrap_or_default().to_string();
+                since = Some((last, epoch));
+                replaying = false;
+                if last_round {
+                    break;
+                }
+                continue;
+            }
+            let Some(offset) = v["offset"].as_u64() else {
+                continue;
+            };
+            if let Some(epoch) = v["epoch"].as_str() {
+                since = Some((offset, epoch.to_string()));
+            } else if offset != last + 1 {
+                seen.anomalies += 1;
+            }
+            seen.replayed += u64::from(replaying);
+            last = offset;
+            if let Some(since) = &mut since {
+                since.0 = last;
+            }
+        }
+        let _ = ws.close(None);
+        if last_round {
+            return seen;
+        }
+        std::thread::sleep(rounds.away);
+    }
+}
+
+fn storm_connect(
+    addr: SocketAddr,
+    i: usize,
+    token: &str,
+) -> Result<tungstenite::WebSocket<TcpStream>, Box<dyn std::error::Error>> {
+    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
+    socket.bind(&SocketAddr::V4(SocketAddrV4::new(source_ip(i), 0)).into())?;
+    socket.connect(&addr.into())?;
+    let stream = TcpStream::from(socket);
+    stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+    let (ws, _) = tungstenite::client(format!("ws://{addr}/ws?token={token}"), stream)?;
+    Ok(ws)
+}
+
+fn storm(cli: &Cli, clients: usize, rate: u64, seconds: u64, rounds: Rounds) {
     let auth = fanfare::config::Auth {
         hs256_secret: cli.secret.clone(),
         ..Default::default()
     };
     let now_s = fanfare::auth::now_ms() / 1000;
-    let addr = cli.addr;
+    let token = fanfare::auth::mint_hs256(&auth, TENANT, "fan", 3600, now_s).expect("token");
+    let reads_before = server_counter(cli.addr, "history_reads_total");
+    let before = server_usage(cli.pid);
+    let done = AtomicBool::new(false);
+    let (published, seen) = std::thread::scope(|s| {
+        let clients: Vec<_> = (0..clients)
+            .map(|i| {
+                let (token, done) = (&token, &done);
+                s.spawn(move || storm_client(cli, i, token, rounds, done))
+            })
+            .collect();
+        let published = publish(cli, 1, rate, seconds, 100, Instant::now());
+        done.store(true, Ordering::Relaxed);
+        let seen: Vec<Recoveries> = clients
+            .into_iter()
+            .map(|c| c.join().expect("client"))
+            .collect();
+        (published, seen)
+    });
+    let after = server_usage(cli.pid);
+    let reads = server_counter(cli.addr, "history_reads_total")
+        .zip(reads_before)
+        .map(|(a, b)| a - b);
+    let sum = |f: fn(&Recoveries) -> u64| seen.iter().map(f).sum::<u64>();
+    let (attempted, recovered) = (sum(|r| r.attempted), sum(|r| r.recovered));
+    let mut latency = Histogram::<u64>::new(3).expect("histogram");
+    for us in seen.iter().flat_map(|r| &r.latency_us) {
+        let _ = latency.record((*us).max(1));
+    }
+    println!("storm: {clients} clients of one conversation, {published} events published");
+    println!(
+        "recoveries: {attempted}, recovered {recovered}, events replayed {}, lost or repeated {}",
+        sum(|r| r.replayed),
+        sum(|r| r.anomalies)
+    );
+    println!(
+        "recovery latency (subscribe -> ack): p50 {}us p99 {}us max {}us",
+        latency.value_at_quantile(0.5),
+        latency.value_at_quantile(0.99),
+        latency.max()
+    );
+    if let Some(reads) = reads {
+        println!(
+            "redis history reads: {reads} ({:.3} per recovery)",
+            reads as f64 / attempted.max(1) as f64
+        );
+    }
+    if let (Some(b), Some(a)) = (before, after) {
+        println!(
+            "server: {:.2} CPU s, RSS {} KiB",
+            a.cpu_s - b.cpu_s,
+            a.rss_kib
+        );
+    }
+}
+
+// ---- idle ---------------------------------------------------------------------------------
+
+/// `(tenant_size, conversations)`: the shape of each tenant. The last connection's presence
+/// change is measured alone: the frames one change costs.
+fn idle(cli: &Cli, connections: usize, shape: (usize, usize), watch: usize) {
+    let (tenant_size, conversations) = shape;
+    let before = server_usage(cli.pid);
+    let presence_before = server_counter(cli.addr, "presence_frames_total");
+    let last_change = Arc::new(AtomicU64::new(u64::MAX));
+    let auth = fanfare::config::Auth {
+        hs256_secret: cli.secret.clone(),
+        ..Default::default()
+    };
+    let now_s = fanfare::auth::now_ms() / 1000;
+    let (addr, transport) = (cli.addr, cli.transport);
     let opened = Arc::new(AtomicU64::new(0));
     let release = Arc::new(AtomicBool::new(false));
     let started = Instant::now();
     let holder = {
-        let (opened, release) = (opened.clone(), release.clone());
+        let (opened, release, last_change) = (opened.clone(), release.clone(), last_change.clone());
         std::thread::spawn(move || {
             let ex = glommio::LocalExecutorBuilder::new(glommio::Placement::Unbound)
                 .make()
@@ -676,11 +1007,30 @@ fn idle(cli: &Cli, connections: usize, tenant_size: usize, conversations: usize)
                     let token = fanfare::auth::mint_hs256(&auth, &tenant, &user, 3600, now_s)
                         .expect("token");
                     let conversation = format!("c{}", member % conversations);
+                    let watched: Vec<String> = (1..=watch.min(tenant_size - 1))
+                        .map(|k| format!("u{}", (member + k) % tenant_size))
+                        .collect();
+                    let last = i + 1 == connections;
+                    if last {
+                        // Every earlier change has landed: count the last one's frames alone.
+                        glommio::timer::sleep(Duration::from_millis(500)).await;
+                        let frames = server_counter(addr, "presence_frames_total");
+                        last_change.store(frames.unwrap_or(u64::MAX), Ordering::Relaxed);
+                    }
                     pending.push(glommio::spawn_local(async move {
-                        open_subscribed(addr, i, &token, &conversation).await
+                        let mut stream =
+                            open_subscribed(addr, i, &token, &conversation, transport).await?;
+                        if !watched.is_empty() {
+                            let event =
+                                serde_json::json!({"type": "presence.watch", "userIds": watched});
+                            stream
+                                .write_all(&masked_text(event.to_string().as_bytes()))
+                                .await?;
+                        }
+                        Ok::<_, std::io::Error>(stream)
                     }));
-                    // Up to 256 handshakes in flight.
-                    if pending.len() == 256 || i + 1 == connections {
+                    // Up to 256 handshakes in flight; the last one alone.
+                    if pending.len() == 256 || i + 2 >= connections {
                         for p in pending.drain(..) {
                             match p.await {
                                 Ok(s) => {
@@ -721,17 +1071,28 @@ fn idle(cli: &Cli, connections: usize, tenant_size: usize, conversations: usize)
     // Give the server a moment to settle its allocator before reading RSS.
     std::thread::sleep(Duration::from_millis(500));
     let after = server_usage(cli.pid);
+    let presence_after = server_counter(cli.addr, "presence_frames_total");
     release.store(true, Ordering::Relaxed);
     let _ = holder.join();
     println!(
-        "idle: {n}/{connections} subscribed connections ({tenant_size} per tenant, over \
+        "idle: {n}/{connections} subscribed {} ({tenant_size} per tenant, over \
          {} conversations each) in {open_s:.2}s ({:.0} accepted/s)",
+        transport.clients(),
         conversations.min(tenant_size),
         n as f64 / open_s
     );
-    if let (Some(b), Some(a)) = (before, after) {
+    if let (Some(b), Some(a)) = (presence_before, presence_after) {
+        let last = last_change.load(Ordering::Relaxed);
         println!(
-            "server RSS: {} KiB -> {} KiB, {:.0} bytes per idle subscribed connection",
+            "presence frames: {} while connecting, {} for the last connection's change alone",
+            a - b,
+            a.saturating_sub(last)
+        );
+    }
+    if let (Some(b), Some(a)) = (before, after) {
+        println!("server CPU: {:.2} s while connecting", a.cpu_s - b.cpu_s);
+        println!(
+            "server RSS: {} KiB -> {} KiB, {:.0} bytes per idle subscribed client",
             b.rss_kib,
             a.rss_kib,
             a.rss_kib.saturating_sub(b.rss_kib) as f64 * 1024.0 / n.max(1) as f64
@@ -739,8 +1100,8 @@ fn idle(cli: &Cli, connections: usize, tenant_size: usize, conversations: usize)
         samples.push((n as f64, a.rss_kib as f64 * 1024.0));
         if let Some(slope) = slope(&samples) {
             println!(
-                "marginal: {slope:.0} bytes per connection (slope over {} readings from {:.0} \
-                 to {n} connections)",
+                "marginal: {slope:.0} bytes per client (slope over {} readings from {:.0} \
+                 to {n} clients)",
                 samples.len(),
                 samples[0].0
             );

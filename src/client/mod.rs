@@ -1,7 +1,7 @@
 //! The client as the rules see it, whatever carries its frames: identity and outbound queue
 //! (its [`ConnHandle`]), subscriptions, and the per-client event rate limit; and one handler
 //! per client event, one file each. A WebSocket connection (`conn`) is one transport over it;
-//! an HTTP fallback session is meant to be the other, reusing every rule unchanged.
+//! an HTTP fallback session (`session`) is the other, with every rule unchanged.
 //!
 //! Invariants: lives on the core that accepted the client. A handler never fails: a refused
 //! event is answered with `error{..}` on the client's queue, and a close the rules require is
@@ -15,11 +15,13 @@ mod presence;
 mod subscribe;
 
 use std::rc::Rc;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tracing::debug;
 
 use crate::handle::ConnHandle;
+use crate::history::Position;
 use crate::limit::TokenBucket;
 use crate::protocol::{parse_client_event, server_event, ClientEvent, CloseCode, ErrorCode};
 use crate::route::RoomKey;
@@ -44,6 +46,8 @@ impl std::fmt::Display for ClientId {
 pub struct State {
     /// In subscription order: the last is the default conversation of `presence.activity`.
     subscriptions: Vec<RoomKey>,
+    /// The users this client watches (`presence.mode = "watch"`), without repeats.
+    watching: Vec<Arc<str>>,
     bucket: TokenBucket,
     /// Set once the client goes over its event rate; boxed, as most never do.
     over_rate: Option<Box<OverRate>>,
@@ -60,6 +64,7 @@ impl State {
     pub fn new(shard: &Shard, now: Instant) -> State {
         State {
             subscriptions: Vec::new(),
+            watching: Vec::new(),
             bucket: TokenBucket::full(shard.config.limits.msg_burst, now),
             over_rate: None,
         }
@@ -77,13 +82,15 @@ impl Client<'_> {
     /// Registers the client on its core (and for its user's presence).
     pub async fn join(&self) {
         self.shard.register(self.out.clone()).await;
-        self.shard.stats().connects_total.inc();
     }
 
-    /// Leaves every subscription and unregisters: the client is gone.
+    /// Leaves every subscription and watch list, and unregisters: the client is gone.
     pub async fn leave(&mut self) {
         for room in std::mem::take(&mut self.state.subscriptions) {
             self.shard.unsubscribe(&room, self.out.id).await;
+        }
+        for user in std::mem::take(&mut self.state.watching) {
+            self.shard.conns.unwatch(self.out, &user);
         }
         self.shard.unregister(self.out).await;
     }
@@ -141,9 +148,11 @@ impl Client<'_> {
         let id = request.id;
         match request.event {
             ClientEvent::Ping => self.push(&server_event::pong(id)),
-            ClientEvent::Subscribe { conversation_id } => {
-                subscribe::subscribe(self, conversation_id, id).await
-            }
+            ClientEvent::Subscribe {
+                conversation_id,
+                since,
+                token,
+            } => subscribe::subscribe(self, conversation_id, since, token, id).await,
             ClientEvent::Unsubscribe { conversation_id } => {
                 subscribe::unsubscribe(self, conversation_id, id).await
             }
@@ -152,6 +161,7 @@ impl Client<'_> {
                 conversation_id,
             } => activity::activity(self, activity, conversation_id, id).await,
             ClientEvent::PresenceQuery => presence::query(self, id),
+            ClientEvent::Watch { user_ids } => presence::watch(self, &user_ids, id),
             ClientEvent::Auth { token } => auth::refresh(self, token, id),
         }
     }
@@ -163,6 +173,14 @@ impl Client<'_> {
     fn ack(&self, id: Option<&str>) {
         if let Some(id) = id {
             self.push(&server_event::ack(id));
+        }
+    }
+
+    /// Acks a subscribe with the stream's position (with history) and whether what was
+    /// missed was replayed (when `since` was given).
+    fn subscribed(&self, id: Option<&str>, at: Option<Position>, recovered: Option<bool>) {
+        if let Some(id) = id {
+            self.push(&server_event::subscribed(id, at, recovered));
         }
     }
 

@@ -10,18 +10,27 @@
 //! re-announces its users and reloads the others' sets, and an instance the others took for
 //! gone announces its users again, so missed messages heal.
 //!
-//! Invariants: everything here that waits on Redis runs on the cluster task (`run_cluster`)
+//! Interface: the shard hands [`Cluster`] what arrives on the presence channel and gets back
+//! the [`News`] to route; `Cluster` reports this core's users' edges to the others, applies
+//! reloaded memberships through [`Users`], and keeps the core's readiness (`/readyz`, and
+//! subscribes wait for it).
+//!
+//! Invariants: everything here that waits on Redis runs on the cluster task ([`Cluster::run`])
 //! or on a task of its own; nothing on a heartbeat, close or shutdown path waits on it.
 //! What Redis holds is not trusted: IDs are checked against their patterns.
 
+use std::cell::{Cell, RefCell};
 use std::rc::Rc;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tracing::{info, warn};
 
-use super::Shard;
-use crate::mesh::Message;
+use super::users::Users;
+use crate::broker::Broker;
+use crate::config::Config;
+use crate::mesh::{Latch, Mesh, Message, Verdict};
+use crate::metrics::{CoreStats, Registry};
 use crate::presence::UserKey;
 
 /// How often the cluster task looks at the broker's state.
@@ -30,21 +39,112 @@ const CLUSTER_POLL: Duration = Duration::from_millis(10);
 /// The presence channel, prefix stripped.
 pub const PRESENCE_CHANNEL: &str = "presence";
 
-impl Shard {
+/// What another instance said on the presence channel.
+pub enum News {
+    /// `user`'s first (`up`) or last connection on `instance`: for the user's owner core.
+    Remote {
+        user: UserKey,
+        instance: Arc<str>,
+        up: bool,
+    },
+    /// `instance` stopped: its users leave, on every core.
+    Gone(Arc<str>),
+}
+
+pub struct Cluster {
+    broker: Rc<Broker>,
+    mesh: Rc<Mesh>,
+    users: Rc<Users>,
+    registry: Registry,
+    /// This instance's id among the instances sharing the Redis.
+    instance: Arc<str>,
+    prefix: String,
+    ttl_ms: u64,
+    stopping: Rc<Latch>,
+    /// On core 0: the presence channel's subscription is confirmed.
+    presence_live: Cell<bool>,
+    /// Set while this core's broker is ready (see [`Cluster::set_ready`]).
+    ready: RefCell<Rc<Latch>>,
+}
+
+impl Cluster {
+    pub fn new(
+        broker: Rc<Broker>,
+        mesh: Rc<Mesh>,
+        users: Rc<Users>,
+        registry: Registry,
+        instance: Arc<str>,
+        config: &Config,
+        stopping: Rc<Latch>,
+    ) -> Rc<Cluster> {
+        Rc::new(Cluster {
+            broker,
+            mesh,
+            users,
+            registry,
+            instance,
+            prefix: config.broker.channel_prefix.clone(),
+            ttl_ms: config.broker.instance_ttl_ms,
+            stopping,
+            presence_live: Cell::new(false),
+            ready: RefCell::default(),
+        })
+    }
+
+    fn stats(&self) -> &CoreStats {
+        &self.registry[self.mesh.id()]
+    }
+
     fn key(&self, what: &str) -> String {
-        format!("{}:{what}", self.config.broker.channel_prefix)
+        format!("{}:{what}", self.prefix)
     }
 
     fn instance_key(&self, instance: &str) -> String {
         self.key(&format!("instance:{instance}"))
     }
 
+    // ---- readiness ---------------------------------------------------------------------
+
+    /// Set while this core's broker is ready; a new, unset latch after each loss.
+    pub fn ready(&self) -> Rc<Latch> {
+        self.ready.borrow().clone()
+    }
+
+    /// Records whether this core's broker is ready (up, and reloaded after a reconnect): for
+    /// `/readyz` and for subscribes waiting on it.
+    fn set_ready(&self, ready: bool) {
+        self.stats().broker_up.set(u64::from(ready));
+        let mut latch = self.ready.borrow_mut();
+        match (ready, latch.get().is_some()) {
+            (true, false) => latch.set(Verdict::Granted),
+            (false, true) => *latch = Rc::new(Latch::default()),
+            _ => {}
+        }
+    }
+
+    /// Both Redis connections are up and, on core 0, the presence channel is subscribed: from
+    /// then on no presence news is missed, and a reload of the others' state is complete.
+    fn link_ready(&self) -> bool {
+        self.broker.is_up() && (self.mesh.id() != 0 || self.presence_live.get())
+    }
+
+    /// The presence channel's SUBSCRIBE is confirmed.
+    pub fn presence_subscribed(&self) {
+        self.presence_live.set(true)
+    }
+
+    /// The subscriber connection went down.
+    pub fn link_lost(&self) {
+        self.set_ready(false);
+        self.presence_live.set(false);
+    }
+
+    // ---- presence news -----------------------------------------------------------------
+
     /// Tells the other instances about a user's first or last connection here. Best effort:
     /// while Redis is down it is skipped, and the re-announce after the reconnect covers it.
-    pub(super) fn announce_user(self: &Rc<Self>, (tenant, user): &UserKey, up: bool) {
-        let Some(broker) = self.broker.clone() else {
-            return;
-        };
+    pub fn announce(&self, (tenant, user): &UserKey, up: bool) {
+        let broker = self.broker.clone();
         let me = self.instance_key(&self.instance);
         let set = format!("{me}:users");
         let member = format!("{tenant} {user}");
@@ -53,7 +153,7 @@ impl Shard {
             if up { "up" } else { "down" },
             self.instance
         );
-        let ttl = self.config.broker.instance_ttl_ms;
+        let ttl = self.ttl_ms;
         let instances = self.key("instances");
         let instance = self.instance.clone();
         let channel = broker.channel(PRESENCE_CHANNEL);
@@ -73,69 +173,64 @@ impl Shard {
         .detach();
     }
 
-    /// On core 0: a message of the presence channel.
-    pub(super) fn on_presence_message(self: &Rc<Self>, payload: &[u8]) {
+    /// Tells the other instances again about every user with a connection on this core.
+    pub fn announce_local_users(&self) {
+        for user in self.users.local_users() {
+            self.announce(&user, true);
+        }
+    }
+
+    /// On core 0: a message of the presence channel. `None` for this instance's own news and
+    /// for what is not news (logged and counted).
+    pub fn news(&self, payload: &[u8]) -> Option<News> {
         let text = String::from_utf8_lossy(payload);
         let words: Vec<&str> = text.split(' ').collect();
         match words.as_slice() {
             [verb @ ("up" | "down"), instance, tenant, user]
                 if *instance != &*self.instance && is_user(tenant, user) =>
             {
-                let user: UserKey = ((*tenant).into(), (*user).into());
-                let msg = Message::Remote {
-                    user: user.clone(),
+                Some(News::Remote {
+                    user: ((*tenant).into(), (*user).into()),
                     instance: (*instance).into(),
                     up: *verb == "up",
-                };
-                self.route(self.user_owner(&user), msg);
+                })
             }
             ["gone", instance] if *instance != &*self.instance => {
-                self.instance_members((*instance).into(), Arc::from([]))
+                Some(News::Gone((*instance).into()))
             }
-            [_, instance, ..] if *instance == &*self.instance => {}
+            [_, instance, ..] if *instance == &*self.instance => None,
             _ => {
                 self.stats().redis_invalid_total.inc();
-                warn!(message = %text, "unrecognized presence message")
+                warn!(message = %text, "unrecognized presence message");
+                None
             }
         }
     }
 
-    /// Every core learns `instance`'s full membership.
-    fn instance_members(self: &Rc<Self>, instance: Arc<str>, users: Arc<[UserKey]>) {
-        for core in (0..self.count).filter(|&c| c != self.id) {
-            self.mesh.post(
-                core,
-                Message::Members {
-                    instance: instance.clone(),
-                    users: users.clone(),
-                },
-            );
-        }
-        self.members_here(&instance, &users);
-    }
+    // ---- the cluster task --------------------------------------------------------------
 
-    /// With Redis, on every core until the server stops: the cluster work, on a task of its
-    /// own so that heartbeats, closes and shutdown never wait on Redis. Runs `cluster_tick`
-    /// after each (re)connect and every `broker.instance_ttl_ms / 3`, and keeps the core's
-    /// readiness (ready only once the reload after a (re)connect is done).
-    pub async fn run_cluster(self: Rc<Self>) {
+    /// On every core until the server stops: the cluster work, on a task of its own so that
+    /// heartbeats, closes and shutdown never wait on Redis. Runs `tick` after each
+    /// (re)connect and every `broker.instance_ttl_ms / 3`, and keeps the core's readiness
+    /// (ready only once the reload after a (re)connect is done).
+    pub async fn run(self: Rc<Self>) {
         // Well inside the TTL, so that one missed refresh does not expire this instance.
-        let every = Duration::from_millis(self.config.broker.instance_ttl_ms / 3);
+        let every = Duration::from_millis(self.ttl_ms / 3);
         let mut last = Instant::now() - every;
         let mut was_ready = false;
         while self.stopping.get().is_none() {
             glommio::timer::sleep(CLUSTER_POLL).await;
-            let ready = self.broker_ready();
+            let ready = self.link_ready();
             let reconnected = ready && !was_ready;
             was_ready = ready;
             if reconnected || last.elapsed() >= every {
                 last = Instant::now();
                 // A reload that Redis cut short is tried again at the next poll.
-                if !self.cluster_tick(reconnected).await && reconnected {
+                if !self.tick(reconnected).await && reconnected {
                     was_ready = false;
                 }
             }
-            self.set_broker_ready(was_ready && self.broker_ready());
+            self.set_ready(was_ready && self.link_ready());
         }
     }
 
@@ -143,20 +238,18 @@ impl Shard {
     /// instance alive (re-announcing every core's users if the others had reaped it), notice
     /// instances that died, and after a (re)connect reload the others' memberships. False
     /// when Redis cut it short.
-    async fn cluster_tick(self: &Rc<Self>, reconnected: bool) -> bool {
-        let Some(broker) = self.broker.clone() else {
-            return true;
-        };
+    async fn tick(&self, reconnected: bool) -> bool {
+        let broker = &self.broker;
         if !broker.is_up() {
             return false;
         }
         if reconnected {
             self.announce_local_users();
         }
-        if self.id != 0 {
+        if self.mesh.id() != 0 {
             return true;
         }
-        let ttl = self.config.broker.instance_ttl_ms;
+        let ttl = self.ttl_ms;
         let me = self.instance_key(&self.instance);
         let instances = self.key("instances");
         let alive = [
@@ -185,9 +278,8 @@ impl Shard {
             || matches!(replies.get(2), Some(redis::Value::Int(1)));
         if reaped && !reconnected {
             warn!("the other instances took this one for gone; announcing its users again");
-            for core in 0..self.count {
-                self.route(core, Message::Reannounce);
-            }
+            self.mesh.post_to_peers(|| Message::Reannounce);
+            self.announce_local_users();
         }
         let smembers =
             |key: &str| broker.command(redis::cmd("SMEMBERS").arg(key).get_packed_command());
@@ -214,7 +306,7 @@ impl Shard {
                         redis::cmd("DEL").arg(format!("{key}:users")).clone(),
                     ];
                     let _ = broker.transaction(&forget).await;
-                    self.instance_members(id.into(), Arc::from([]));
+                    self.users.members_everywhere(id.into(), Arc::from([]));
                 }
                 Ok(_) if reconnected => {
                     let Ok(redis::Value::Array(members)) = smembers(&format!("{key}:users")).await
@@ -232,7 +324,7 @@ impl Shard {
                             _ => None,
                         })
                         .collect();
-                    self.instance_members(id.into(), users);
+                    self.users.members_everywhere(id.into(), users);
                 }
                 Ok(_) => {}
                 Err(_) => return false,
@@ -241,16 +333,9 @@ impl Shard {
         true
     }
 
-    /// Tells the other instances again about every user with a connection on this core.
-    pub(super) fn announce_local_users(self: &Rc<Self>) {
-        for user in self.users.borrow().local_users() {
-            self.announce_user(&user, true);
-        }
-    }
-
     /// On core 0, when stopping: this instance's users leave the cluster at once.
-    pub async fn leave_cluster(&self) {
-        let Some(broker) = &self.broker else { return };
+    pub async fn leave(&self) {
+        let broker = &self.broker;
         let me = self.instance_key(&self.instance);
         let leave = [
             redis::cmd("DEL")

@@ -14,6 +14,9 @@ use tungstenite::client::IntoClientRequest;
 use tungstenite::protocol::frame::coding::CloseCode;
 use tungstenite::{Message, WebSocket};
 
+pub mod recovery;
+pub mod session;
+
 pub const SECRET: &str = "integration-test-secret";
 pub const API_KEY: &str = "test-api-key";
 /// How long any single wait in a test may take before it fails.
@@ -66,7 +69,7 @@ pub struct Server {
     pub addr: SocketAddr,
     child: Child,
     logs: Logs,
-    _config: TempFile,
+    _config: Option<TempFile>,
 }
 
 pub struct TempFile(pub PathBuf);
@@ -139,12 +142,26 @@ impl Server {
 
     pub fn start_with_env(extra: &str, env: &[(&str, &str)]) -> Server {
         let config = TempFile::new(&base_config(extra));
-        let (mut child, logs) = spawn_logged(
-            Command::new(bin())
-                .args(["serve", "--config"])
-                .arg(&config.0)
-                .envs(env.iter().copied()),
-        );
+        let mut command = Command::new(bin());
+        command
+            .args(["serve", "--config"])
+            .arg(&config.0)
+            .envs(env.iter().copied());
+        Self::spawn(command, Some(config))
+    }
+
+    /// Starts the binary on its embedded defaults (development secret and API key), on a free
+    /// port.
+    pub fn start_embedded() -> Server {
+        let mut command = Command::new(bin());
+        command
+            .arg("serve")
+            .env("FANFARE_SERVER__LISTEN", "127.0.0.1:0");
+        Self::spawn(command, None)
+    }
+
+    fn spawn(mut command: Command, config: Option<TempFile>) -> Server {
+        let (mut child, logs) = spawn_logged(&mut command);
         let addr = wait_for("the listening log line", || {
             if let Ok(Some(status)) = child.try_wait() {
                 panic!(
@@ -321,10 +338,14 @@ pub fn sign(claims: &Value, secret: &str) -> String {
 }
 
 pub fn now_s() -> i64 {
+    now_ms() / 1000
+}
+
+pub fn now_ms() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
-        .as_secs() as i64
+        .as_millis() as i64
 }
 
 /// A WebSocket client with a read deadline on every receive.
@@ -358,6 +379,19 @@ impl Client {
             ) {
                 return v;
             }
+        }
+    }
+
+    /// The next `expected.len()` events (presence skipped) are `expected`, in any order: events
+    /// of conversations with different owner cores (or Redis channels) may arrive in either.
+    pub fn recv_in_any_order(&mut self, expected: &[Value]) {
+        let mut missing: Vec<&Value> = expected.iter().collect();
+        while !missing.is_empty() {
+            let v = self.recv();
+            let Some(i) = missing.iter().position(|e| **e == v) else {
+                panic!("unexpected {v}; still waiting for {missing:?}");
+            };
+            missing.swap_remove(i);
         }
     }
 
@@ -576,6 +610,25 @@ pub fn clients_on_both_cores(server: &Server, user: &str, per_core: usize) -> Ve
 }
 
 /// A `conversation.updated` event.
+/// Reads events from `next` until the one with `"last": true`: every `conversation.updated`
+/// must come in `seq` order from 0 (none lost), `presence.typing` may be shed. Returns how
+/// many events and typing frames arrived.
+pub fn events_then_typing(mut next: impl FnMut() -> Value) -> (usize, usize) {
+    let (mut events, mut typed) = (0, 0);
+    loop {
+        let v = next();
+        match v["type"].as_str() {
+            Some("presence.typing") => typed += 1,
+            Some("conversation.updated") if v["last"] == true => return (events, typed),
+            Some("conversation.updated") => {
+                assert_eq!(v["seq"], events, "an event was lost");
+                events += 1;
+            }
+            _ => panic!("unexpected {v}"),
+        }
+    }
+}
+
 pub fn updated(conversation: &str, seq: usize) -> Value {
     json!({"type": "conversation.updated", "conversationId": conversation, "seq": seq})
 }
@@ -664,6 +717,8 @@ pub fn read_until_close(raw: &mut TcpStream) -> (Vec<(u8, Vec<u8>)>, u16) {
 pub struct Redis {
     pub port: u16,
     child: Option<Child>,
+    /// With persistence: where its append-only file lives (removed on drop).
+    dir: Option<PathBuf>,
 }
 
 impl Redis {
@@ -671,13 +726,30 @@ impl Redis {
     /// may take it before redis-server does: then it fails to bind (or someone else answers),
     /// and it is started again on another port.
     pub fn start() -> Redis {
+        Self::start_in(None)
+    }
+
+    /// With an append-only file synced on every write, in a directory of its own: a restart
+    /// loses nothing that was acknowledged.
+    pub fn start_persistent() -> Redis {
+        let dir =
+            std::env::temp_dir().join(format!("fanfare-redis-{}-{}", std::process::id(), now_ms()));
+        std::fs::create_dir_all(&dir).expect("redis dir");
+        Self::start_in(Some(dir))
+    }
+
+    fn start_in(dir: Option<PathBuf>) -> Redis {
         for _ in 0..20 {
             let port = std::net::TcpListener::bind("127.0.0.1:0")
                 .unwrap()
                 .local_addr()
                 .unwrap()
                 .port();
-            let mut redis = Redis { port, child: None };
+            let mut redis = Redis {
+                port,
+                child: None,
+                dir: dir.clone(),
+            };
             if redis.spawn() {
                 return redis;
             }
@@ -687,6 +759,17 @@ impl Redis {
 
     /// Starts redis-server on `self.port`; false if the port turned out to be taken.
     fn spawn(&mut self) -> bool {
+        let persistence: Vec<&str> = match &self.dir {
+            Some(dir) => vec![
+                "--appendonly",
+                "yes",
+                "--appendfsync",
+                "always",
+                "--dir",
+                dir.to_str().expect("a UTF-8 temp dir"),
+            ],
+            None => vec!["--appendonly", "no"],
+        };
         let child = Command::new("redis-server")
             .args([
                 "--port",
@@ -695,9 +778,8 @@ impl Redis {
                 "127.0.0.1",
                 "--save",
                 "",
-                "--appendonly",
-                "no",
             ])
+            .args(persistence)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -762,6 +844,9 @@ impl Redis {
 impl Drop for Redis {
     fn drop(&mut self) {
         self.kill();
+        if let Some(dir) = &self.dir {
+            let _ = std::fs::remove_dir_all(dir);
+        }
     }
 }
 
