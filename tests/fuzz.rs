@@ -255,21 +255,6 @@ fn only_valid_server_frames(raw: &mut TcpStream) {
     }
 }
 
-/// A masked client frame.
-fn client_frame(opcode: u8, payload: &[u8], mask: [u8; 4]) -> Vec<u8> {
-    let mut out = vec![0x80 | opcode];
-    match payload.len() {
-        n @ 0..=125 => out.push(0x80 | n as u8),
-        n => {
-            out.push(0x80 | 126);
-            out.extend_from_slice(&(n as u16).to_be_bytes());
-        }
-    }
-    out.extend_from_slice(&mask);
-    out.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
-    out
-}
-
 #[test]
 fn a_connection_fed_random_splits_answers_only_valid_frames_and_the_server_keeps_serving() {
     let server = Server::start(

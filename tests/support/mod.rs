@@ -263,11 +263,12 @@ impl Server {
             .unwrap_or_else(|| panic!("metric {name} missing from:\n{text}"))
     }
 
-    /// Resident set size of the server process, in KiB.
-    pub fn rss_kib(&self) -> u64 {
-        fanfare::metrics::ProcessUsage::of(self.pid())
-            .expect("/proc of the server")
-            .rss_kib
+    /// Starts counting what the server process spends: CPU time and resident memory.
+    pub fn meter(&self) -> Meter {
+        Meter {
+            pid: self.pid(),
+            before: usage_of(self.pid()),
+        }
     }
 
     /// Opens a WebSocket as `user` of `tenant` and reads `session.ready`.
@@ -665,6 +666,21 @@ pub fn raw_upgrade(server: &Server, user: &str) -> TcpStream {
     raw
 }
 
+/// A masked client frame.
+pub fn client_frame(opcode: u8, payload: &[u8], mask: [u8; 4]) -> Vec<u8> {
+    let mut out = vec![0x80 | opcode];
+    match payload.len() {
+        n @ 0..=125 => out.push(0x80 | n as u8),
+        n => {
+            out.push(0x80 | 126);
+            out.extend_from_slice(&(n as u16).to_be_bytes());
+        }
+    }
+    out.extend_from_slice(&mask);
+    out.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
+    out
+}
+
 /// Reads a raw upgraded socket: skips the 101 head, collects server frames (opcode, payload)
 /// until a close frame, and returns them with the close code.
 pub fn read_until_close(raw: &mut TcpStream) -> (Vec<(u8, Vec<u8>)>, u16) {
@@ -972,5 +988,31 @@ impl Drop for Proxy {
             .store(true, std::sync::atomic::Ordering::Relaxed);
         // Wakes the accept loop so that it sees the stop.
         let _ = TcpStream::connect(("127.0.0.1", self.port));
+    }
+}
+
+fn usage_of(pid: u32) -> fanfare::metrics::ProcessUsage {
+    fanfare::metrics::ProcessUsage::of(pid).expect("/proc of the server")
+}
+
+/// What a server spent from `Server::meter` on.
+pub struct Meter {
+    pid: u32,
+    before: fanfare::metrics::ProcessUsage,
+}
+
+impl Meter {
+    /// Asserts that since the start the server used under `cpu_s` seconds of CPU and grew its
+    /// resident memory by under `rss_kib` KiB while `what` happened.
+    pub fn assert_under(&self, what: &str, cpu_s: f64, rss_kib: u64) {
+        let now = usage_of(self.pid);
+        let (cpu, grown) = (
+            now.cpu_s - self.before.cpu_s,
+            now.rss_kib.saturating_sub(self.before.rss_kib),
+        );
+        assert!(
+            cpu < cpu_s && grown < rss_kib,
+            "{what} cost {cpu:.2} s of CPU (bound {cpu_s}) and {grown} KiB of RSS (bound {rss_kib})"
+        );
     }
 }
