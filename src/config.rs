@@ -68,6 +68,7 @@ pub struct Server {
     pub listen_backlog: u32,
     pub mesh_queue_len: usize,
     pub io_memory_bytes: usize,
+    pub io_ring_depth: usize,
     pub echo_path: String,
 }
 
@@ -83,6 +84,7 @@ impl Default for Server {
             listen_backlog: 4096,
             mesh_queue_len: 8192,
             io_memory_bytes: 1 << 20,
+            io_ring_depth: 4096,
             echo_path: String::new(),
         }
     }
@@ -250,6 +252,9 @@ pub struct History {
 /// The most events kept per conversation.
 pub const MAX_HISTORY_SIZE: usize = 10_000;
 
+/// The kernel's limit on io_uring submission queue entries.
+const MAX_IO_RING_DEPTH: usize = 32_768;
+
 impl Default for History {
     fn default() -> Self {
         History {
@@ -407,6 +412,12 @@ impl Config {
             if value == 0 {
                 return Err(ConfigError::key(key, "must be greater than 0"));
             }
+        }
+        if !(1..=MAX_IO_RING_DEPTH).contains(&self.server.io_ring_depth) {
+            return Err(ConfigError::key(
+                "server.io_ring_depth",
+                format!("1 to {MAX_IO_RING_DEPTH} entries (io_uring's limit)"),
+            ));
         }
         if self.history.size > MAX_HISTORY_SIZE {
             return Err(ConfigError::key(

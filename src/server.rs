@@ -110,6 +110,7 @@ pub fn run(
     let pool = LocalExecutorPoolBuilder::new(PoolPlacement::MaxSpread(shards, cpus))
         .name("fanfare")
         .io_memory(config.server.io_memory_bytes)
+        .ring_depth(config.server.io_ring_depth)
         .on_all_shards(move || {
             let start = start.clone();
             // One listener per executor; each takes one at start-up, so none is left over.

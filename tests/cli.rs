@@ -41,8 +41,13 @@ fn check_config_prints_effective_values() {
 #[test]
 fn bad_configuration_stops_start_up_naming_the_key() {
     type Case<'a> = (&'a str, &'a [(&'a str, &'a str)], &'a str);
-    let cases: [Case; 5] = [
+    let cases: [Case; 6] = [
         ("[server]\nlisen = \"127.0.0.1:0\"\n", &[], "lisen"),
+        (
+            "[server]\nio_ring_depth = 65536\n",
+            &[],
+            "server.io_ring_depth",
+        ),
         ("[limits]\nmsg_rate = \"fast\"\n", &[], "limits.msg_rate"),
         (
             "[heartbeat]\ninterval_ms = 1000\ntimeout_ms = 500\n",

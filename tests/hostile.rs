@@ -132,7 +132,7 @@ fn ten_times_the_connection_rate_is_refused_with_429_before_any_token_work() {
 #[test]
 fn thousands_of_half_open_sockets_are_closed_and_cost_little() {
     const SOCKETS: usize = 3000;
-    raise_open_file_limit(2 * SOCKETS as u64 + 256);
+    fanfare::server::raise_fd_limit();
     let server = Server::start("[server]\nrequest_timeout_ms = 1000");
     let mut bystander = Bystander::new(&server);
     let meter = server.meter();
@@ -158,28 +158,6 @@ fn thousands_of_half_open_sockets_are_closed_and_cost_little() {
     }
     meter.assert_under("3000 half-open sockets, closed", 1.5, 48 * 1024);
     bystander.delivers(&server);
-}
-
-/// Lifts this process's soft limit on open files to at least `n` (within the hard limit), so
-/// that the test itself can hold its thousands of sockets.
-fn raise_open_file_limit(n: u64) {
-    let mut lim = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: getrlimit and setrlimit write to and read from `lim` only.
-    unsafe {
-        assert_eq!(libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim), 0);
-        if lim.rlim_cur < n {
-            lim.rlim_cur = n.min(lim.rlim_max);
-            assert_eq!(libc::setrlimit(libc::RLIMIT_NOFILE, &lim), 0);
-        }
-    }
-    assert!(
-        lim.rlim_cur >= n,
-        "the hard limit on open files is {}",
-        lim.rlim_max
-    );
 }
 
 #[test]

@@ -727,11 +727,15 @@ fn publish(
 }
 
 /// CPU microseconds this machine spends per frame written to loopback sockets: `frames` frames
-/// of `payload` bytes over `sockets` connections, `batch` frames per send.
+/// of `payload` bytes over `sockets` connections (fewer where open files are limited), `batch`
+/// frames per send.
 fn raw_floor(sockets: usize, frames: u64, payload: usize, batch: usize) -> f64 {
     let listener = TcpListener::bind("127.0.0.1:0").expect("floor listener");
     let addr = listener.local_addr().expect("addr");
-    let sockets = sockets.min(15_000);
+    // Two descriptors per connection, within this process's limit on open files.
+    let sockets = sockets
+        .min(15_000)
+        .min(open_files_limit().saturating_sub(64) / 2);
     let mut receivers = Vec::with_capacity(sockets);
     let mut senders = Vec::with_capacity(sockets);
     for i in 0..sockets {
@@ -1119,6 +1123,19 @@ fn slope(points: &[(f64, f64)]) -> Option<f64> {
         (xy + (p.0 - mx) * (p.1 - my), xx + (p.0 - mx) * (p.0 - mx))
     });
     (sxx > 0.0).then(|| sxy / sxx)
+}
+
+/// This process's soft limit on open files.
+fn open_files_limit() -> usize {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes to `lim` only.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
+        return 1024;
+    }
+    lim.rlim_cur as usize
 }
 
 #[cfg(test)]
