@@ -19,9 +19,9 @@ use std::sync::{Arc, Mutex, Once};
 use std::time::{Duration, Instant};
 
 /// How often every core ticks.
-pub const TICK: Duration = Duration::from_millis(10);
+pub const TICK: Duration = Duration::from_millis(50);
 /// A tick this old on a sleeping core means a lost wake-up.
-const STALE: Duration = Duration::from_millis(100);
+const STALE: Duration = Duration::from_millis(250);
 /// How often the watchdog looks.
 const WATCH: Duration = Duration::from_millis(50);
 
