@@ -250,7 +250,7 @@ async fn run_shard(start: Start, listener: socket2::Socket) -> Result<(), CoreEr
     // Cross-core delivery must not wait behind other work: its own latency-sensitive queue.
     let mesh_queue = glommio::executor().create_task_queue(
         Shares::default(),
-        Latency::Matters(Duration::from_millis(1)),
+        Latency::NotImportant,
         "mesh",
     );
     for rx in inbound {
