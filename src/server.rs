@@ -247,7 +247,9 @@ async fn run_shard(start: Start, listener: socket2::Socket) -> Result<(), CoreEr
         glommio::spawn_local(cluster.clone().run()).detach();
     }
 
-    // Cross-core delivery must not wait behind other work: its own latency-sensitive queue.
+    // Cross-core delivery has a queue of its own, so that it takes turns with the writers
+    // instead of waiting behind all of them. Not `Latency::Matters`: glommio would arm and
+    // cancel a preemption timer around every reactor wait.
     let mesh_queue = glommio::executor().create_task_queue(
         Shares::default(),
         Latency::NotImportant,
