@@ -1,11 +1,14 @@
 # Sourced by the load scripts: `run "VAR=value ..." ARGS...` starts the release server on a free
 # loopback port with the variables given (and no connection-attempt limit), runs
-# `fanfare-bench ARGS...` against it (at most 200 s), and stops it.
+# `fanfare-bench ARGS...` against it (at most 200 s), and stops it. `SERVER=path` among the
+# variables runs another build of the server (e.g. one of an earlier commit) instead.
 run() {
   local vars=$1; shift
+  local server
+  server=$(env $vars sh -c 'echo "${SERVER:-target/release/fanfare}"')
   env $vars FANFARE_SERVER__LISTEN=127.0.0.1:0 FANFARE_LOG__LEVEL=warn,fanfare::server=info \
     FANFARE_LIMITS__CONNECT_RATE_PER_IP=100000 FANFARE_LIMITS__CONNECT_BURST_PER_IP=100000 \
-    target/release/fanfare serve > /tmp/fanfare-bench-server.log 2>&1 &
+    "$server" serve > /tmp/fanfare-bench-server.log 2>&1 &
   local pid=$! addr=""
   for _ in $(seq 50); do
     addr=$(grep -o 'addr=[0-9.:]*' /tmp/fanfare-bench-server.log | cut -d= -f2)
