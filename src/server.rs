@@ -250,11 +250,8 @@ async fn run_shard(start: Start, listener: socket2::Socket) -> Result<(), CoreEr
     // Cross-core delivery has a queue of its own, so that it takes turns with the writers
     // instead of waiting behind all of them. Not `Latency::Matters`: glommio would arm and
     // cancel a preemption timer around every reactor wait.
-    let mesh_queue = glommio::executor().create_task_queue(
-        Shares::default(),
-        Latency::NotImportant,
-        "mesh",
-    );
+    let mesh_queue =
+        glommio::executor().create_task_queue(Shares::default(), Latency::NotImportant, "mesh");
     for rx in inbound {
         let shard = shard.clone();
         glommio::spawn_local_into(
