@@ -54,7 +54,8 @@ struct Conn {
     client: Option<client::State>,
     /// A fragmented message being assembled: its opcode and bytes so far.
     fragments: Option<Box<(u8, BytesMut)>>,
-    started: Instant,
+    /// When the connection was upgraded, in [`crate::handle::clock_ms`].
+    started_ms: u64,
 }
 
 /// What the reader and the writer share.
@@ -141,7 +142,7 @@ impl Conn {
             client,
             rbuf: pending,
             fragments: None,
-            started: Instant::now(),
+            started_ms: crate::handle::clock_ms(),
         }
     }
 
@@ -151,33 +152,39 @@ impl Conn {
     #[allow(clippy::manual_async_fn)] // on purpose: see above
     fn run(mut self, link: Link) -> impl Future<Output = ()> {
         async move {
-            let stats = link.shard.stats();
+            // Joining and leaving are boxed with the client they use, like every rarely taken
+            // await of this task (see `read_loop`): across them the task holds one pointer.
             if let Some(client) = self.client(&link) {
-                Box::pin(client.join()).await;
+                Box::pin(async move { client.join().await }).await;
+                let stats = link.shard.stats();
                 stats.connects_total.inc();
                 stats.connections_open.inc();
             }
             let end = futures_lite::future::or(self.read_loop(&link), write_loop(&link)).await;
-
-            // Boxed, like every rarely taken await of this task: see `read_loop`.
+            // Logged before leaving, so that `end` is not held across another await.
+            self.log_end(&link, end);
             if let Some(mut client) = self.client(&link) {
-                Box::pin(client.leave()).await;
-                stats.connections_open.dec();
+                Box::pin(async move { client.leave().await }).await;
+                link.shard.stats().connections_open.dec();
             }
-            let duration_ms = self.started.elapsed().as_millis() as u64;
-            let out = &link.out;
-            let (conn, tenant, user) = (ClientId(out.id), &out.tenant, &out.user);
-            match end {
-                End::Closed { code } => {
-                    let peer_code = link.peer_close.get().flatten();
-                    info!(%conn, %tenant, %user, code = code.code(), reason = code.reason(), peer_code, duration_ms, "disconnect")
-                }
-                End::Dropped(reason) => {
-                    info!(%conn, %tenant, %user, code = 1006, reason, duration_ms, "disconnect")
-                }
-                End::Io(e) => {
-                    info!(%conn, %tenant, %user, code = 1006, reason = %e, duration_ms, "disconnect")
-                }
+        }
+    }
+
+    /// The `disconnect` line: how the connection ended, and after how long.
+    fn log_end(&self, link: &Link, end: End) {
+        let duration_ms = crate::handle::clock_ms() - self.started_ms;
+        let out = &link.out;
+        let (conn, tenant, user) = (ClientId(out.id), &out.tenant, &out.user);
+        match end {
+            End::Closed { code } => {
+                let peer_code = link.peer_close.get().flatten();
+                info!(%conn, %tenant, %user, code = code.code(), reason = code.reason(), peer_code, duration_ms, "disconnect")
+            }
+            End::Dropped(reason) => {
+                info!(%conn, %tenant, %user, code = 1006, reason, duration_ms, "disconnect")
+            }
+            End::Io(e) => {
+                info!(%conn, %tenant, %user, code = 1006, reason = %e, duration_ms, "disconnect")
             }
         }
     }
@@ -343,14 +350,13 @@ fn read_some<'a>(
 #[allow(clippy::manual_async_fn)] // on purpose: see above
 fn write_loop(link: &Link) -> impl Future<Output = End> + '_ {
     async move {
-        loop {
-            let next = poll_fn(|cx| link.out.poll_next(cx, WRITE_BATCH_BYTES)).await;
-            let bytes: &[u8] = match &next {
-                Next::One(frame) => frame,
-                Next::Many(batch) => batch,
-                Next::Close(code) => return Box::pin(close(link, *code)).await,
+        // Only `frames` is held while writing (every connection's future carries this one).
+        let code = loop {
+            let frames = match poll_fn(|cx| link.out.poll_next(cx, WRITE_BATCH_BYTES)).await {
+                Next::Frames(frames) => frames,
+                Next::Close(code) => break code,
             };
-            match link.write_all(bytes).await {
+            match link.write_all(&frames).await {
                 Ok(written) => {
                     let stats = link.shard.stats();
                     stats.writes_total.inc();
@@ -358,7 +364,8 @@ fn write_loop(link: &Link) -> impl Future<Output = End> + '_ {
                 }
                 Err(e) => return End::Io(e),
             }
-        }
+        };
+        Box::pin(close(link, code)).await
     }
 }
 

@@ -74,12 +74,11 @@ pub enum Pushed {
     Overflowed,
 }
 
-/// What the writer should do next.
+/// What the writer should do next (32 bytes: it is held by every connection's writer).
 pub enum Next {
-    /// Write this one frame (the shared bytes, no copy).
-    One(Bytes),
-    /// Write these bytes: several frames coalesced into one buffer for one `send`.
-    Many(Vec<u8>),
+    /// Write these bytes: one frame (the shared bytes, no copy), or several coalesced into one
+    /// buffer for one `send`.
+    Frames(Bytes),
     /// Everything queued is written: send the close frame with this code.
     Close(CloseCode),
 }
@@ -222,13 +221,14 @@ impl ConnHandle {
         }
         s.queued_bytes -= taken;
         let next = if count == 1 {
-            Next::One(s.queue.pop_front().map(|(f, _, _)| f).unwrap_or_default())
+            Next::Frames(s.queue.pop_front().map(|(f, _, _)| f).unwrap_or_default())
         } else {
             let mut batch = Vec::with_capacity(taken);
             for (f, _, _) in s.queue.drain(..count) {
                 batch.extend_from_slice(&f);
             }
-            Next::Many(batch)
+            // Exactly the capacity asked for: the conversion does not reallocate.
+            Next::Frames(Bytes::from(batch))
         };
         if s.queue.is_empty() {
             // Drained: give the memory back, so that an idle connection holds no queue.
@@ -337,21 +337,21 @@ mod tests {
         for i in 0..5u8 {
             assert_eq!(o.push(Bytes::from(vec![i; 10])), Pushed::Queued);
         }
-        let Some(Next::Many(batch)) = next(&o, 25) else {
+        let Some(Next::Frames(batch)) = next(&o, 25) else {
             panic!("expected a batch")
         };
         assert_eq!(batch, [vec![0; 10], vec![1; 10]].concat());
-        let Some(Next::Many(batch)) = next(&o, 1000) else {
+        let Some(Next::Frames(batch)) = next(&o, 1000) else {
             panic!("expected a batch")
         };
         assert_eq!(batch.len(), 30);
         o.push(Bytes::from(vec![9; 50]));
         o.push(Bytes::from(vec![8; 10]));
         assert!(
-            matches!(next(&o, 40), Some(Next::One(f)) if f[0] == 9),
+            matches!(next(&o, 40), Some(Next::Frames(f)) if f[..] == [9; 50]),
             "a frame over the batch size goes alone"
         );
-        assert!(matches!(next(&o, 40), Some(Next::One(f)) if f[0] == 8));
+        assert!(matches!(next(&o, 40), Some(Next::Frames(f)) if f[..] == [8; 10]));
         assert!(next(&o, 1000).is_none());
     }
 
@@ -382,7 +382,7 @@ mod tests {
         );
         // An event that does not fit sheds the queued ephemeral frame instead of closing.
         assert_eq!(o.push(Bytes::from(vec![4; 15])), Pushed::Shed(1));
-        let Some(Next::Many(batch)) = next(&o, 1000) else {
+        let Some(Next::Frames(batch)) = next(&o, 1000) else {
             panic!("expected a batch")
         };
         assert_eq!(batch, [vec![2; 10], vec![4; 15]].concat());
@@ -395,7 +395,7 @@ mod tests {
         o.push(Bytes::from_static(b"a"));
         o.close(CloseCode::GoingAway);
         o.close(CloseCode::Normal);
-        assert!(matches!(next(&o, 1000), Some(Next::One(_))));
+        assert!(matches!(next(&o, 1000), Some(Next::Frames(f)) if f[..] == *b"a"));
         assert!(matches!(
             next(&o, 1000),
             Some(Next::Close(CloseCode::GoingAway))

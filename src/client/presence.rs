@@ -40,7 +40,7 @@ pub(super) fn watch(client: &mut Client<'_>, users: &[&str], id: Option<&str>) {
     for user in wanted.iter().filter(|u| held.binary_search(u).is_err()) {
         conns.watch(client.out, user);
     }
-    client.state.watching = wanted;
+    client.state.watching = wanted.into_boxed_slice();
     client.ack(id);
     let online = watched_online(client);
     client.push(&server_event::snapshot(online.iter().map(|u| &**u), None));
