@@ -132,7 +132,8 @@ impl Default for Auth {
 #[serde(deny_unknown_fields, default)]
 pub struct Limits {
     pub max_message_bytes: usize,
-    pub outbound_queue_bytes: usize,
+    /// At most 4 GiB: the connections' handles keep it in 32 bits.
+    pub outbound_queue_bytes: u32,
     pub max_publish_bytes: usize,
     pub connect_rate_per_ip: f64,
     pub connect_burst_per_ip: f64,

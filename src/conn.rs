@@ -231,7 +231,7 @@ impl Conn {
                 }
                 match read_some(link, &mut self.rbuf).await {
                     Ok(0) => return End::Dropped("peer closed the TCP connection"),
-                    Ok(_) => link.out.last_seen.set(crate::handle::clock_ms()),
+                    Ok(_) => link.out.last_seen.set(crate::handle::clock_ms32()),
                     Err(e) => return End::Io(e),
                 }
             }

@@ -20,23 +20,26 @@ use bytes::Bytes;
 
 use crate::protocol::CloseCode;
 
+/// Every idle connection holds one, so its layout is kept to 144 bytes (with the `Rc` counts,
+/// mimalloc's 160-byte class): timestamps compared over short spans in 32 bits, a session's
+/// numbers boxed, the close code beside the limit.
 pub struct ConnHandle {
     pub id: u64,
     pub tenant: Arc<str>,
     pub user: Arc<str>,
-    limit: usize,
+    limit: u32,
+    /// The close requested, once one is; written after what is queued.
+    close: Cell<Option<CloseCode>>,
     state: RefCell<State>,
-    /// Last time anything arrived from the peer (heartbeat), in [`clock_ms`].
-    pub last_seen: Cell<u64>,
-    /// Last time the server queued a ping, in [`clock_ms`].
-    pub last_ping: Cell<u64>,
+    /// Last time anything arrived from the peer (heartbeat), in [`clock_ms32`].
+    pub last_seen: Cell<u32>,
+    /// Last time the server queued a ping, in [`clock_ms32`].
+    pub last_ping: Cell<u32>,
     /// When the connection's token expires (ms since the Unix epoch, leeway included).
     pub expires_at_ms: Cell<u64>,
     /// Until when, in [`clock_ms`], the connection is not told again that it missed events
     /// (`overloaded`): once a second at most.
     pub overload_quiet_until: Cell<u64>,
-    /// A session's queue: frames are numbered and kept after they are read.
-    retains: bool,
 }
 
 /// Whether a frame may be shed under backpressure.
@@ -53,12 +56,32 @@ struct State {
     /// Frames with their sequence numbers (a session's; 0 for a connection's).
     queue: VecDeque<(Bytes, Kind, u64)>,
     queued_bytes: usize,
-    close: Option<CloseCode>,
     waker: Option<Waker>,
-    /// A session's last sequence number given out, and the highest one of an event that left
-    /// the queue unread or was acknowledged: a reader from before it missed something.
+    /// A session's queue numbers its frames and keeps them after they are read; a
+    /// connection's has none.
+    numbers: Option<Box<Numbers>>,
+}
+
+/// A session's last sequence number given out, and the highest one of an event that left the
+/// queue unread or was acknowledged: a reader from before it missed something.
+#[derive(Default, Clone, Copy)]
+struct Numbers {
     last_seq: u64,
     gone_through: u64,
+}
+
+impl State {
+    /// A session's numbers; a connection's are all 0.
+    fn numbers(&self) -> Numbers {
+        self.numbers.as_deref().copied().unwrap_or_default()
+    }
+
+    /// Records that frames through `seq` are gone (a session's only).
+    fn gone_through(&mut self, seq: u64) {
+        if let Some(n) = self.numbers.as_deref_mut() {
+            n.gone_through = n.gone_through.max(seq);
+        }
+    }
 }
 
 /// What a push did.
@@ -97,37 +120,31 @@ pub enum Read {
 }
 
 impl ConnHandle {
-    pub fn new(
-        id: u64,
-        tenant: Arc<str>,
-        user: Arc<str>,
-        limit: usize,
-        expires_at_ms: u64,
-    ) -> Self {
-        let now = clock_ms();
+    pub fn new(id: u64, tenant: Arc<str>, user: Arc<str>, limit: u32, expires_at_ms: u64) -> Self {
+        let now = clock_ms32();
         ConnHandle {
             id,
             tenant,
             user,
             limit,
+            close: Cell::new(None),
             state: RefCell::default(),
             last_seen: Cell::new(now),
             last_ping: Cell::new(now),
             expires_at_ms: Cell::new(expires_at_ms),
             overload_quiet_until: Cell::new(0),
-            retains: false,
         }
     }
 
     /// This handle as a session's: its queue retains what it hands out, numbered.
-    pub fn retaining(mut self) -> Self {
-        self.retains = true;
+    pub fn retaining(self) -> Self {
+        self.state.borrow_mut().numbers = Some(Box::default());
         self
     }
 
     /// True for an HTTP fallback session's handle.
     pub fn is_session(&self) -> bool {
-        self.retains
+        self.state.borrow().numbers.is_some()
     }
 
     pub fn push(&self, frame: Bytes) -> Pushed {
@@ -136,11 +153,12 @@ impl ConnHandle {
 
     pub fn push_kind(&self, frame: Bytes, kind: Kind) -> Pushed {
         let mut s = self.state.borrow_mut();
-        if s.close.is_some() {
+        if self.close.get().is_some() {
             return Pushed::Dropped;
         }
+        let limit = self.limit as usize;
         let mut shed = 0;
-        if s.queued_bytes + frame.len() > self.limit {
+        if s.queued_bytes + frame.len() > limit {
             if kind == Kind::Ephemeral {
                 return Pushed::Shed(1);
             }
@@ -150,28 +168,33 @@ impl ConnHandle {
             if shed > 0 {
                 s.queued_bytes = s.queue.iter().map(|(f, _, _)| f.len()).sum();
             }
-            if s.queued_bytes + frame.len() > self.limit && !self.retains {
+            if s.queued_bytes + frame.len() > limit && s.numbers.is_none() {
                 s.queue = VecDeque::new();
                 s.queued_bytes = 0;
-                s.close = Some(CloseCode::SlowConsumer);
+                self.close.set(Some(CloseCode::SlowConsumer));
                 wake(&mut s);
                 return Pushed::Overflowed;
             }
             // A session makes room from its oldest frames.
-            while s.queued_bytes + frame.len() > self.limit {
+            while s.queued_bytes + frame.len() > limit {
                 let Some((old, _, seq)) = s.queue.pop_front() else {
                     break;
                 };
                 s.queued_bytes -= old.len();
-                s.gone_through = seq;
+                s.gone_through(seq);
                 shed += 1;
             }
         }
-        let seq = if self.retains { s.last_seq + 1 } else { 0 };
-        s.last_seq = seq;
-        if frame.len() > self.limit {
+        let seq = match s.numbers.as_deref_mut() {
+            Some(n) => {
+                n.last_seq += 1;
+                n.last_seq
+            }
+            None => 0,
+        };
+        if frame.len() > limit {
             // Larger than a whole session queue: lost, and known to be.
-            s.gone_through = seq;
+            s.gone_through(seq);
             wake(&mut s);
             return Pushed::Shed(shed + 1);
         }
@@ -187,22 +210,21 @@ impl ConnHandle {
 
     /// Asks for a close after what is queued now; the first request's code wins.
     pub fn close(&self, code: CloseCode) {
-        let mut s = self.state.borrow_mut();
-        if s.close.is_none() {
-            s.close = Some(code);
-            wake(&mut s);
+        if self.close.get().is_none() {
+            self.close.set(Some(code));
+            wake(&mut self.state.borrow_mut());
         }
     }
 
     pub fn close_code(&self) -> Option<CloseCode> {
-        self.state.borrow().close
+        self.close.get()
     }
 
     /// Waits for work: up to `max_bytes` of queued frames (at least one), or the close.
     pub fn poll_next(&self, cx: &mut Context<'_>, max_bytes: usize) -> Poll<Next> {
         let mut s = self.state.borrow_mut();
         if s.queue.is_empty() {
-            return match s.close {
+            return match self.close.get() {
                 Some(code) => Poll::Ready(Next::Close(code)),
                 None => {
                     s.waker = Some(cx.waker().clone());
@@ -241,7 +263,7 @@ impl ConnHandle {
     /// or for the close once everything is read. Frames stay queued until acknowledged.
     pub fn poll_after(&self, cx: &mut Context<'_>, cursor: u64, max_bytes: usize) -> Poll<Read> {
         let mut s = self.state.borrow_mut();
-        let missed = cursor < s.gone_through;
+        let missed = cursor < s.numbers().gone_through;
         let (mut frames, mut taken) = (Vec::new(), 0);
         // Numbers grow along the queue: the frames after the cursor are at its end, and a
         // reader that keeps up has one or two of them. Counted from the end, touching only
@@ -261,7 +283,7 @@ impl ConnHandle {
             frames.push((*seq, f.clone()));
         }
         if frames.is_empty() && !missed {
-            return match s.close {
+            return match self.close.get() {
                 Some(code) => Poll::Ready(Read::Closed(code)),
                 None => {
                     s.waker = Some(cx.waker().clone());
@@ -269,7 +291,9 @@ impl ConnHandle {
                 }
             };
         }
-        let cursor = frames.last().map_or(s.gone_through, |(seq, _)| *seq);
+        let cursor = frames
+            .last()
+            .map_or(s.numbers().gone_through, |(seq, _)| *seq);
         Poll::Ready(Read::Frames {
             missed,
             frames,
@@ -285,7 +309,7 @@ impl ConnHandle {
             s.queued_bytes -= f.len();
             s.queue.pop_front();
         }
-        s.gone_through = s.gone_through.max(cursor);
+        s.gone_through(cursor);
         if s.queue.is_empty() {
             s.queue = VecDeque::new();
         }
@@ -293,7 +317,7 @@ impl ConnHandle {
 
     /// A session's last sequence number given out: a cursor past it is not one it gave.
     pub fn last_seq(&self) -> u64 {
-        self.state.borrow().last_seq
+        self.state.borrow().numbers().last_seq
     }
 
     /// Wakes the reader waiting on this handle (a session's, when another one takes over).
@@ -309,6 +333,12 @@ pub fn clock_ms() -> u64 {
     START.get_or_init(Instant::now).elapsed().as_millis() as u64
 }
 
+/// [`clock_ms`] in 32 bits, for timestamps that are only compared over spans far shorter than
+/// its wrap (49 days): the span from one to now is `clock_ms32().wrapping_sub(then)`.
+pub fn clock_ms32() -> u32 {
+    clock_ms() as u32
+}
+
 fn wake(s: &mut State) {
     if let Some(w) = s.waker.take() {
         w.wake();
@@ -320,7 +350,7 @@ mod tests {
     use super::*;
     use std::task::Waker;
 
-    fn handle(limit: usize) -> ConnHandle {
+    fn handle(limit: u32) -> ConnHandle {
         ConnHandle::new(1, "t".into(), "u".into(), limit, u64::MAX)
     }
 

@@ -332,7 +332,7 @@ async fn housekeeping(shard: Rc<Shard>, shutdown: Arc<AtomicBool>) {
             last_sweep = now;
             let stats = shard.stats();
             let now_ms = crate::auth::now_ms();
-            let clock = crate::handle::clock_ms();
+            let clock = crate::handle::clock_ms32();
             shard.conns.for_each(|c| {
                 // A session has no heartbeat; its expiry is the sessions' sweep's.
                 if c.close_code().is_some() || c.is_session() {
@@ -346,10 +346,10 @@ async fn housekeeping(shard: Rc<Shard>, shutdown: Arc<AtomicBool>) {
                     );
                     c.push(crate::ws::text(expired.as_bytes()));
                     c.close(CloseCode::TokenExpired);
-                } else if clock.saturating_sub(c.last_seen.get()) > hb.timeout_ms {
+                } else if u64::from(clock.wrapping_sub(c.last_seen.get())) > hb.timeout_ms {
                     stats.heartbeat_closes_total.inc();
                     c.close(CloseCode::HeartbeatTimeout);
-                } else if clock.saturating_sub(c.last_ping.get()) >= hb.interval_ms {
+                } else if u64::from(clock.wrapping_sub(c.last_ping.get())) >= hb.interval_ms {
                     c.last_ping.set(clock);
                     if c.push(ping.clone()) == crate::handle::Pushed::Overflowed {
                         stats.slow_consumer_closes_total.inc();

@@ -41,8 +41,13 @@ fn check_config_prints_effective_values() {
 #[test]
 fn bad_configuration_stops_start_up_naming_the_key() {
     type Case<'a> = (&'a str, &'a [(&'a str, &'a str)], &'a str);
-    let cases: [Case; 6] = [
+    let cases: [Case; 7] = [
         ("[server]\nlisen = \"127.0.0.1:0\"\n", &[], "lisen"),
+        (
+            "[limits]\noutbound_queue_bytes = 5000000000\n",
+            &[],
+            "limits.outbound_queue_bytes",
+        ),
         (
             "[server]\nio_ring_depth = 65536\n",
             &[],

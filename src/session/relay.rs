@@ -218,7 +218,7 @@ struct Relayed<'a> {
 impl Source for Relayed<'_> {
     async fn next(&mut self) -> Option<Vec<u8>> {
         let quiet = Duration::from_millis(self.shard.config.heartbeat.interval_ms);
-        let limit = self.shard.config.limits.outbound_queue_bytes;
+        let limit = self.shard.config.limits.outbound_queue_bytes as usize;
         if self.sent.waiting.bytes.get() > limit {
             // The client reads slower than the frames come: it resumes from what it has.
             debug!("a forwarded stream fell behind; ending it");
