@@ -290,6 +290,16 @@ pub mod server_event {
         with_id(out, id)
     }
 
+    /// `error{code:"token_expired"}`, sent before a connection or session ends for it;
+    /// `then` tells the client what to do next.
+    pub fn token_expired(then: &str) -> String {
+        error(
+            ErrorCode::TokenExpired,
+            &format!("the token expired; {then}"),
+            None,
+        )
+    }
+
     pub fn presence(kind: &str, user: &str) -> String {
         format!("{{\"type\":\"presence.{kind}\",\"userId\":\"{user}\"}}")
     }

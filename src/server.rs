@@ -28,7 +28,7 @@ use crate::history::{Epoch, Position};
 use crate::http::{self, Request, Response};
 use crate::mesh::{Mesh, Message, Verdict, Wiring};
 use crate::metrics::{self, Registry};
-use crate::protocol::{server_event, CloseCode, ErrorCode};
+use crate::protocol::{server_event, CloseCode};
 use crate::session::{self, Served};
 use crate::shard::Shard;
 use crate::watchdog::{Watchdog, TICK};
@@ -339,11 +339,7 @@ async fn housekeeping(shard: Rc<Shard>, shutdown: Arc<AtomicBool>) {
                     return;
                 }
                 if now_ms >= c.expires_at_ms.get() {
-                    let expired = server_event::error(
-                        ErrorCode::TokenExpired,
-                        "the token expired; reconnect with a fresh one",
-                        None,
-                    );
+                    let expired = server_event::token_expired("reconnect with a fresh one");
                     c.push(crate::ws::text(expired.as_bytes()));
                     c.close(CloseCode::TokenExpired);
                 } else if u64::from(clock.wrapping_sub(c.last_seen.get())) > hb.timeout_ms {

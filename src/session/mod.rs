@@ -244,11 +244,7 @@ impl Sessions {
         self.by_id.borrow_mut().retain(|_, s| {
             let out = &s.out;
             if out.close_code().is_none() && now >= out.expires_at_ms.get() {
-                let expired = server_event::error(
-                    ErrorCode::TokenExpired,
-                    "the token expired; create a session with a fresh one",
-                    None,
-                );
+                let expired = server_event::token_expired("create a session with a fresh one");
                 out.push(crate::ws::text(expired.as_bytes()));
                 s.end(CloseCode::TokenExpired);
             } else if let Some(code) = out.close_code() {
