@@ -208,6 +208,8 @@ impl Default for Presence {
 pub struct Broker {
     pub kind: BrokerKind,
     pub redis_url: String,
+    /// With `kind = "redis-cluster"`: seed nodes, from which the topology is read.
+    pub redis_urls: Vec<String>,
     pub channel_prefix: String,
     pub subscribe_timeout_ms: u64,
     pub instance_ttl_ms: u64,
@@ -218,10 +220,30 @@ impl Default for Broker {
         Broker {
             kind: BrokerKind::Memory,
             redis_url: "redis://127.0.0.1:6379/0".into(),
+            redis_urls: vec!["redis://127.0.0.1:7000".into()],
             channel_prefix: "fanfare".into(),
             subscribe_timeout_ms: 5000,
             instance_ttl_ms: 15_000,
         }
+    }
+}
+
+impl Broker {
+    /// The seed nodes of `redis_urls`: at least one, each a Redis URL without a database
+    /// (a cluster has only database 0).
+    pub fn cluster_seeds(&self) -> Result<Vec<crate::broker::Target>, ConfigError> {
+        let bad = |m: String| ConfigError::key("broker.redis_urls", m);
+        if self.redis_urls.is_empty() {
+            return Err(bad("needs at least one seed node".into()));
+        }
+        self.redis_urls
+            .iter()
+            .map(|url| match crate::broker::Target::parse(url) {
+                Ok(t) if t.db != 0 => Err(bad(format!("{url}: a cluster has only database 0"))),
+                Ok(t) => Ok(t),
+                Err(e) => Err(bad(format!("{url}: {e}"))),
+            })
+            .collect()
     }
 }
 
@@ -270,6 +292,8 @@ impl Default for History {
 pub enum BrokerKind {
     Memory,
     Redis,
+    #[serde(rename = "redis-cluster")]
+    RedisCluster,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -430,6 +454,9 @@ impl Config {
         if b.kind == BrokerKind::Redis {
             crate::broker::Target::parse(&b.redis_url)
                 .map_err(|m| ConfigError::key("broker.redis_url", m.to_string()))?;
+        }
+        if b.kind == BrokerKind::RedisCluster {
+            b.cluster_seeds()?;
         }
         if b.channel_prefix.is_empty() || b.channel_prefix.contains(char::is_whitespace) {
             return Err(ConfigError::key(

@@ -225,6 +225,18 @@ impl Rooms {
         }
     }
 
+    /// The events of owned room `name` stopped flowing (its channel's slot moved): it waits
+    /// for its new subscription like a new room. False when it is not owned here.
+    pub fn dropped(&mut self, name: &str) -> bool {
+        let Some(room) = self.owned.get_mut(name) else {
+            return false;
+        };
+        if room.live.get().is_some() {
+            room.live = Rc::default();
+        }
+        true
+    }
+
     /// The events of the owned rooms stopped flowing (the Redis subscriber dropped): new
     /// subscribers wait for the resubscription; the ones acked stay. A room not live yet keeps
     /// its latch: its waiters are answered by the resubscription.

@@ -58,8 +58,8 @@ pub enum CoreError {
     NoListener,
     #[error("no mesh ends left for this core")]
     NoMesh,
-    #[error("broker.redis_url: {0}")]
-    RedisUrl(#[from] crate::broker::TargetError),
+    #[error("{0}")]
+    Broker(String),
     #[error("mesh receive task: {0}")]
     Task(String),
 }
@@ -214,16 +214,25 @@ async fn run_shard(start: Start, listener: socket2::Socket) -> Result<(), CoreEr
     let (mesh, inbound) = Mesh::connect(ends, config.server.mesh_queue_len).await;
     let broker = match config.broker.kind {
         BrokerKind::Memory => None,
-        BrokerKind::Redis => {
-            let target = Target::parse(&config.broker.redis_url)?;
-            let timeout = Duration::from_millis(config.broker.subscribe_timeout_ms);
-            Some(Rc::new(Broker::new(
-                target,
-                &config.broker.channel_prefix,
+        kind => {
+            let b = &config.broker;
+            let cluster = kind == BrokerKind::RedisCluster;
+            let seeds = match cluster {
+                true => b
+                    .cluster_seeds()
+                    .map_err(|e| CoreError::Broker(e.to_string()))?,
+                false => vec![Target::parse(&b.redis_url)
+                    .map_err(|e| CoreError::Broker(format!("broker.redis_url: {e}")))?],
+            };
+            let timeout = Duration::from_millis(b.subscribe_timeout_ms);
+            Some(Broker::new(
+                seeds,
+                cluster,
+                &b.channel_prefix,
                 &instance,
                 core,
                 timeout,
-            )))
+            ))
         }
     };
     mesh.start(&registry);
@@ -236,12 +245,8 @@ async fn run_shard(start: Start, listener: socket2::Socket) -> Result<(), CoreEr
         instance,
     ));
     if let Some(broker) = broker {
-        glommio::spawn_local(broker.clone().run_commands()).detach();
         let (wanted, pushed) = (shard.clone(), shard.clone());
-        glommio::spawn_local(
-            broker.run_subscriber(move || wanted.wanted_channels(), move |p| pushed.on_push(p)),
-        )
-        .detach();
+        broker.start(move || wanted.wanted_channels(), move |p| pushed.on_push(p));
     }
     if let Some(cluster) = &shard.cluster {
         glommio::spawn_local(cluster.clone().run()).detach();

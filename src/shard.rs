@@ -77,9 +77,9 @@ pub struct Shard {
     typing: RefCell<presence::Throttle>,
     /// The streams of the rooms this core owns (missed-event recovery); with Redis, a cache.
     history: RefCell<History>,
-    /// With Redis: what each command sent on the subscriber connection (`Broker::ordered`) and
-    /// not answered yet was for, in order.
-    ordered: RefCell<VecDeque<Ordered>>,
+    /// With Redis: what each command sent on a subscriber connection (`Broker::ordered`) and
+    /// not answered yet was for, in order, by link.
+    ordered: RefCell<Map<usize, VecDeque<Ordered>>>,
     /// With Redis: recoveries waiting for a read of their room's history, by room (one read
     /// for all that come while it runs).
     recovering: RefCell<Map<RoomKey, Vec<Recovery>>>,
@@ -303,34 +303,8 @@ impl Shard {
     /// published atomically, or none.
     pub async fn publish(self: &Rc<Self>, events: Vec<Routed>) -> Result<Vec<u64>, BrokerError> {
         let history = self.history.borrow().enabled();
-        if let (Some(broker), true) = (&self.broker, history) {
-            let h = &self.config.history;
-            let batch = events.iter().map(|e| (&*e.room, &e.payload[..]));
-            let packed = broker.publish_with_history(batch, h.size, h.ttl_ms);
-            let offsets = match broker.command(packed).await? {
-                redis::Value::Array(offsets) => offsets
-                    .iter()
-                    .map(|o| match o {
-                        redis::Value::Int(n) => u64::try_from(*n).ok(),
-                        _ => None,
-                    })
-                    .collect::<Option<Vec<u64>>>(),
-                _ => None,
-            };
-            return offsets
-                .ok_or_else(|| BrokerError::Server("the publish script's answer".into()));
-        }
         if let Some(broker) = &self.broker {
-            let publishes: Vec<redis::Cmd> = events
-                .iter()
-                .map(|e| {
-                    redis::cmd("PUBLISH")
-                        .arg(broker.channel(&e.room))
-                        .arg(&e.payload[..])
-                        .clone()
-                })
-                .collect();
-            return broker.transaction(&publishes).await.map(|_| Vec::new());
+            return self.publish_at_redis(broker, events, history).await;
         }
         // One message per owner, in the order of their first event (order is per room).
         let mut owners: Vec<(usize, Vec<Routed>, Vec<usize>)> = Vec::new();
@@ -369,6 +343,62 @@ impl Shard {
         Ok(offsets)
     }
 
+    /// Publishes through Redis: with history through the script that gives offsets, else
+    /// with PUBLISH; one command or transaction per [`Broker::group`] (with one Redis, one for
+    /// all: all or nothing; with a cluster, one per slot, in order per conversation).
+    async fn publish_at_redis(
+        &self,
+        broker: &Broker,
+        events: Vec<Routed>,
+        history: bool,
+    ) -> Result<Vec<u64>, BrokerError> {
+        let mut groups: Vec<(u16, Vec<usize>)> = Vec::new();
+        for (index, event) in events.iter().enumerate() {
+            let group = broker.group(&event.room);
+            match groups.iter_mut().find(|(g, _)| *g == group) {
+                Some((_, indexes)) => indexes.push(index),
+                None => groups.push((group, vec![index])),
+            }
+        }
+        let mut offsets = vec![0; if history { events.len() } else { 0 }];
+        let sent = groups.iter().map(|(_, indexes)| {
+            let key = broker.channel(&events[indexes[0]].room);
+            let batch = indexes
+                .iter()
+                .map(|&i| (&*events[i].room, &events[i].payload[..]));
+            async move {
+                if !history {
+                    let publishes: Vec<redis::Cmd> = batch
+                        .map(|(room, payload)| broker.publish(room, payload))
+                        .collect();
+                    return broker
+                        .transaction(&key, &publishes)
+                        .await
+                        .map(|_| Vec::new());
+                }
+                let h = &self.config.history;
+                let packed = broker.publish_with_history(batch, h.size, h.ttl_ms);
+                match broker.command(&key, packed).await? {
+                    redis::Value::Array(given) => given
+                        .iter()
+                        .map(|o| match o {
+                            redis::Value::Int(n) => u64::try_from(*n).ok(),
+                            _ => None,
+                        })
+                        .collect::<Option<Vec<u64>>>(),
+                    _ => None,
+                }
+                .ok_or_else(|| BrokerError::Server("the publish script's answer".into()))
+            }
+        });
+        for ((_, indexes), given) in groups.iter().zip(join_all(sent).await) {
+            for (&index, offset) in indexes.iter().zip(given?) {
+                offsets[index] = offset;
+            }
+        }
+        Ok(offsets)
+    }
+
     /// On the owner: frames each event once (with its offset, when history is on) and fans it
     /// out; the offsets given.
     fn publish_owned(&self, events: Vec<Routed>) -> Vec<u64> {
@@ -395,7 +425,7 @@ impl Shard {
         }
         if let Some(broker) = &self.broker {
             let packed = broker.read_history(&room, true, self.config.history.ttl_ms);
-            let reply = broker.command(packed).await.ok()?;
+            let reply = broker.command(&broker.channel(&room), packed).await.ok()?;
             let (at, frames) = crate::broker::read_reply(&reply)?;
             return Some(crate::history::read_kept(at, frames.iter(), since));
         }
@@ -442,18 +472,30 @@ impl Shard {
         if waiting.len() > 1 {
             return;
         }
-        let ttl = self.config.history.ttl_ms;
-        let sent = self
-            .broker
-            .as_ref()
-            .is_some_and(|broker| broker.ordered(&broker.read_history(&room, true, ttl)));
-        if sent {
+        drop(recovering);
+        if self.read_ordered(Ordered::Recovery(room.clone())) {
             self.stats().history_reads_total.inc();
-            self.ordered.borrow_mut().push_back(Ordered::Recovery(room));
         } else {
             // The link is down: the subscribers' waits end in `unavailable`.
-            recovering.remove(&room);
+            self.recovering.borrow_mut().remove(&room);
         }
+    }
+
+    /// Reads a room's history (with its events for a recovery) on the subscriber connection
+    /// that delivers its events, in order with them. False when that link is down.
+    fn read_ordered(&self, what: Ordered) -> bool {
+        let Some(broker) = &self.broker else {
+            return false;
+        };
+        let (Ordered::Position(room) | Ordered::Recovery(room)) = &what;
+        let events = matches!(what, Ordered::Recovery(_));
+        let packed = broker.read_history(room, events, self.config.history.ttl_ms);
+        let Some(link) = broker.ordered(&broker.channel(room), &packed) else {
+            return false;
+        };
+        let mut ordered = self.ordered.borrow_mut();
+        ordered.entry(link).or_default().push_back(what);
+        true
     }
 
     /// Sends a recovery's answer to its core, counted.
@@ -500,12 +542,11 @@ impl Shard {
         let conversation = room.split_once(":c:").map_or("", |(_, c)| c);
         let payload = server_event::typing(&user, conversation);
         if let Some(broker) = self.broker.as_ref().filter(|b| b.is_up()) {
-            let publish = redis::cmd("PUBLISH")
-                .arg(broker.channel(room))
-                .arg(&payload)
+            let publish = broker
+                .publish(room, payload.as_bytes())
                 .get_packed_command();
-            let broker = broker.clone();
-            glommio::spawn_local(async move { broker.command(publish).await }).detach();
+            let (broker, key) = (broker.clone(), broker.channel(room));
+            glommio::spawn_local(async move { broker.command(&key, publish).await }).detach();
             return;
         }
         // Without Redis (or while it is down) typing still reaches this instance's connections.
@@ -782,4 +823,29 @@ pub(crate) enum Ordered {
 pub struct Subscription {
     pub at: Option<Position>,
     pub recovered: bool,
+}
+
+/// Runs `futures` together (each queues its command at its first poll, so that they all go
+/// out at once); their outputs, in order.
+async fn join_all<F: std::future::Future>(futures: impl Iterator<Item = F>) -> Vec<F::Output> {
+    let mut futures: Vec<_> = futures.map(Box::pin).collect();
+    let mut outputs: Vec<Option<F::Output>> = futures.iter().map(|_| None).collect();
+    std::future::poll_fn(|cx| {
+        let mut pending = false;
+        for (future, output) in futures.iter_mut().zip(outputs.iter_mut()) {
+            if output.is_none() {
+                match future.as_mut().poll(cx) {
+                    std::task::Poll::Ready(v) => *output = Some(v),
+                    std::task::Poll::Pending => pending = true,
+                }
+            }
+        }
+        if pending {
+            std::task::Poll::Pending
+        } else {
+            std::task::Poll::Ready(())
+        }
+    })
+    .await;
+    outputs.into_iter().flatten().collect()
 }

@@ -573,11 +573,14 @@ fn an_instance_taken_for_gone_announces_its_users_again() {
         .command(&["PUBLISH", "fanfare:presence", &format!("gone {id}")])
         .unwrap();
     wait_for("alice offline on b", || (!online_on_b()).then_some(()));
-    let key = format!("fanfare:instance:{id}");
+    // Under the presence channel's hash tag (one slot with it in a Redis Cluster).
+    let key = format!("{{fanfare:presence}}:instance:{id}");
     redis
         .command(&["DEL", &key, &format!("{key}:users")])
         .unwrap();
-    redis.command(&["SREM", "fanfare:instances", &id]).unwrap();
+    redis
+        .command(&["SREM", "{fanfare:presence}:instances", &id])
+        .unwrap();
     // `a` notices at its next refresh and announces alice again, without her reconnecting.
     wait_for("alice online on b again", || online_on_b().then_some(()));
 }

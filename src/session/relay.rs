@@ -287,10 +287,12 @@ async fn send<'a>(
     if sent.publish(&home, payload).await {
         return Ok(sent);
     }
-    let alive = redis::cmd("EXISTS")
-        .arg(broker.channel(&format!("instance:{instance}")))
-        .get_packed_command();
-    match broker.command(alive).await {
+    let key = match &shard.cluster {
+        Some(cluster) => cluster.instance_key(instance),
+        None => return Err(not_found()),
+    };
+    let alive = redis::cmd("EXISTS").arg(&key).get_packed_command();
+    match broker.command(&key, alive).await {
         Ok(redis::Value::Int(0)) => Err(not_found()),
         _ => Err(unavailable("the session's instance does not answer")),
     }
@@ -300,12 +302,12 @@ fn unavailable(reason: &str) -> Response {
     Response::error(503, "unavailable", reason).with_header("Retry-After", "1")
 }
 
+/// True when a subscriber heard it (with a cluster, sharded: the one node that serves the
+/// channel counts every subscriber there is).
 async fn publish(broker: &Broker, channel: &str, payload: Vec<u8>) -> bool {
-    let publish = redis::cmd("PUBLISH")
-        .arg(broker.channel(channel))
-        .arg(payload)
-        .get_packed_command();
-    matches!(broker.command(publish).await, Ok(redis::Value::Int(n)) if n > 0)
+    let publish = broker.publish(channel, &payload).get_packed_command();
+    let answer = broker.command(&broker.channel(channel), publish).await;
+    matches!(answer, Ok(redis::Value::Int(n)) if n > 0)
 }
 
 // ---- what arrives ----------------------------------------------------------------------

@@ -1,8 +1,11 @@
 //! This instance among the others sharing a Redis: liveness, membership, and the presence news
 //! that crosses instances.
 //!
-//! Model: each instance keeps `<prefix>:instance:<id>` alive with a TTL
-//! (`broker.instance_ttl_ms`) and lists its users in the set `<prefix>:instance:<id>:users`;
+//! Model: each instance keeps `{<prefix>:presence}:instance:<id>` alive with a TTL
+//! (`broker.instance_ttl_ms`) and lists its users in the set
+//! `{<prefix>:presence}:instance:<id>:users`, beside the list of instances
+//! `{<prefix>:presence}:instances` (one hash tag, the presence channel's: with Redis Cluster
+//! they and the channel share a slot, so that each change and its news stay one transaction);
 //! it announces a user's first and last local connection on the channel `<prefix>:presence`
 //! (`up|down <instance> <tenant> <user>`, and `gone <instance>` when it stops). A user is online
 //! while any instance has a connection of theirs; an instance whose key expired is gone, and
@@ -96,10 +99,11 @@ impl Cluster {
     }
 
     fn key(&self, what: &str) -> String {
-        format!("{}:{what}", self.prefix)
+        format!("{{{}:{PRESENCE_CHANNEL}}}:{what}", self.prefix)
     }
 
-    fn instance_key(&self, instance: &str) -> String {
+    /// The liveness key of `instance`.
+    pub fn instance_key(&self, instance: &str) -> String {
         self.key(&format!("instance:{instance}"))
     }
 
@@ -156,7 +160,6 @@ impl Cluster {
         let ttl = self.ttl_ms;
         let instances = self.key("instances");
         let instance = self.instance.clone();
-        let channel = broker.channel(PRESENCE_CHANNEL);
         glommio::spawn_local(async move {
             let change = if up { "SADD" } else { "SREM" };
             // The liveness key and the instance list are written with the news, so that an
@@ -166,9 +169,9 @@ impl Cluster {
                 redis::cmd("SADD").arg(&instances).arg(&*instance).clone(),
                 redis::cmd(change).arg(&set).arg(&member).clone(),
                 redis::cmd("PEXPIRE").arg(&set).arg(ttl).clone(),
-                redis::cmd("PUBLISH").arg(&channel).arg(&note).clone(),
+                broker.publish(PRESENCE_CHANNEL, note.as_bytes()),
             ];
-            let _ = broker.transaction(&commands).await;
+            let _ = broker.transaction(&me, &commands).await;
         })
         .detach();
     }
@@ -269,7 +272,7 @@ impl Cluster {
                 .arg(&*self.instance)
                 .clone(),
         ];
-        let Ok(replies) = broker.transaction(&alive).await else {
+        let Ok(replies) = broker.transaction(&me, &alive).await else {
             return false;
         };
         // The liveness key had expired, or the instance list had lost this instance: the
@@ -281,9 +284,11 @@ impl Cluster {
             self.mesh.post_to_peers(|| Message::Reannounce);
             self.announce_local_users();
         }
-        let smembers =
-            |key: &str| broker.command(redis::cmd("SMEMBERS").arg(key).get_packed_command());
-        let Ok(redis::Value::Array(others)) = smembers(&instances).await else {
+        let smembers = |key: String| async move {
+            let packed = redis::cmd("SMEMBERS").arg(&key).get_packed_command();
+            broker.command(&key, packed).await
+        };
+        let Ok(redis::Value::Array(others)) = smembers(instances.clone()).await else {
             return false;
         };
         for other in others {
@@ -296,7 +301,7 @@ impl Cluster {
             }
             let key = self.instance_key(&id);
             match broker
-                .command(redis::cmd("EXISTS").arg(&key).get_packed_command())
+                .command(&key, redis::cmd("EXISTS").arg(&key).get_packed_command())
                 .await
             {
                 Ok(redis::Value::Int(0)) => {
@@ -305,11 +310,11 @@ impl Cluster {
                         redis::cmd("SREM").arg(&instances).arg(&id).clone(),
                         redis::cmd("DEL").arg(format!("{key}:users")).clone(),
                     ];
-                    let _ = broker.transaction(&forget).await;
+                    let _ = broker.transaction(&key, &forget).await;
                     self.users.members_everywhere(id.into(), Arc::from([]));
                 }
                 Ok(_) if reconnected => {
-                    let Ok(redis::Value::Array(members)) = smembers(&format!("{key}:users")).await
+                    let Ok(redis::Value::Array(members)) = smembers(format!("{key}:users")).await
                     else {
                         return false;
                     };
@@ -346,12 +351,12 @@ impl Cluster {
                 .arg(self.key("instances"))
                 .arg(&*self.instance)
                 .clone(),
-            redis::cmd("PUBLISH")
-                .arg(broker.channel(PRESENCE_CHANNEL))
-                .arg(format!("gone {}", self.instance))
-                .clone(),
+            broker.publish(
+                PRESENCE_CHANNEL,
+                format!("gone {}", self.instance).as_bytes(),
+            ),
         ];
-        if let Err(e) = broker.transaction(&leave).await {
+        if let Err(e) = broker.transaction(&me, &leave).await {
             warn!(error = %e, "could not remove this instance's presence from redis");
         }
     }

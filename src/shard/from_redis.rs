@@ -6,6 +6,7 @@
 //! body before it is framed (`publish::check_pushed`); a bad one is dropped, logged and
 //! counted. A room is live only once Redis confirmed its SUBSCRIBE.
 
+use std::collections::VecDeque;
 use std::rc::Rc;
 use std::sync::Arc;
 use std::time::Instant;
@@ -38,18 +39,40 @@ impl Shard {
         let Some(room) = self.rooms.borrow().owned_key(channel) else {
             return;
         };
-        let Some(broker) = self.broker.as_ref().filter(|_| self.history_enabled()) else {
+        if !self.history_enabled() {
             return self.rooms.borrow().confirmed(channel);
-        };
-        if broker.ordered(&broker.read_history(&room, false, self.config.history.ttl_ms)) {
-            self.ordered.borrow_mut().push_back(Ordered::Position(room));
+        }
+        self.read_ordered(Ordered::Position(room));
+    }
+
+    /// A node stopped serving `channel` (its slot moved): what was published meanwhile is
+    /// not here, so the room waits for a new confirmation (and with history a new position)
+    /// before it is live again, and is subscribed where it is served now.
+    fn dropped_at_redis(&self, channel: &str, cluster: &super::Cluster) {
+        if channel == PRESENCE_CHANNEL {
+            // Presence news may have been missed: ready again once reloaded.
+            cluster.link_lost();
+        } else if channel == self.sessions_channel {
+            self.sessions.relay.link_lost();
+        } else if self.rooms.borrow_mut().dropped(channel) {
+            warn!(%channel, "redis moved a conversation's channel; subscribing where it is now");
+        } else {
+            return;
+        }
+        if let Some(broker) = &self.broker {
+            broker.subscribe(&[channel]);
         }
     }
 
-    /// The reply to the oldest command sent on the subscriber connection: it was run after
-    /// every event delivered so far and before every one to come.
-    fn on_reply(self: &Rc<Self>, reply: &redis::Value) {
-        let Some(ordered) = self.ordered.borrow_mut().pop_front() else {
+    /// The reply to the oldest command sent on subscriber connection `link`: it was run after
+    /// every event delivered there so far and before every one to come.
+    fn on_reply(self: &Rc<Self>, link: usize, reply: &redis::Value) {
+        let ordered = self
+            .ordered
+            .borrow_mut()
+            .get_mut(&link)
+            .and_then(VecDeque::pop_front);
+        let Some(ordered) = ordered else {
             return;
         };
         let (Ordered::Position(room) | Ordered::Recovery(room)) = &ordered;
@@ -136,7 +159,8 @@ impl Shard {
                 cluster.presence_subscribed()
             }
             Push::Subscribed { channel } => self.live_at_redis(channel),
-            Push::Reply(reply) => self.on_reply(&reply),
+            Push::Dropped { channel } => self.dropped_at_redis(channel, cluster),
+            Push::Reply { link, value } => self.on_reply(link, &value),
             Push::Link(true) => {}
             Push::Link(false) => {
                 cluster.link_lost();
