@@ -371,6 +371,11 @@ impl Shard {
                     let publishes: Vec<redis::Cmd> = batch
                         .map(|(room, payload)| broker.publish(room, payload))
                         .collect();
+                    // One alone needs no transaction, and follows a slot that moved.
+                    if let [publish] = publishes.as_slice() {
+                        let packed = publish.get_packed_command();
+                        return broker.command(&key, packed).await.map(|_| Vec::new());
+                    }
                     return broker
                         .transaction(&key, &publishes)
                         .await

@@ -394,7 +394,7 @@ impl Broker {
         loop {
             let round = self.renew.borrow().clone();
             let probe = self.probe_on(&node);
-            let (was_up, result) = node.subscriber_session(&self, &probe, &round).await;
+            let (was_up, result) = node.subscriber_session(&self, probe, &round).await;
             if was_up {
                 self.renew_links(&round);
             }
@@ -463,13 +463,11 @@ impl Broker {
             .collect()
     }
 
-    /// A node stopped serving `channel` (prefix stripped) without being asked.
+    /// A node stopped serving `channel` (prefix stripped) without being asked: the shard is
+    /// told at once (a subscribe sent where the slot was is redirected by its `MOVED`).
     fn dropped(&self, channel: &str) {
-        self.dropped.borrow_mut().push(self.channel(channel));
-        match self.cluster {
-            true => self.request_refresh(),
-            false => self.hand_back_dropped(),
-        }
+        self.request_refresh();
+        self.push(Push::Dropped { channel });
     }
 
     /// A node refused to (un)subscribe `channels` with `reply`: where a slot moved, they are
@@ -483,10 +481,21 @@ impl Broker {
             _ => false,
         };
         if self.cluster && moved {
-            if subscribe {
-                self.dropped.borrow_mut().extend(channels.iter().cloned());
+            self.request_refresh();
+            if !subscribe {
+                return;
             }
-            return self.request_refresh();
+            // Followed at once to the node named, when it is one of ours; else after the
+            // topology is read again.
+            let to = match reply {
+                Value::ServerError(e) => e.details().and_then(|d| d.rsplit(' ').next()),
+                _ => None,
+            };
+            match to.and_then(|addr| self.node_at(addr)) {
+                Some(node) => node.queue_sub(true, channels.to_vec()),
+                None => self.dropped.borrow_mut().extend(channels.iter().cloned()),
+            }
+            return;
         }
         warn!(
             ?reply,
@@ -564,22 +573,27 @@ impl Broker {
         partial
     }
 
-    /// Takes a topology: a node for each new master; a master gone stops its node (and, if
-    /// its subscriptions were up, renews every link); a wanted channel whose slot moved to a
-    /// node that was already there is handed back to the shard, to subscribe there.
+    /// Takes a topology: a node for each new master; a master gone stops its node; a wanted
+    /// channel whose slot moved to a node that was already there is handed back to the shard,
+    /// to subscribe there.
     fn set_masters(self: &Rc<Self>, masters: Vec<Master>) {
         let old = self.nodes.borrow().clone();
         if old.iter().map(|(m, _)| m).eq(masters.iter()) {
             return self.hand_back_dropped();
         }
         let mut nodes = Vec::with_capacity(masters.len());
+        let mut new = Vec::new();
         for master in masters {
             let node = match old
                 .iter()
                 .find(|(m, _)| m.host == master.host && m.port == master.port)
             {
                 Some((_, node)) => node.clone(),
-                None => self.start_node(&master),
+                None => {
+                    let node = self.new_node(&master);
+                    new.push(node.clone());
+                    node
+                }
             };
             nodes.push((master, node));
         }
@@ -614,19 +628,23 @@ impl Broker {
             })
             .collect();
         *self.nodes.borrow_mut() = nodes;
+        for node in new {
+            let tasks = [
+                glommio::spawn_local(node.clone().run_commands()),
+                glommio::spawn_local(self.clone().run_subscriber(node.clone())),
+            ];
+            self.tasks.borrow_mut().insert(node.id, tasks);
+        }
         self.dropped.borrow_mut().extend(moved);
-        let lost_links = gone.iter().any(|n| n.sub_is_up());
+        // A master gone lost its slots first (each channel of them is handed back, or served
+        // by a new node that subscribes to it), or died (its link was renewed then).
         for node in gone {
             self.tasks.borrow_mut().remove(&node.id);
-        }
-        if lost_links {
-            let round = self.renew.borrow().clone();
-            self.renew_links(&round);
         }
         self.hand_back_dropped();
     }
 
-    fn start_node(self: &Rc<Self>, master: &Master) -> Rc<Node> {
+    fn new_node(&self, master: &Master) -> Rc<Node> {
         let id = self.next_node.get();
         self.next_node.set(id + 1);
         let target = Target {
@@ -634,17 +652,16 @@ impl Broker {
             port: master.port,
             ..self.seeds[0].clone()
         };
-        let node = Rc::new(Node::new(id, target, self.timeout, self.cluster));
-        let tasks = [
-            glommio::spawn_local(node.clone().run_commands()),
-            glommio::spawn_local(self.clone().run_subscriber(node.clone())),
-        ];
-        self.tasks.borrow_mut().insert(id, tasks);
-        node
+        Rc::new(Node::new(id, target, self.timeout, self.cluster))
     }
 
-    /// Hands the dropped channels back to the shard, each once.
+    /// Hands the dropped channels back to the shard, each once, and gives each node whose
+    /// probe moved a new one.
     fn hand_back_dropped(&self) {
+        let nodes: Vec<Rc<Node>> = self.nodes.borrow().iter().map(|(_, n)| n.clone()).collect();
+        for node in nodes {
+            node.repick_probe(self.probe_on(&node));
+        }
         let mut dropped = std::mem::take(&mut *self.dropped.borrow_mut());
         dropped.sort_unstable();
         dropped.dedup();

@@ -84,6 +84,10 @@ pub(super) struct Node {
     /// order, so after SUBSCRIBE, UNSUBSCRIBE, SUBSCRIBE of one channel the first confirmation
     /// must not count for the second: a channel is confirmed when its count is back at zero.
     unconfirmed: RefCell<Map<String, u32>>,
+    /// This session's probe channel, in a slot the node serves; `probe_moved` once the node
+    /// stopped serving it (a new one is picked after the next topology read).
+    probe: RefCell<String>,
+    probe_moved: Cell<bool>,
     last_probe_seen: Cell<Instant>,
 }
 
@@ -103,6 +107,8 @@ impl Node {
             sub_up: Cell::new(false),
             sent: RefCell::default(),
             unconfirmed: RefCell::default(),
+            probe: RefCell::default(),
+            probe_moved: Cell::new(false),
             last_probe_seen: Cell::new(Instant::now()),
         }
     }
@@ -335,30 +341,41 @@ impl Node {
         }
     }
 
-    /// True while the subscriber connection is up.
-    pub fn sub_is_up(&self) -> bool {
-        self.sub_up.get()
-    }
-
     /// Runs one subscriber connection until it fails or `renew` is set, handing what arrives
     /// to `broker` while `renew` is not set. Up once Redis confirms the `probe` channel.
     /// Returns whether it came up, and how it ended.
     pub async fn subscriber_session(
         &self,
         broker: &Broker,
-        probe: &str,
+        probe: String,
         renew: &Latch,
     ) -> (bool, io::Result<()>) {
-        let result = self.subscribe_until(broker, probe, renew).await;
+        *self.probe.borrow_mut() = probe;
+        self.probe_moved.set(false);
+        let result = self.subscribe_until(broker, renew).await;
         self.sub_out.borrow_mut().clear();
         self.sent.borrow_mut().clear();
         self.unconfirmed.borrow_mut().clear();
         (self.sub_up.replace(false), result)
     }
 
-    async fn subscribe_until(&self, broker: &Broker, probe: &str, renew: &Latch) -> io::Result<()> {
+    /// The probe's slot moved: `probe` replaces it (the last one is given up on).
+    pub fn repick_probe(&self, probe: String) {
+        if self.probe_moved.replace(false) && self.sub_up.get() {
+            *self.probe.borrow_mut() = probe.clone();
+            self.last_probe_seen.set(Instant::now());
+            self.send_sub(true, vec![probe]);
+        }
+    }
+
+    fn probe_lost(&self, broker: &Broker) {
+        self.probe_moved.set(true);
+        broker.request_refresh();
+    }
+
+    async fn subscribe_until(&self, broker: &Broker, renew: &Latch) -> io::Result<()> {
         let stream = RefCell::new(connect(&self.target, true).await?);
-        self.send_sub(true, vec![probe.to_string()]);
+        self.send_sub(true, vec![self.probe.borrow().clone()]);
         self.last_probe_seen.set(Instant::now());
         let queued = |cx: &mut Context<'_>| {
             let mut out = self.sub_out.borrow_mut();
@@ -371,7 +388,7 @@ impl Node {
         let pushed = |value: Value| match renew.get() {
             // Renewed: nothing more from this connection counts.
             Some(_) => Ok(()),
-            None => self.on_subscriber_value(value, broker, probe),
+            None => self.on_subscriber_value(value, broker),
         };
         let watchdog = async {
             loop {
@@ -386,7 +403,7 @@ impl Node {
                 // that holds commands back must not stop this check.
                 let _ = self.enqueue(
                     redis::cmd(self.publish_verb())
-                        .arg(probe)
+                        .arg(&*self.probe.borrow())
                         .arg("probe")
                         .get_packed_command(),
                 );
@@ -400,7 +417,7 @@ impl Node {
         futures_lite::future::or(session, renewed).await
     }
 
-    fn on_subscriber_value(&self, value: Value, broker: &Broker, probe: &str) -> io::Result<()> {
+    fn on_subscriber_value(&self, value: Value, broker: &Broker) -> io::Result<()> {
         let (kind, items) = match value {
             Value::Push { kind, data } => (kind, data),
             reply => return self.on_reply(reply, broker),
@@ -411,7 +428,7 @@ impl Node {
         let Ok(channel) = std::str::from_utf8(channel) else {
             return Ok(());
         };
-        let is_probe = channel == probe;
+        let is_probe = *channel == *self.probe.borrow();
         match kind {
             PushKind::Message | PushKind::SMessage if is_probe => {
                 self.last_probe_seen.set(Instant::now())
@@ -452,9 +469,8 @@ impl Node {
                 }
                 // Not asked for: the node no longer serves the channel's slot.
                 if is_probe {
-                    return Err(io::Error::other("the probe channel's slot moved"));
-                }
-                if let Some(name) = broker.strip(channel) {
+                    self.probe_lost(broker);
+                } else if let Some(name) = broker.strip(channel) {
                     broker.dropped(name);
                 }
             }
@@ -499,6 +515,9 @@ impl Node {
                 channels,
                 done: 0,
             }) => {
+                if channels.contains(&*self.probe.borrow()) {
+                    self.probe_lost(broker);
+                }
                 if subscribe {
                     let mut unconfirmed = self.unconfirmed.borrow_mut();
                     for ch in &channels {

@@ -4,7 +4,7 @@
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -14,6 +14,7 @@ use tungstenite::client::IntoClientRequest;
 use tungstenite::protocol::frame::coding::CloseCode;
 use tungstenite::{Message, WebSocket};
 
+pub mod cluster;
 pub mod recovery;
 pub mod session;
 
@@ -735,6 +736,8 @@ pub struct Redis {
     child: Option<Child>,
     /// With persistence: where its append-only file lives (removed on drop).
     dir: Option<PathBuf>,
+    /// A Redis Cluster node's: `--cluster-enabled` and where its `nodes.conf` lives.
+    cluster: Option<PathBuf>,
 }
 
 impl Redis {
@@ -755,22 +758,39 @@ impl Redis {
     }
 
     fn start_in(dir: Option<PathBuf>) -> Redis {
-        for _ in 0..20 {
+        Self::start_on_free_port(dir, None)
+    }
+
+    /// A Redis Cluster node (not yet in a cluster), its `nodes.conf` in `dir`. Its cluster bus
+    /// listens on its port + 10000, which must be free too.
+    pub fn start_cluster_node(dir: &Path) -> Redis {
+        Self::start_on_free_port(None, Some(dir.to_path_buf()))
+    }
+
+    fn start_on_free_port(dir: Option<PathBuf>, cluster: Option<PathBuf>) -> Redis {
+        for _ in 0..50 {
             let port = std::net::TcpListener::bind("127.0.0.1:0")
                 .unwrap()
                 .local_addr()
                 .unwrap()
                 .port();
+            let bus_free = || {
+                port <= 55535 && std::net::TcpListener::bind(("127.0.0.1", port + 10000)).is_ok()
+            };
+            if cluster.is_some() && !bus_free() {
+                continue;
+            }
             let mut redis = Redis {
                 port,
                 child: None,
                 dir: dir.clone(),
+                cluster: cluster.clone(),
             };
             if redis.spawn() {
                 return redis;
             }
         }
-        panic!("redis-server found no free port in 20 tries");
+        panic!("redis-server found no free port in 50 tries");
     }
 
     /// Starts redis-server on `self.port`; false if the port turned out to be taken.
@@ -786,6 +806,21 @@ impl Redis {
             ],
             None => vec!["--appendonly", "no"],
         };
+        let conf = self
+            .cluster
+            .as_ref()
+            .map(|dir| dir.join(format!("nodes-{}.conf", self.port)));
+        let cluster: Vec<&str> = match &conf {
+            Some(conf) => vec![
+                "--cluster-enabled",
+                "yes",
+                "--cluster-node-timeout",
+                "1000",
+                "--cluster-config-file",
+                conf.to_str().expect("a UTF-8 temp dir"),
+            ],
+            None => vec![],
+        };
         let child = Command::new("redis-server")
             .args([
                 "--port",
@@ -796,6 +831,7 @@ impl Redis {
                 "",
             ])
             .args(persistence)
+            .args(cluster)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
