@@ -40,10 +40,13 @@ use topology::{complete, read_slots, slot, Master, SLOTS};
 pub const PROBE_EVERY: Duration = Duration::from_secs(1);
 /// A probe not back by then means the subscriber connection went silent.
 pub const PROBE_TIMEOUT: Duration = Duration::from_secs(3);
-/// A cluster's topology is read again this often while all is well, at least this often
-/// while any node is down, and never more often than `TOPOLOGY_MIN`.
+/// A cluster's topology is read again this often while all is well; while anything is down,
+/// every `TOPOLOGY_MIN` for the first `TOPOLOGY_FAST` (a failover promotes a replica within
+/// seconds, and each read sooner shortens what is lost), then every `TOPOLOGY_DOWN`; never
+/// more often than `TOPOLOGY_MIN`.
 const TOPOLOGY_EVERY: Duration = Duration::from_secs(5);
-const TOPOLOGY_DOWN: Duration = Duration::from_millis(500);
+const TOPOLOGY_DOWN: Duration = Duration::from_secs(1);
+const TOPOLOGY_FAST: Duration = Duration::from_secs(10);
 const TOPOLOGY_MIN: Duration = Duration::from_millis(100);
 
 #[derive(Debug, Clone, thiserror::Error)]
@@ -516,18 +519,25 @@ impl Broker {
         self.refresh.borrow().set(Verdict::Granted);
     }
 
-    /// With a cluster: reads the topology at start, when asked, and every `TOPOLOGY_EVERY`
-    /// (`TOPOLOGY_DOWN` while anything is down), for ever.
+    /// With a cluster: reads the topology at start, when asked, and on the timings above,
+    /// for ever.
     async fn run_topology(self: Rc<Self>) {
         let mut last: Option<Instant> = None;
         let mut failing = false;
+        let mut down_since: Option<Instant> = None;
         loop {
             if let Some(at) = last {
                 let asked = self.refresh.borrow().clone();
-                let every = if self.is_up() {
-                    TOPOLOGY_EVERY
-                } else {
-                    TOPOLOGY_DOWN
+                let every = match (self.is_up(), down_since) {
+                    (true, _) => {
+                        down_since = None;
+                        TOPOLOGY_EVERY
+                    }
+                    (false, Some(since)) if since.elapsed() > TOPOLOGY_FAST => TOPOLOGY_DOWN,
+                    (false, _) => {
+                        down_since.get_or_insert_with(Instant::now);
+                        TOPOLOGY_MIN
+                    }
                 };
                 asked.wait_at_most(every).await;
                 glommio::timer::sleep(TOPOLOGY_MIN.saturating_sub(at.elapsed())).await;
@@ -548,15 +558,12 @@ impl Broker {
         }
     }
 
-    /// `CLUSTER SLOTS` from the first node (then seed) that answers, preferring an answer in
-    /// which every slot is served.
+    /// `CLUSTER SLOTS` from the first node that answers (connected ones first, then the
+    /// others, then the seeds), preferring an answer in which every slot is served.
     async fn read_topology(&self) -> Option<Vec<Master>> {
-        let mut targets: Vec<Target> = self
-            .nodes
-            .borrow()
-            .iter()
-            .map(|(_, n)| n.target.clone())
-            .collect();
+        let mut nodes: Vec<Rc<Node>> = self.nodes.borrow().iter().map(|(_, n)| n.clone()).collect();
+        nodes.sort_by_key(|n| !n.is_up());
+        let mut targets: Vec<Target> = nodes.iter().map(|n| n.target.clone()).collect();
         targets.extend(self.seeds.iter().cloned());
         let ask = redis::cmd("CLUSTER").arg("SLOTS").get_packed_command();
         let mut partial = None;
