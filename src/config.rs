@@ -746,6 +746,33 @@ mod tests {
         )
         .contains("broker.redis_url"));
         assert!(error_of("[broker]\nkind = \"kafka\"\n", &[]).contains("broker.kind"));
+        let cluster = |urls: &str| {
+            error_of(
+                &format!("[broker]\nkind = \"redis-cluster\"\nredis_urls = [{urls}]\n"),
+                &[],
+            )
+        };
+        assert!(cluster("").contains("`broker.redis_urls`: needs at least one seed node"));
+        assert!(cluster("\"redis://h:7000/2\"").contains("a cluster has only database 0"));
+        assert!(cluster("\"redis://h:7000\", \"h:7001\"").contains("h:7001: must start with"));
+        let f = file("");
+        let env = env(&[
+            ("FANFARE_BROKER__KIND", "redis-cluster"),
+            (
+                "FANFARE_BROKER__REDIS_URLS",
+                "redis://a:7000, redis://:pw@b:7001",
+            ),
+        ]);
+        let seeds = Config::load_from(Some(&f.0), env)
+            .unwrap()
+            .broker
+            .cluster_seeds();
+        let seeds: Vec<(String, u16)> = seeds
+            .unwrap()
+            .into_iter()
+            .map(|t| (t.host, t.port))
+            .collect();
+        assert_eq!(seeds, [("a".into(), 7000), ("b".into(), 7001)]);
         assert!(
             error_of("[fallback]\npoll_timeout_ms = 0\n", &[]).contains("fallback.poll_timeout_ms")
         );

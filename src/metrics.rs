@@ -103,7 +103,7 @@ core_stats! {
     history_reads_total: "counter", "reads of a conversation's history from Redis for recoveries that the owner core's cache could not answer (one for all that wait together)";
     redis_invalid_total: "counter", "messages on conversation channels in Redis dropped as invalid (not a publishable event)";
     core_stalls_total: "counter", "times the watchdog woke a core that slept through its wake-up (a lost io_uring wake-up; see src/watchdog.rs)";
-    broker_up: "gauge", "cores whose Redis connections are up (broker.kind = redis)";
+    broker_up: "gauge", "cores whose Redis connections are up (with a cluster: to every master, every slot served)";
 }
 
 /// Every core's statistics, indexed by shard.
