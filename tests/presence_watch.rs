@@ -66,9 +66,21 @@ fn a_watch_list_is_replaced_answered_with_a_snapshot_and_bounded() {
     let server = Server::start(WATCH);
     let users = same_route("a", 3);
     let (a, b, c) = (&users[0], &users[1], &users[2]);
+    let mut me = server.connect("t1", "me");
+    // Watching both first, so that this connection's core has heard of both before the list
+    // that the test is about: a snapshot says what its core knows, one mesh hop behind.
+    assert_eq!(watch(&mut me, &[a, b])["type"], "ack");
+    assert_eq!(
+        me.recv_any(),
+        json!({"type": "presence.snapshot", "userIds": []})
+    );
     let _a = server.connect("t1", a);
     let _b = server.connect("t1", b);
-    let mut me = server.connect("t1", "me");
+    let heard = [me.recv_any(), me.recv_any()];
+    assert!(
+        heard.contains(&online(a)) && heard.contains(&online(b)),
+        "{heard:?}"
+    );
     assert_eq!(watch(&mut me, &[a, "nobody", a])["type"], "ack");
     assert_eq!(
         me.recv_any(),
