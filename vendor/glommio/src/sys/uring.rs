@@ -1825,12 +1825,23 @@ impl Reactor {
 
         // Schedule the throughput-based timeout immediately: it won't matter if we end
         // up sleeping.
-        self.throughput_preemption_timeout_src.replace(Some(
-            main_ring.prepare_throughput_preemption_timer(
-                self.ring_depth() as u32,
-                self.eventfd_src.raw(),
-            ),
-        ));
+        //
+        // Patched (see PATCHES.md): one that has not fired yet is kept instead of being
+        // replaced. Replacing it cancelled it, and the kernel looks for a cancelled request
+        // among every pending poll of the ring first: a search over all the sockets waiting
+        // to be read, on every wait. Kept, it counts the completions since it was armed
+        // rather than since this wait, so it fires no later than a fresh one would.
+        let armed = self
+            .throughput_preemption_timeout_src
+            .take()
+            .filter(|timer| timer.result().is_none());
+        self.throughput_preemption_timeout_src
+            .replace(Some(armed.unwrap_or_else(|| {
+                main_ring.prepare_throughput_preemption_timer(
+                    self.ring_depth() as u32,
+                    self.eventfd_src.raw(),
+                )
+            })));
 
         // This will only dispatch if we run out of sqes. Which means until
         // flush_rings! nothing is really send to the kernel...
