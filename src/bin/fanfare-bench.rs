@@ -3,8 +3,10 @@
 //!
 //! - `fanout`: N WebSocket connections (source addresses 127.0.0.2…127.0.0.250) over R
 //!   conversations, an open-loop publisher at a fixed rate through `/v1/publish` (latency counted
-//!   from each event's scheduled send time), then the floor: the same number of frames written
-//!   by this tool to N loopback sockets, one frame per send and 16 per send.
+//!   from each event's scheduled send time), then the floors: the latency of the same rooms and
+//!   rate relayed by one plain thread per core instead of the server, and the CPU of the same
+//!   number of frames written by this tool to N loopback sockets, one frame per send and 16 per
+//!   send.
 //! - `idle`: N idle subscribed connections; the server's RSS per connection and the accept rate.
 //! - `storm`: N clients of one conversation (needs `history.size` > 0) that drop and
 //!   resubscribe with `since` while publishing goes on: recovery latency, what each recovery
@@ -634,6 +636,17 @@ fn fanout(
             batches.insert(1, matching);
         }
     }
+    if rate > 0 {
+        let floor = latency_floor(live, connections / conversations, &publishing);
+        let us = |q: f64| floor.value_at_quantile(q) as f64 / 1000.0;
+        println!(
+            "latency floor (no server): p50 {:.0}us p99 {:.0}us p999 {:.0}us max {:.0}us",
+            us(0.5),
+            us(0.99),
+            us(0.999),
+            floor.max() as f64 / 1000.0
+        );
+    }
     for batch in batches {
         let floor = raw_floor(live.max(1), frames, payload, batch);
         match per_delivery {
@@ -730,25 +743,8 @@ fn publish(
 /// of `payload` bytes over `sockets` connections (fewer where open files are limited), `batch`
 /// frames per send.
 fn raw_floor(sockets: usize, frames: u64, payload: usize, batch: usize) -> f64 {
-    let listener = TcpListener::bind("127.0.0.1:0").expect("floor listener");
-    let addr = listener.local_addr().expect("addr");
-    // Two descriptors per connection, within this process's limit on open files.
-    let sockets = sockets
-        .min(15_000)
-        .min(open_files_limit().saturating_sub(64) / 2);
-    let mut receivers = Vec::with_capacity(sockets);
-    let mut senders = Vec::with_capacity(sockets);
-    for i in 0..sockets {
-        let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)
-            .expect("socket");
-        s.bind(&SocketAddr::V4(SocketAddrV4::new(source_ip(i), 0)).into())
-            .expect("bind");
-        s.connect(&addr.into()).expect("connect");
-        receivers.push(TcpStream::from(s));
-        let (accepted, _) = listener.accept().expect("accept");
-        accepted.set_nodelay(true).ok();
-        senders.push(accepted);
-    }
+    let (receivers, mut senders) = socket_pairs(sockets);
+    let sockets = senders.len();
     let frame = fanfare::ws::text(&vec![b'x'; payload]);
     let chunk: Vec<u8> = frame
         .iter()
@@ -806,6 +802,122 @@ fn raw_floor(sockets: usize, frames: u64, payload: usize, batch: usize) -> f64 {
     drop(senders);
     let _ = drainer.join();
     cpu * 1e6 / written.max(1) as f64
+}
+
+/// Up to `n` connected loopback socket pairs (fewer where open files are limited: two
+/// descriptors each), as (receiving ends, sending ends).
+fn socket_pairs(n: usize) -> (Vec<TcpStream>, Vec<TcpStream>) {
+    let listener = TcpListener::bind("127.0.0.1:0").expect("floor listener");
+    let addr = listener.local_addr().expect("addr");
+    let n = n.min(15_000).min(open_files_limit().saturating_sub(64) / 2);
+    let mut receivers = Vec::with_capacity(n);
+    let mut senders = Vec::with_capacity(n);
+    for i in 0..n {
+        let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)
+            .expect("socket");
+        s.bind(&SocketAddr::V4(SocketAddrV4::new(source_ip(i), 0)).into())
+            .expect("bind");
+        s.connect(&addr.into()).expect("connect");
+        receivers.push(TcpStream::from(s));
+        let (accepted, _) = listener.accept().expect("accept");
+        accepted.set_nodelay(true).ok();
+        senders.push(accepted);
+    }
+    (receivers, senders)
+}
+
+/// Publish→deliver latency on this machine without a server, for the fan-out run's rooms
+/// and rate: a thread that wakes at each event's scheduled time hands it to one relay
+/// thread per core, each of which wakes, frames it once and writes it to its share of the
+/// room's sockets, read by one executor as in the fan-out run. The server's own part of
+/// its latency is what it adds to this.
+fn latency_floor(connections: usize, per_room: usize, publishing: &Publishing) -> Histogram<u64> {
+    let Publishing {
+        rate,
+        seconds,
+        payload,
+        ..
+    } = *publishing;
+    let epoch = Instant::now();
+    let (receivers, senders) = socket_pairs(connections);
+    let rooms = (senders.len() / per_room.max(1)).max(1);
+    let stop = Arc::new(AtomicBool::new(false));
+    let reading = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            let ex = glommio::LocalExecutorBuilder::new(glommio::Placement::Unbound)
+                .make()
+                .expect("executor");
+            ex.run(async move {
+                let tally = Rc::new(Tally {
+                    received: Cell::new(0),
+                    latency: RefCell::new(Histogram::new(3).expect("histogram")),
+                });
+                let tasks: Vec<_> = receivers
+                    .into_iter()
+                    .map(|r| {
+                        r.set_nonblocking(true).expect("nonblocking");
+                        // SAFETY: we own the fd and give it up here.
+                        let s = unsafe { glommio::net::TcpStream::from_raw_fd(r.into_raw_fd()) };
+                        let drained = drain(s, Transport::Ws, epoch, tally.clone(), stop.clone());
+                        glommio::spawn_local(drained)
+                    })
+                    .collect();
+                for t in tasks {
+                    t.await;
+                }
+                let latency = tally.latency.borrow().clone();
+                latency
+            })
+        })
+    };
+    // Socket i is in room i % rooms, written by relay i % cores.
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let mut shares: Vec<Vec<Vec<TcpStream>>> = (0..cores)
+        .map(|_| (0..rooms).map(|_| Vec::new()).collect())
+        .collect();
+    for (i, s) in senders.into_iter().enumerate() {
+        shares[i % cores][i % rooms].push(s);
+    }
+    let pad = "x".repeat(payload.saturating_sub(80));
+    let relays: Vec<_> = shares
+        .into_iter()
+        .map(|mut share| {
+            let (events, arrivals) = std::sync::mpsc::channel::<(usize, u128)>();
+            let pad = pad.clone();
+            let relay = std::thread::spawn(move || {
+                for (room, t) in arrivals {
+                    let event = format!(
+                        r#"{{"type":"conversation.updated","conversationId":"c{room}","t":{t},"pad":"{pad}"}}"#
+                    );
+                    let frame = fanfare::ws::text(event.as_bytes());
+                    for s in share[room].iter_mut() {
+                        let _ = s.write_all(&frame);
+                    }
+                }
+            });
+            (events, relay)
+        })
+        .collect();
+    // As the publisher does: each event at its scheduled time, which its latency counts from.
+    // SAFETY: prctl with PR_SET_TIMERSLACK changes only this thread's timer slack.
+    unsafe { libc::prctl(libc::PR_SET_TIMERSLACK, 1) };
+    let start = Instant::now();
+    for e in 0..rate * seconds.min(5) {
+        let due = start + Duration::from_secs_f64(e as f64 / rate as f64);
+        std::thread::sleep(due.saturating_duration_since(Instant::now()));
+        let t = due.duration_since(epoch).as_nanos();
+        for (events, _) in &relays {
+            let _ = events.send((e as usize % rooms, t));
+        }
+    }
+    for (events, relay) in relays {
+        drop(events);
+        let _ = relay.join();
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    stop.store(true, Ordering::Relaxed);
+    reading.join().expect("floor receivers")
 }
 
 // ---- storm --------------------------------------------------------------------------------
