@@ -796,16 +796,15 @@ impl Redis {
     /// Starts redis-server on `self.port`; false if the port turned out to be taken.
     fn spawn(&mut self) -> bool {
         let persistence: Vec<&str> = match &self.dir {
-            Some(dir) => vec![
-                "--appendonly",
-                "yes",
-                "--appendfsync",
-                "always",
-                "--dir",
-                dir.to_str().expect("a UTF-8 temp dir"),
-            ],
+            Some(_) => vec!["--appendonly", "yes", "--appendfsync", "always"],
             None => vec!["--appendonly", "no"],
         };
+        // A cluster's replicas write the RDB they sync into their directory: never the
+        // working directory (the repository's).
+        let workdir = self.dir.as_ref().or(self.cluster.as_ref());
+        let workdir: Vec<&str> = workdir
+            .map(|dir| vec!["--dir", dir.to_str().expect("a UTF-8 temp dir")])
+            .unwrap_or_default();
         let conf = self
             .cluster
             .as_ref()
@@ -831,6 +830,7 @@ impl Redis {
                 "",
             ])
             .args(persistence)
+            .args(workdir)
             .args(cluster)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
