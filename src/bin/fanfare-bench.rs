@@ -18,7 +18,7 @@
 //!
 //! Every loop is bounded in count and time, and only loopback addresses are ever targeted.
 
-use std::cell::{Cell, RefCell};
+use std::cell::RefCell;
 use std::io::{Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpListener, TcpStream};
 use std::os::fd::{FromRawFd, IntoRawFd};
@@ -426,7 +426,7 @@ async fn drain(
         let mut used = 0;
         while let Some((payload, len)) = server_message(&buf[used..], transport) {
             if let Some(t) = field_t(payload) {
-                shared.received.set(shared.received.get() + 1);
+                shared.received.fetch_add(1, Ordering::Relaxed);
                 let _ = shared
                     .latency
                     .borrow_mut()
@@ -450,9 +450,9 @@ fn field_t(payload: &[u8]) -> Option<u64> {
         .ok()
 }
 
-/// What one receiving executor counted.
+/// What one receiving executor counted; `received` is shared by all of them.
 struct Tally {
-    received: Cell<u64>,
+    received: Arc<AtomicU64>,
     latency: RefCell<Histogram<u64>>,
 }
 
@@ -483,6 +483,7 @@ fn fanout(
     let epoch = Instant::now();
     let stop = Arc::new(AtomicBool::new(false));
     let opened = Arc::new(AtomicU64::new(0));
+    let received = Arc::new(AtomicU64::new(0));
     let auth = fanfare::config::Auth {
         hs256_secret: cli.secret.clone(),
         ..Default::default()
@@ -495,9 +496,10 @@ fn fanout(
     // add its own serial recv time to the latency of the last frames of each event.
     let receivers: Vec<_> = (0..receivers)
         .map(|r| {
-            let (stop, opened, addr, token, transport) = (
+            let (stop, opened, received, addr, token, transport) = (
                 stop.clone(),
                 opened.clone(),
+                received.clone(),
                 cli.addr,
                 token.clone(),
                 cli.transport,
@@ -508,7 +510,7 @@ fn fanout(
                     .expect("executor");
                 ex.run(async move {
                     let tally = Rc::new(Tally {
-                        received: Cell::new(0),
+                        received,
                         latency: RefCell::new(Histogram::new(3).expect("histogram")),
                     });
                     let mut tasks = Vec::new();
@@ -532,7 +534,7 @@ fn fanout(
                         t.await;
                     }
                     let latency = tally.latency.borrow().clone();
-                    (tally.received.get(), latency)
+                    latency
                 })
             })
         })
@@ -581,20 +583,28 @@ fn fanout(
         .flat_map(|&n| 0..n)
         .map(|e| subscribers(live, conversations, (e % conversations as u64) as usize))
         .sum();
-    // Let the last deliveries land (bounded).
+    // Let the last deliveries land: until all have, or none has for 500 ms (at most 30 s;
+    // at saturation the queues can hold seconds of events).
     let settle = Instant::now();
-    std::thread::sleep(Duration::from_millis(500));
+    let mut seen = received.load(Ordering::Relaxed);
+    while seen < expected && settle.elapsed() < Duration::from_secs(30) {
+        std::thread::sleep(Duration::from_millis(500));
+        let now = received.load(Ordering::Relaxed);
+        if now == seen {
+            break;
+        }
+        seen = now;
+    }
     let after = server_usage(cli.pid);
     let writes_after = server_counter(cli.addr, "writes_total");
     stop.store(true, Ordering::Relaxed);
-    let mut received = 0;
     let mut latency = Histogram::<u64>::new(3).expect("histogram");
     for r in receivers {
-        if let Ok((n, h)) = r.join() {
-            received += n;
+        if let Ok(h) = r.join() {
             latency.add(h).expect("histograms of the same precision");
         }
     }
+    let received = received.load(Ordering::Relaxed);
     let window = publish_s + settle.elapsed().as_secs_f64();
     println!(
         "published: {published} events in {publish_s:.2}s ({:.0}/s)",
@@ -850,7 +860,7 @@ fn latency_floor(connections: usize, per_room: usize, publishing: &Publishing) -
                 .expect("executor");
             ex.run(async move {
                 let tally = Rc::new(Tally {
-                    received: Cell::new(0),
+                    received: Arc::default(),
                     latency: RefCell::new(Histogram::new(3).expect("histogram")),
                 });
                 let tasks: Vec<_> = receivers
