@@ -615,14 +615,7 @@ fn fanout(
         received as f64 / window,
         expected.saturating_sub(received)
     );
-    let us = |q: f64| latency.value_at_quantile(q) as f64 / 1000.0;
-    println!(
-        "publish->deliver latency: p50 {:.0}us p99 {:.0}us p999 {:.0}us max {:.0}us",
-        us(0.5),
-        us(0.99),
-        us(0.999),
-        latency.max() as f64 / 1000.0
-    );
+    println!("publish->deliver latency: {}", quantiles(&latency));
     let per_delivery = match (before, after) {
         (Some(b), Some(a)) if received > 0 => {
             let cpu = a.cpu_s - b.cpu_s;
@@ -648,14 +641,7 @@ fn fanout(
     }
     if rate > 0 {
         let floor = latency_floor(live, connections / conversations, &publishing);
-        let us = |q: f64| floor.value_at_quantile(q) as f64 / 1000.0;
-        println!(
-            "latency floor (no server): p50 {:.0}us p99 {:.0}us p999 {:.0}us max {:.0}us",
-            us(0.5),
-            us(0.99),
-            us(0.999),
-            floor.max() as f64 / 1000.0
-        );
+        println!("latency floor (no server): {}", quantiles(&floor));
     }
     for batch in batches {
         let floor = raw_floor(live.max(1), frames, payload, batch);
@@ -667,6 +653,18 @@ fn fanout(
             None => println!("floor ({batch} frame/send): {floor:.3} CPU us per frame"),
         }
     }
+}
+
+/// A latency histogram of nanoseconds as the tool prints it.
+fn quantiles(h: &Histogram<u64>) -> String {
+    let us = |q: f64| h.value_at_quantile(q) as f64 / 1000.0;
+    format!(
+        "p50 {:.0}us p99 {:.0}us p999 {:.0}us max {:.0}us",
+        us(0.5),
+        us(0.99),
+        us(0.999),
+        h.max() as f64 / 1000.0
+    )
 }
 
 fn subscribers(connections: usize, conversations: usize, k: usize) -> u64 {
@@ -764,40 +762,7 @@ fn raw_floor(sockets: usize, frames: u64, payload: usize, batch: usize) -> f64 {
         .collect();
     let per_socket_sends = (frames / sockets as u64 / batch as u64).max(1);
     let stop = Arc::new(AtomicBool::new(false));
-    // Receivers drain on their own glommio executor, as the clients of the fanout run do.
-    let drainer = {
-        let stop = stop.clone();
-        std::thread::spawn(move || {
-            let ex = glommio::LocalExecutorBuilder::new(glommio::Placement::Unbound)
-                .make()
-                .expect("executor");
-            ex.run(async move {
-                let tasks: Vec<_> = receivers
-                    .into_iter()
-                    .map(|r| {
-                        r.set_nonblocking(true).expect("nonblocking");
-                        // SAFETY: we own the fd and give it up here.
-                        let mut s =
-                            unsafe { glommio::net::TcpStream::from_raw_fd(r.into_raw_fd()) };
-                        let stop = stop.clone();
-                        glommio::spawn_local(async move {
-                            let mut buf = vec![0u8; 16 * 1024];
-                            while !stop.load(Ordering::Relaxed) {
-                                let read =
-                                    within(Duration::from_millis(100), s.read(&mut buf)).await;
-                                if let Some(Ok(0) | Err(_)) = read {
-                                    return;
-                                }
-                            }
-                        })
-                    })
-                    .collect();
-                for t in tasks {
-                    t.await;
-                }
-            });
-        })
-    };
+    let drainer = read_frames(receivers, Instant::now(), stop.clone());
     let cpu_before = thread_cpu_s();
     let mut written = 0u64;
     for _ in 0..per_socket_sends {
@@ -836,6 +801,46 @@ fn socket_pairs(n: usize) -> (Vec<TcpStream>, Vec<TcpStream>) {
     (receivers, senders)
 }
 
+/// Reads the frames arriving on `sockets` on an executor of its own, as the fan-out run's
+/// clients do, until `stop`; the latency of those that carry a `"t":` field.
+fn read_frames(
+    sockets: Vec<TcpStream>,
+    epoch: Instant,
+    stop: Arc<AtomicBool>,
+) -> std::thread::JoinHandle<Histogram<u64>> {
+    std::thread::spawn(move || {
+        let ex = glommio::LocalExecutorBuilder::new(glommio::Placement::Unbound)
+            .make()
+            .expect("executor");
+        ex.run(async move {
+            let tally = Rc::new(Tally {
+                received: Arc::default(),
+                latency: RefCell::new(Histogram::new(3).expect("histogram")),
+            });
+            let tasks: Vec<_> = sockets
+                .into_iter()
+                .map(|r| {
+                    r.set_nonblocking(true).expect("nonblocking");
+                    // SAFETY: we own the fd and give it up here.
+                    let s = unsafe { glommio::net::TcpStream::from_raw_fd(r.into_raw_fd()) };
+                    glommio::spawn_local(drain(
+                        s,
+                        Transport::Ws,
+                        epoch,
+                        tally.clone(),
+                        stop.clone(),
+                    ))
+                })
+                .collect();
+            for t in tasks {
+                t.await;
+            }
+            let latency = tally.latency.borrow().clone();
+            latency
+        })
+    })
+}
+
 /// Publish→deliver latency on this machine without a server, for the fan-out run's rooms
 /// and rate: a thread that wakes at each event's scheduled time hands it to one relay
 /// thread per core, each of which wakes, frames it once and writes it to its share of the
@@ -852,35 +857,7 @@ fn latency_floor(connections: usize, per_room: usize, publishing: &Publishing) -
     let (receivers, senders) = socket_pairs(connections);
     let rooms = (senders.len() / per_room.max(1)).max(1);
     let stop = Arc::new(AtomicBool::new(false));
-    let reading = {
-        let stop = stop.clone();
-        std::thread::spawn(move || {
-            let ex = glommio::LocalExecutorBuilder::new(glommio::Placement::Unbound)
-                .make()
-                .expect("executor");
-            ex.run(async move {
-                let tally = Rc::new(Tally {
-                    received: Arc::default(),
-                    latency: RefCell::new(Histogram::new(3).expect("histogram")),
-                });
-                let tasks: Vec<_> = receivers
-                    .into_iter()
-                    .map(|r| {
-                        r.set_nonblocking(true).expect("nonblocking");
-                        // SAFETY: we own the fd and give it up here.
-                        let s = unsafe { glommio::net::TcpStream::from_raw_fd(r.into_raw_fd()) };
-                        let drained = drain(s, Transport::Ws, epoch, tally.clone(), stop.clone());
-                        glommio::spawn_local(drained)
-                    })
-                    .collect();
-                for t in tasks {
-                    t.await;
-                }
-                let latency = tally.latency.borrow().clone();
-                latency
-            })
-        })
-    };
+    let reading = read_frames(receivers, epoch, stop.clone());
     // Socket i is in room i % rooms, written by relay i % cores.
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     let mut shares: Vec<Vec<Vec<TcpStream>>> = (0..cores)
