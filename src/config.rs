@@ -671,6 +671,16 @@ mod tests {
     }
 
     #[test]
+    fn every_shipped_profile_loads() {
+        for entry in std::fs::read_dir("tuning").unwrap() {
+            let path = entry.unwrap().path();
+            if let Err(e) = Config::load_from(Some(&path), env(&[])) {
+                panic!("{}: {e}", path.display());
+            }
+        }
+    }
+
+    #[test]
     fn partial_file_keeps_other_defaults() {
         let f = file("[limits]\nmax_subscriptions = 7\n");
         let c = Config::load_from(Some(&f.0), env(&[])).unwrap();
