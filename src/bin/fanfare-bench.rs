@@ -19,12 +19,14 @@
 //! Every loop is bounded in count and time, and only loopback addresses are ever targeted.
 
 use std::cell::RefCell;
+use std::future::Future;
 use std::io::{Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpListener, TcpStream};
 use std::os::fd::{FromRawFd, IntoRawFd};
 use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
+use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use clap::{Parser, Subcommand};
@@ -504,38 +506,25 @@ fn fanout(
                 token.clone(),
                 cli.transport,
             );
-            std::thread::spawn(move || {
-                let ex = glommio::LocalExecutorBuilder::new(glommio::Placement::Unbound)
-                    .make()
-                    .expect("executor");
-                ex.run(async move {
-                    let tally = Rc::new(Tally {
-                        received,
-                        latency: RefCell::new(Histogram::new(3).expect("histogram")),
-                    });
-                    let mut tasks = Vec::new();
-                    for i in (r..connections).step_by(receivers) {
-                        let conversation = format!("c{}", i % conversations);
-                        match open_subscribed(addr, i, &token, &conversation, transport).await {
-                            Ok(stream) => {
-                                opened.fetch_add(1, Ordering::Relaxed);
-                                tasks.push(glommio::spawn_local(drain(
-                                    stream,
-                                    transport,
-                                    epoch,
-                                    tally.clone(),
-                                    stop.clone(),
-                                )));
-                            }
-                            Err(e) => eprintln!("connection {i}: {e}"),
+            reading_thread(received, move |tally| async move {
+                let mut tasks = Vec::new();
+                for i in (r..connections).step_by(receivers) {
+                    let conversation = format!("c{}", i % conversations);
+                    match open_subscribed(addr, i, &token, &conversation, transport).await {
+                        Ok(stream) => {
+                            opened.fetch_add(1, Ordering::Relaxed);
+                            tasks.push(glommio::spawn_local(drain(
+                                stream,
+                                transport,
+                                epoch,
+                                tally.clone(),
+                                stop.clone(),
+                            )));
                         }
+                        Err(e) => eprintln!("connection {i}: {e}"),
                     }
-                    for t in tasks {
-                        t.await;
-                    }
-                    let latency = tally.latency.borrow().clone();
-                    latency
-                })
+                }
+                tasks
             })
         })
         .collect();
@@ -583,18 +572,8 @@ fn fanout(
         .flat_map(|&n| 0..n)
         .map(|e| subscribers(live, conversations, (e % conversations as u64) as usize))
         .sum();
-    // Let the last deliveries land: until all have, or none has for 500 ms (at most 30 s;
-    // at saturation the queues can hold seconds of events).
-    let settle = Instant::now();
-    let mut seen = received.load(Ordering::Relaxed);
-    while seen < expected && settle.elapsed() < Duration::from_secs(30) {
-        std::thread::sleep(Duration::from_millis(500));
-        let now = received.load(Ordering::Relaxed);
-        if now == seen {
-            break;
-        }
-        seen = now;
-    }
+    let settled = Instant::now();
+    settle(&received, expected);
     let after = server_usage(cli.pid);
     let writes_after = server_counter(cli.addr, "writes_total");
     stop.store(true, Ordering::Relaxed);
@@ -605,7 +584,7 @@ fn fanout(
         }
     }
     let received = received.load(Ordering::Relaxed);
-    let window = publish_s + settle.elapsed().as_secs_f64();
+    let window = publish_s + settled.elapsed().as_secs_f64();
     println!(
         "published: {published} events in {publish_s:.2}s ({:.0}/s)",
         published as f64 / publish_s
@@ -640,7 +619,7 @@ fn fanout(
         }
     }
     if rate > 0 {
-        let floor = latency_floor(live, connections / conversations, &publishing);
+        let floor = latency_floor(live, live / conversations, &publishing);
         println!("latency floor (no server): {}", quantiles(&floor));
     }
     for batch in batches {
@@ -653,6 +632,17 @@ fn fanout(
             None => println!("floor ({batch} frame/send): {floor:.3} CPU us per frame"),
         }
     }
+}
+
+/// Padding that makes an event of about `payload` bytes.
+fn padding(payload: usize) -> String {
+    "x".repeat(payload.saturating_sub(80))
+}
+
+/// The event the tool publishes to conversation `c<room>`, scheduled at `t` (nanoseconds after
+/// the run's epoch, read back by [`field_t`]).
+fn event_json(room: u64, t: u128, pad: &str) -> String {
+    format!(r#"{{"type":"conversation.updated","conversationId":"c{room}","t":{t},"pad":"{pad}"}}"#)
 }
 
 /// A latency histogram of nanoseconds as the tool prints it.
@@ -689,7 +679,7 @@ fn publish(
     unsafe { libc::prctl(libc::PR_SET_TIMERSLACK, 1) };
     let start = Instant::now();
     let end = start + Duration::from_secs(seconds);
-    let pad = "x".repeat(payload.saturating_sub(80));
+    let pad = padding(payload);
     let mut sent = 0u64;
     let mut response = vec![0u8; 4096];
     while Instant::now() < end {
@@ -718,10 +708,10 @@ fn publish(
             if e > sent {
                 body.push(',');
             }
-            body.push_str(&format!(
-                r#"{{"type":"conversation.updated","conversationId":"c{}","t":{},"pad":"{pad}"}}"#,
+            body.push_str(&event_json(
                 e % conversations as u64,
-                scheduled.as_nanos()
+                scheduled.as_nanos(),
+                &pad,
             ));
         }
         body.push_str("]}");
@@ -762,7 +752,7 @@ fn raw_floor(sockets: usize, frames: u64, payload: usize, batch: usize) -> f64 {
         .collect();
     let per_socket_sends = (frames / sockets as u64 / batch as u64).max(1);
     let stop = Arc::new(AtomicBool::new(false));
-    let drainer = read_frames(receivers, Instant::now(), stop.clone());
+    let drainer = read_frames(receivers, Instant::now(), Arc::default(), stop.clone());
     let cpu_before = thread_cpu_s();
     let mut written = 0u64;
     for _ in 0..per_socket_sends {
@@ -801,44 +791,65 @@ fn socket_pairs(n: usize) -> (Vec<TcpStream>, Vec<TcpStream>) {
     (receivers, senders)
 }
 
-/// Reads the frames arriving on `sockets` on an executor of its own, as the fan-out run's
-/// clients do, until `stop`; the latency of those that carry a `"t":` field.
-fn read_frames(
-    sockets: Vec<TcpStream>,
-    epoch: Instant,
-    stop: Arc<AtomicBool>,
-) -> std::thread::JoinHandle<Histogram<u64>> {
+/// Runs the readers that `start` spawns, sharing one tally, on a thread and executor of their
+/// own; their latencies once all have ended.
+fn reading_thread<F, Fut>(received: Arc<AtomicU64>, start: F) -> JoinHandle<Histogram<u64>>
+where
+    F: FnOnce(Rc<Tally>) -> Fut + Send + 'static,
+    Fut: Future<Output = Vec<glommio::Task<()>>>,
+{
     std::thread::spawn(move || {
         let ex = glommio::LocalExecutorBuilder::new(glommio::Placement::Unbound)
             .make()
             .expect("executor");
         ex.run(async move {
             let tally = Rc::new(Tally {
-                received: Arc::default(),
+                received,
                 latency: RefCell::new(Histogram::new(3).expect("histogram")),
             });
-            let tasks: Vec<_> = sockets
-                .into_iter()
-                .map(|r| {
-                    r.set_nonblocking(true).expect("nonblocking");
-                    // SAFETY: we own the fd and give it up here.
-                    let s = unsafe { glommio::net::TcpStream::from_raw_fd(r.into_raw_fd()) };
-                    glommio::spawn_local(drain(
-                        s,
-                        Transport::Ws,
-                        epoch,
-                        tally.clone(),
-                        stop.clone(),
-                    ))
-                })
-                .collect();
-            for t in tasks {
+            for t in start(tally.clone()).await {
                 t.await;
             }
             let latency = tally.latency.borrow().clone();
             latency
         })
     })
+}
+
+/// Reads the frames arriving on `sockets` (connected loopback sockets) as the fan-out run's
+/// clients do, until `stop`, counting them in `received`.
+fn read_frames(
+    sockets: Vec<TcpStream>,
+    epoch: Instant,
+    received: Arc<AtomicU64>,
+    stop: Arc<AtomicBool>,
+) -> JoinHandle<Histogram<u64>> {
+    reading_thread(received, move |tally| async move {
+        sockets
+            .into_iter()
+            .map(|r| {
+                r.set_nonblocking(true).expect("nonblocking");
+                // SAFETY: we own the fd and give it up here.
+                let s = unsafe { glommio::net::TcpStream::from_raw_fd(r.into_raw_fd()) };
+                glommio::spawn_local(drain(s, Transport::Ws, epoch, tally.clone(), stop.clone()))
+            })
+            .collect()
+    })
+}
+
+/// Waits until `received` reaches `expected`, or has not grown for 500 ms (at most 30 s: at
+/// saturation the queues can hold seconds of events).
+fn settle(received: &AtomicU64, expected: u64) {
+    let settle = Instant::now();
+    let mut seen = received.load(Ordering::Relaxed);
+    while seen < expected && settle.elapsed() < Duration::from_secs(30) {
+        std::thread::sleep(Duration::from_millis(500));
+        let now = received.load(Ordering::Relaxed);
+        if now == seen {
+            break;
+        }
+        seen = now;
+    }
 }
 
 /// Publish→deliver latency on this machine without a server, for the fan-out run's rooms
@@ -855,9 +866,11 @@ fn latency_floor(connections: usize, per_room: usize, publishing: &Publishing) -
     } = *publishing;
     let epoch = Instant::now();
     let (receivers, senders) = socket_pairs(connections);
-    let rooms = (senders.len() / per_room.max(1)).max(1);
+    let sockets = senders.len();
+    let rooms = (sockets / per_room.max(1)).max(1);
     let stop = Arc::new(AtomicBool::new(false));
-    let reading = read_frames(receivers, epoch, stop.clone());
+    let received = Arc::new(AtomicU64::new(0));
+    let reading = read_frames(receivers, epoch, received.clone(), stop.clone());
     // Socket i is in room i % rooms, written by relay i % cores.
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     let mut shares: Vec<Vec<Vec<TcpStream>>> = (0..cores)
@@ -866,19 +879,16 @@ fn latency_floor(connections: usize, per_room: usize, publishing: &Publishing) -
     for (i, s) in senders.into_iter().enumerate() {
         shares[i % cores][i % rooms].push(s);
     }
-    let pad = "x".repeat(payload.saturating_sub(80));
+    let pad = padding(payload);
     let relays: Vec<_> = shares
         .into_iter()
         .map(|mut share| {
-            let (events, arrivals) = std::sync::mpsc::channel::<(usize, u128)>();
+            let (events, arrivals) = std::sync::mpsc::channel::<(u64, u128)>();
             let pad = pad.clone();
             let relay = std::thread::spawn(move || {
                 for (room, t) in arrivals {
-                    let event = format!(
-                        r#"{{"type":"conversation.updated","conversationId":"c{room}","t":{t},"pad":"{pad}"}}"#
-                    );
-                    let frame = fanfare::ws::text(event.as_bytes());
-                    for s in share[room].iter_mut() {
+                    let frame = fanfare::ws::text(event_json(room, t, &pad).as_bytes());
+                    for s in share[room as usize].iter_mut() {
                         let _ = s.write_all(&frame);
                     }
                 }
@@ -890,19 +900,23 @@ fn latency_floor(connections: usize, per_room: usize, publishing: &Publishing) -
     // SAFETY: prctl with PR_SET_TIMERSLACK changes only this thread's timer slack.
     unsafe { libc::prctl(libc::PR_SET_TIMERSLACK, 1) };
     let start = Instant::now();
-    for e in 0..rate * seconds.min(5) {
+    let events = rate * seconds.min(5);
+    for e in 0..events {
         let due = start + Duration::from_secs_f64(e as f64 / rate as f64);
         std::thread::sleep(due.saturating_duration_since(Instant::now()));
         let t = due.duration_since(epoch).as_nanos();
         for (events, _) in &relays {
-            let _ = events.send((e as usize % rooms, t));
+            let _ = events.send((e % rooms as u64, t));
         }
     }
     for (events, relay) in relays {
         drop(events);
         let _ = relay.join();
     }
-    std::thread::sleep(Duration::from_millis(300));
+    let expected = (0..events)
+        .map(|e| subscribers(sockets, rooms, (e % rooms as u64) as usize))
+        .sum();
+    settle(&received, expected);
     stop.store(true, Ordering::Relaxed);
     reading.join().expect("floor receivers")
 }
