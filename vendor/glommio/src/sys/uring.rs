@@ -925,7 +925,9 @@ impl SleepableRing {
     /// certain duration. The timer is added at the front of the queue such
     /// that it will be the first SQE submitted the next time we enter the
     /// latency ring
-    fn prepare_latency_preemption_timer(&mut self, d: Duration) -> Source {
+    /// Patched (see PATCHES.md): armed for a deadline, returned with it.
+    fn prepare_latency_timer_until(&mut self, when: Instant) -> (Source, Instant) {
+        let d = when.saturating_duration_since(Instant::now());
         let source = Source::new(
             IoRequirements::default(),
             -1,
@@ -953,7 +955,7 @@ impl SleepableRing {
                         .add_source(&source, self.submission_queue.clone()),
                 ),
             });
-        source
+        (source, when)
     }
 
     /// This function prepares a timer that fires only after a given number of
@@ -1222,7 +1224,9 @@ pub(crate) struct Reactor {
     latency_ring: RefCell<SleepableRing>,
     poll_ring: RefCell<PollRing>,
 
-    latency_preemption_timeout_src: Cell<Option<Source>>,
+    /// The latency ring's timer (the preemption timer, or the next user timer while
+    /// sleeping) with when it fires.
+    latency_preemption_timeout_src: Cell<Option<(Source, Instant)>>,
     throughput_preemption_timeout_src: Cell<Option<Source>>,
 
     link_fd: RawFd,
@@ -1798,7 +1802,7 @@ impl Reactor {
     pub(crate) fn wait<Preempt, F>(
         &self,
         preempt_timer: Preempt,
-        user_timer: Option<Duration>,
+        user_timer: Option<Instant>,
         mut woke: usize,
         process_remote_channels: F,
     ) -> io::Result<bool>
@@ -1815,13 +1819,20 @@ impl Reactor {
         // consume all events from the rings
         consume_rings!(into &mut woke; lat_ring, poll_ring, main_ring);
 
-        // Cancel the old timer regardless of whether we can sleep:
-        // if we won't sleep, we will register the new timer with its new
-        // value.
-        //
-        // But if we will sleep, there might be a timer registered that needs
-        // to be removed otherwise we'll wake up when it expires.
-        drop(self.latency_preemption_timeout_src.take());
+        // Patched (see PATCHES.md): the latency ring's timer is kept while it is pending and
+        // fires no later than the one this wait wants: the preemption timer's deadline if it
+        // will not sleep, the next user timer's if it may. Published, it was cancelled and
+        // armed again on every wait (two submissions and a kernel entry per executor turn).
+        // One that would fire too late, or with nothing to wait for, is cancelled as before,
+        // so that a sleep is never cut short by a timer nobody wants.
+        let preempt = preempt_timer();
+        let wanted = preempt.map(|d| Instant::now() + d).or(user_timer);
+        let kept = self
+            .latency_preemption_timeout_src
+            .take()
+            .filter(|(timer, when)| timer.result().is_none() && wanted.is_some_and(|w| *when <= w));
+        let latency_armed = kept.is_some();
+        self.latency_preemption_timeout_src.set(kept);
 
         // Schedule the throughput-based timeout immediately: it won't matter if we end
         // up sleeping.
@@ -1853,7 +1864,7 @@ impl Reactor {
         consume_rings!(into &mut woke; lat_ring, poll_ring, main_ring);
 
         // If we generated any event so far, we can't sleep. Need to handle them.
-        let should_sleep = preempt_timer().is_none()
+        let should_sleep = preempt.is_none()
             && (woke == 0)
             && poll_ring.can_sleep()
             && main_ring.can_sleep()
@@ -1862,9 +1873,9 @@ impl Reactor {
         if should_sleep {
             // We are about to go to sleep. It's ok to sleep, but if there
             // is a timer set, we need to make sure we wake up to handle it.
-            if let Some(dur) = user_timer {
+            if let Some(when) = user_timer.filter(|_| !latency_armed) {
                 self.latency_preemption_timeout_src
-                    .set(Some(lat_ring.prepare_latency_preemption_timer(dur)));
+                    .set(Some(lat_ring.prepare_latency_timer_until(when)));
                 assert!(flush_rings!(lat_ring)? > 0);
             }
             // From this moment on the remote executors are aware that we are sleeping
@@ -1891,9 +1902,9 @@ impl Reactor {
             }
         }
 
-        if let Some(preempt) = preempt_timer() {
+        if let Some(preempt) = preempt.filter(|_| !latency_armed) {
             self.latency_preemption_timeout_src
-                .set(Some(lat_ring.prepare_latency_preemption_timer(preempt)));
+                .set(Some(lat_ring.prepare_latency_timer_until(Instant::now() + preempt)));
             flush_rings!(lat_ring, main_ring)?;
         }
 
