@@ -73,10 +73,10 @@ pub fn run(
 ) -> Result<(), Error> {
     let verifier = Arc::new(Verifier::new(&config.auth)?);
     raise_fd_limit();
-    let cpus = CpuSet::online().ok();
-    let online = cpus.as_ref().map_or(1, |c| c.len()).max(1);
+    let cpus = allowed_cpus();
+    let allowed = cpus.as_ref().map_or(1, |c| c.len()).max(1);
     let shards = match config.server.shards {
-        0 => online.min(64),
+        0 => allowed.min(64),
         n => n,
     };
     let (addr, listeners) = bind(&config, shards)?;
@@ -974,6 +974,26 @@ async fn read_body(
 }
 
 /// Raises the soft open-files limit to the hard one: every connection is a descriptor.
+/// The online CPUs this process may run on: those of its affinity (`taskset`, a container's
+/// cpuset), so that executors are counted and pinned only where the process was allowed (glommio
+/// alone would pin them to every online CPU, outside the affinity too). All online CPUs when
+/// the affinity cannot be read or names none of them.
+fn allowed_cpus() -> Option<CpuSet> {
+    let online = CpuSet::online().ok()?;
+    // SAFETY: plain libc calls on a local, zeroed `cpu_set_t` of the size passed.
+    unsafe {
+        let mut mask: libc::cpu_set_t = std::mem::zeroed();
+        if libc::sched_getaffinity(0, std::mem::size_of_val(&mask), &mut mask) != 0 {
+            return Some(online);
+        }
+        let allowed = online.filter(|cpu| libc::CPU_ISSET(cpu.cpu, &mask));
+        match allowed.is_empty() {
+            true => CpuSet::online().ok(),
+            false => Some(allowed),
+        }
+    }
+}
+
 pub fn raise_fd_limit() {
     let mut lim = libc::rlimit {
         rlim_cur: 0,

@@ -113,6 +113,32 @@ fn serve_runs_on_embedded_defaults_and_token_mints_for_it() {
     assert!(server.wait_exit().success());
 }
 
+/// Allowed one CPU (as by a container's cpuset), the server runs one executor, pinned to that
+/// CPU: not one per online CPU, pinned to CPUs the process was not given.
+#[test]
+fn serve_keeps_to_the_cpus_it_is_allowed() {
+    let pid = std::process::id();
+    let cpu = *cpus_allowed(pid, &pid.to_string()).last().expect("a CPU");
+    let server = Server::start_on_cpus(&cpu.to_string(), "");
+    assert_eq!(server.metric("fanfare_shards"), 1);
+    let tasks = std::fs::read_dir(format!("/proc/{}/task", server.pid())).unwrap();
+    // Executor threads are named fanfare-1, fanfare-2, ... (with a helper thread each).
+    let mut executors = std::collections::BTreeSet::new();
+    for task in tasks {
+        let tid = task.unwrap().file_name().into_string().unwrap();
+        let name = std::fs::read_to_string(format!("/proc/{}/task/{tid}/comm", server.pid()));
+        let name = name.unwrap().trim().to_string();
+        if name
+            .strip_prefix("fanfare-")
+            .is_some_and(|n| n.parse::<u32>().is_ok())
+        {
+            executors.insert(name);
+        }
+        assert_eq!(cpus_allowed(server.pid(), &tid), [cpu], "thread {tid}");
+    }
+    assert_eq!(executors.into_iter().collect::<Vec<_>>(), ["fanfare-1"]);
+}
+
 #[test]
 fn env_overrides_reach_the_running_server() {
     let server = Server::start_with_env("", &[("FANFARE_HEARTBEAT__INTERVAL_MS", "1234")]);

@@ -39,6 +39,22 @@ pub fn wait_for<T>(what: &str, mut check: impl FnMut() -> Option<T>) -> T {
     }
 }
 
+/// The CPUs a task may run on (`/proc/{pid}/task/{tid}/status`, `Cpus_allowed_list`).
+pub fn cpus_allowed(pid: u32, tid: &str) -> Vec<usize> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/status")).unwrap();
+    let list = status
+        .lines()
+        .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))
+        .expect("Cpus_allowed_list")
+        .trim();
+    list.split(',')
+        .flat_map(|range| {
+            let (first, last) = range.split_once('-').unwrap_or((range, range));
+            first.parse::<usize>().unwrap()..=last.parse::<usize>().unwrap()
+        })
+        .collect()
+}
+
 /// Lines a child process printed, stdout and stderr together.
 pub type Logs = Arc<Mutex<Vec<String>>>;
 
@@ -148,6 +164,17 @@ impl Server {
             .args(["serve", "--config"])
             .arg(&config.0)
             .envs(env.iter().copied());
+        Self::spawn(command, Some(config))
+    }
+
+    /// Starts the binary with `base_config(extra)` under `taskset -c {cpus}`: a process allowed
+    /// only those CPUs, as in a container's cpuset.
+    pub fn start_on_cpus(cpus: &str, extra: &str) -> Server {
+        let config = TempFile::new(&base_config(extra));
+        let mut command = Command::new("taskset");
+        command
+            .args(["-c", cpus, bin(), "serve", "--config"])
+            .arg(&config.0);
         Self::spawn(command, Some(config))
     }
 
