@@ -123,16 +123,20 @@ impl Timers {
     /// ready and woke timers.
     ///
     /// Patched (see PATCHES.md): the deadline rather than the duration until it, so that
-    /// the reactor can tell whether the timer it has armed already is this one.
+    /// the reactor can tell whether the timer it has armed already is this one; and the
+    /// ready timers taken from the front of the map rather than split off it.
     fn process_timers(&mut self) -> (Option<Instant>, usize) {
         let now = Instant::now();
 
-        // Split timers into ready and pending timers.
-        let pending = self.timers.split_off(&(now, 0));
-        let ready = mem::replace(&mut self.timers, pending);
-        let woke = ready.len();
-        for (_, waker) in ready {
+        // Ready timers are those due before now, in the order they fire.
+        let mut woke = 0;
+        while let Some(timer) = self.timers.first_entry() {
+            if timer.key().0 >= now {
+                break;
+            }
+            let waker = timer.remove();
             wake!(waker);
+            woke += 1;
         }
 
         let next = self.timers.keys().next().map(|(when, _)| *when);
