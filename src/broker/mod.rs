@@ -153,6 +153,8 @@ pub struct Broker {
     probe: String,
     /// The masters, each with its node, in address order.
     nodes: RefCell<Vec<(Master, Rc<Node>)>>,
+    /// Whether those masters serve every slot (computed when they change).
+    covered: Cell<bool>,
     /// Each node's connection tasks, by node id: dropping them stops the node.
     tasks: RefCell<Map<usize, [glommio::Task<()>; 2]>>,
     next_node: Cell<usize>,
@@ -184,6 +186,7 @@ impl Broker {
             prefix: format!("{channel_prefix}:"),
             probe: format!("{channel_prefix}:probe:{instance}:{core}"),
             nodes: RefCell::default(),
+            covered: Cell::new(false),
             tasks: RefCell::default(),
             next_node: Cell::new(0),
             renew: RefCell::default(),
@@ -218,9 +221,7 @@ impl Broker {
     /// True while every node's connections are up and (with a cluster) every slot is served.
     pub fn is_up(&self) -> bool {
         let nodes = self.nodes.borrow();
-        !nodes.is_empty()
-            && nodes.iter().all(|(_, n)| n.is_up())
-            && complete(nodes.iter().map(|(m, _)| m))
+        self.covered.get() && nodes.iter().all(|(_, n)| n.is_up())
     }
 
     pub fn channel(&self, name: &str) -> String {
@@ -229,10 +230,9 @@ impl Broker {
 
     /// The command that publishes `payload` on channel `name` (sharded with a cluster).
     pub fn publish(&self, name: &str, payload: &[u8]) -> redis::Cmd {
-        redis::cmd(self.publish_verb())
-            .arg(self.channel(name))
-            .arg(payload)
-            .clone()
+        let mut publish = redis::cmd(self.publish_verb());
+        publish.arg(self.channel(name)).arg(payload);
+        publish
     }
 
     fn publish_verb(&self) -> &'static str {
@@ -634,6 +634,7 @@ impl Broker {
                 now != owner(&old, slot) && old.iter().any(|(_, n)| Some(n.id) == now)
             })
             .collect();
+        self.covered.set(complete(nodes.iter().map(|(m, _)| m)));
         *self.nodes.borrow_mut() = nodes;
         for node in new {
             let tasks = [
