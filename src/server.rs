@@ -973,7 +973,6 @@ async fn read_body(
     within(limit, read).await.unwrap_or(false)
 }
 
-/// Raises the soft open-files limit to the hard one: every connection is a descriptor.
 /// The online CPUs this process may run on: those of its affinity (`taskset`, a container's
 /// cpuset), so that executors are counted and pinned only where the process was allowed (glommio
 /// alone would pin them to every online CPU, outside the affinity too). All online CPUs when
@@ -994,6 +993,7 @@ fn allowed_cpus() -> Option<CpuSet> {
     }
 }
 
+/// Raises the soft open-files limit to the hard one: every connection is a descriptor.
 pub fn raise_fd_limit() {
     let mut lim = libc::rlimit {
         rlim_cur: 0,

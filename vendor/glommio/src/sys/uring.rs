@@ -922,11 +922,11 @@ impl SleepableRing {
         self.ring.raw().ring_fd
     }
 
-    /// This function prepares a timer that fires unconditionally after a
-    /// certain duration. The timer is added at the front of the queue such
+    /// This function prepares a timer that fires unconditionally at a
+    /// deadline (patched, see PATCHES.md: it was given a duration), returned
+    /// with the timer. The timer is added at the front of the queue such
     /// that it will be the first SQE submitted the next time we enter the
     /// latency ring
-    /// Patched (see PATCHES.md): armed for a deadline, returned with it.
     fn prepare_latency_timer_until(&mut self, when: Instant) -> (Source, Instant) {
         let d = when.saturating_duration_since(Instant::now());
         let source = Source::new(
@@ -1825,8 +1825,8 @@ impl Reactor {
         // fires no later than the one this wait wants: the preemption timer's deadline if it
         // will not sleep, the next user timer's if it may. Published, it was cancelled and
         // armed again on every wait (two submissions and a kernel entry per executor turn).
-        // One that would fire too late, or with nothing to wait for, is cancelled as before,
-        // so that a sleep is never cut short by a timer nobody wants.
+        // One that would fire too late is cancelled as before, and so is any when there is
+        // nothing to wait for, so that a sleep without a timer is not cut short.
         let preempt = preempt_timer();
         let wanted = preempt.map(|d| Instant::now() + d).or(user_timer);
         let kept = self
