@@ -840,15 +840,17 @@ fn read_frames(
 /// Waits until `received` reaches `expected`, or has not grown for 500 ms (at most 30 s: at
 /// saturation the queues can hold seconds of events).
 fn settle(received: &AtomicU64, expected: u64) {
-    let settle = Instant::now();
-    let mut seen = received.load(Ordering::Relaxed);
-    while seen < expected && settle.elapsed() < Duration::from_secs(30) {
-        std::thread::sleep(Duration::from_millis(500));
+    let start = Instant::now();
+    let (mut seen, mut grew) = (received.load(Ordering::Relaxed), Instant::now());
+    while seen < expected
+        && grew.elapsed() < Duration::from_millis(500)
+        && start.elapsed() < Duration::from_secs(30)
+    {
+        std::thread::sleep(Duration::from_millis(10));
         let now = received.load(Ordering::Relaxed);
-        if now == seen {
-            break;
+        if now != seen {
+            (seen, grew) = (now, Instant::now());
         }
-        seen = now;
     }
 }
 
