@@ -69,6 +69,7 @@ pub struct Server {
     pub mesh_queue_len: usize,
     pub io_memory_bytes: usize,
     pub io_ring_depth: usize,
+    pub write_delay_ms: u64,
     pub echo_path: String,
 }
 
@@ -85,6 +86,7 @@ impl Default for Server {
             mesh_queue_len: 8192,
             io_memory_bytes: 1 << 20,
             io_ring_depth: 4096,
+            write_delay_ms: 0,
             echo_path: String::new(),
         }
     }
@@ -277,6 +279,8 @@ pub const MAX_HISTORY_SIZE: usize = 10_000;
 
 /// The kernel's limit on io_uring submission queue entries.
 const MAX_IO_RING_DEPTH: usize = 32_768;
+/// Longest `server.write_delay_ms`: events a second late are not live any more.
+const MAX_WRITE_DELAY_MS: u64 = 1000;
 
 impl Default for History {
     fn default() -> Self {
@@ -442,6 +446,12 @@ impl Config {
             return Err(ConfigError::key(
                 "server.io_ring_depth",
                 format!("1 to {MAX_IO_RING_DEPTH} entries (io_uring's limit)"),
+            ));
+        }
+        if self.server.write_delay_ms > MAX_WRITE_DELAY_MS {
+            return Err(ConfigError::key(
+                "server.write_delay_ms",
+                format!("at most {MAX_WRITE_DELAY_MS} ms"),
             ));
         }
         if self.history.size > MAX_HISTORY_SIZE {

@@ -10,7 +10,7 @@
 
 use std::rc::Rc;
 
-use crate::handle::{ConnHandle, Kind, Pushed};
+use crate::handle::{ConnHandle, Flush, Kind, Pushed};
 use crate::history::{Position, Read};
 use crate::mesh::{Fanned, Latch, Verdict};
 use crate::metrics::CoreStats;
@@ -129,7 +129,7 @@ impl Rooms {
         if let Ok(frames) = &read.events {
             for frame in frames {
                 let replay = Fanned::event(frame.clone(), None);
-                push_all(std::iter::once(&*conn), &replay, stats);
+                push_all(std::iter::once(&*conn), &replay, stats, None);
             }
         }
         r.conns.push(conn);
@@ -143,10 +143,16 @@ impl Rooms {
     }
 
     /// Queues `out` to this core's subscribers of `room`.
-    pub fn deliver(&mut self, room: &RoomKey, out: &Fanned, stats: &CoreStats) {
+    pub fn deliver(
+        &mut self,
+        room: &RoomKey,
+        out: &Fanned,
+        stats: &CoreStats,
+        flush: Option<&Flush>,
+    ) {
         if let Some(r) = self.local.get_mut(room) {
             r.at = out.at.or(r.at);
-            push_all(r.conns.iter().map(|c| &**c), out, stats);
+            push_all(r.conns.iter().map(|c| &**c), out, stats, flush);
         }
     }
 
@@ -249,19 +255,20 @@ impl Rooms {
     }
 }
 
-/// Queues `out` to each of `conns` but the excepted user's; counts what happened. Returns how
-/// many were queued a frame.
+/// Queues `out` to each of `conns` but the excepted user's, their writers woken now or at
+/// `flush`; counts what happened. Returns how many were queued a frame.
 pub fn push_all<'a>(
     conns: impl Iterator<Item = &'a ConnHandle>,
     out: &Fanned,
     stats: &CoreStats,
+    flush: Option<&Flush>,
 ) -> u64 {
     let mut delivered = 0;
     for conn in conns {
         if out.except.as_ref().is_some_and(|u| *u == conn.user) {
             continue;
         }
-        match conn.push_kind(out.frame.clone(), out.kind) {
+        match conn.push_kind(out.frame.clone(), out.kind, flush) {
             Pushed::Queued => delivered += 1,
             Pushed::Shed(n) => {
                 stats.frames_shed_total.add(n as u64);

@@ -273,6 +273,9 @@ async fn run_shard(start: Start, listener: socket2::Socket) -> Result<(), CoreEr
         .detach();
     }
     glommio::spawn_local(housekeeping(shard.clone(), shutdown)).detach();
+    if let Some(flush) = shard.flush.clone() {
+        glommio::spawn_local(async move { flush.run().await }).detach();
+    }
 
     // SAFETY of from_raw_fd: the fd comes from a socket we own and give up here.
     let listener = unsafe { TcpListener::from_raw_fd(listener.into_raw_fd()) };

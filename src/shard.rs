@@ -36,7 +36,7 @@ use std::time::{Duration, Instant};
 
 use crate::broker::{Broker, BrokerError};
 use crate::config::Config;
-use crate::handle::{ConnHandle, Kind};
+use crate::handle::{ConnHandle, Flush, Kind};
 use crate::history::{History, Miss, Position, Read};
 use crate::limit::TokenBucket;
 use crate::mesh::{Fanned, Latch, Mesh, Message, Pending, Verdict};
@@ -62,6 +62,8 @@ pub struct Shard {
     /// The Redis bridge, with `broker.kind = "redis"`.
     pub broker: Option<Rc<Broker>>,
     rooms: RefCell<Rooms>,
+    /// With `server.write_delay_ms`: the writers of delivered events, woken together.
+    pub flush: Option<Rc<Flush>>,
     pub conns: Rc<Connections>,
     pub users: Rc<Users>,
     /// With Redis.
@@ -123,6 +125,8 @@ impl Shard {
             )
         });
         let id = mesh.id();
+        let delay = config.server.write_delay_ms;
+        let flush = (delay > 0).then(|| Rc::new(Flush::new(Duration::from_millis(delay))));
         let history = RefCell::new(History::new(
             config.history.size,
             Duration::from_millis(config.history.ttl_ms),
@@ -137,6 +141,7 @@ impl Shard {
             mesh,
             broker,
             rooms: RefCell::default(),
+            flush,
             conns,
             users,
             cluster,
@@ -579,7 +584,10 @@ impl Shard {
             let core = cores.trailing_zeros() as usize;
             cores &= cores - 1;
             if core == self.id {
-                self.rooms.borrow_mut().deliver(room, &out, self.stats());
+                let flush = self.flush.as_deref();
+                self.rooms
+                    .borrow_mut()
+                    .deliver(room, &out, self.stats(), flush);
             } else if !self.mesh.deliver(core, room, &out) {
                 self.stats().mesh_overflow_total.inc();
             }
@@ -772,7 +780,10 @@ impl Shard {
             }
             Message::Published { req, offsets } => self.offsets.answer(req, offsets),
             Message::Deliver { room, out } => {
-                self.rooms.borrow_mut().deliver(&room, &out, self.stats())
+                let flush = self.flush.as_deref();
+                self.rooms
+                    .borrow_mut()
+                    .deliver(&room, &out, self.stats(), flush)
             }
             Message::Gap { room } => self.rooms.borrow().gap(&room),
             Message::Typing { room, user } => self.typing_at_owner(&room, user),

@@ -41,7 +41,7 @@ fn check_config_prints_effective_values() {
 #[test]
 fn bad_configuration_stops_start_up_naming_the_key() {
     type Case<'a> = (&'a str, &'a [(&'a str, &'a str)], &'a str);
-    let cases: [Case; 7] = [
+    let cases: [Case; 8] = [
         ("[server]\nlisen = \"127.0.0.1:0\"\n", &[], "lisen"),
         (
             "[limits]\noutbound_queue_bytes = 5000000000\n",
@@ -52,6 +52,11 @@ fn bad_configuration_stops_start_up_naming_the_key() {
             "[server]\nio_ring_depth = 65536\n",
             &[],
             "server.io_ring_depth",
+        ),
+        (
+            "[server]\nwrite_delay_ms = 5000\n",
+            &[],
+            "server.write_delay_ms",
         ),
         ("[limits]\nmsg_rate = \"fast\"\n", &[], "limits.msg_rate"),
         (

@@ -53,3 +53,31 @@ fn every_subscriber_on_every_core_gets_every_event() {
     assert_eq!(server.metric("fanfare_frames_delivered_total"), expected);
     assert_eq!(server.metric("fanfare_mesh_overflow_total"), 0);
 }
+
+/// `server.write_delay_ms`: what is delivered to a connection within the delay goes out
+/// together, in order, once the delay after the first event has passed.
+#[test]
+fn a_write_delay_sends_the_events_of_its_window_in_one_write() {
+    let delay = std::time::Duration::from_millis(1000);
+    let server = Server::start("[server]\nshards = 1\nwrite_delay_ms = 1000");
+    let mut c = server.connect("t1", "u1");
+    c.subscribe("room");
+    let writes = server.metric("fanfare_writes_total");
+    let first_published = std::time::Instant::now();
+    for seq in 0..3 {
+        server.publish_ok("t1", vec![updated("room", seq)]);
+    }
+    for seq in 0..3 {
+        assert_eq!(c.expect("conversation.updated")["seq"], seq);
+    }
+    assert!(
+        first_published.elapsed() >= delay,
+        "delivered {:?} after the first publish, within the delay",
+        first_published.elapsed()
+    );
+    assert_eq!(
+        server.metric("fanfare_writes_total") - writes,
+        1,
+        "three events published one after another within the delay, written together"
+    );
+}

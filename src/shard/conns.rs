@@ -106,7 +106,7 @@ impl Connections {
     /// Queues `out` to every connection of `tenant` on this core; how many got it.
     pub fn push_to_tenant(&self, tenant: &str, out: &Fanned, stats: &CoreStats) -> u64 {
         match self.tenants.borrow().get(tenant) {
-            Some(conns) => crate::rooms::push_all(conns.iter().map(|c| &*c.0), out, stats),
+            Some(conns) => crate::rooms::push_all(conns.iter().map(|c| &*c.0), out, stats, None),
             None => 0,
         }
     }
@@ -136,7 +136,7 @@ impl Connections {
     /// Queues `out` to this core's watchers of `user`; how many got it.
     pub fn push_to_watchers(&self, user: &UserKey, out: &Fanned, stats: &CoreStats) -> u64 {
         match self.watchers.borrow().get(user) {
-            Some(conns) => crate::rooms::push_all(conns.iter().map(|c| &*c.0), out, stats),
+            Some(conns) => crate::rooms::push_all(conns.iter().map(|c| &*c.0), out, stats, None),
             None => 0,
         }
     }
