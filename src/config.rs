@@ -69,7 +69,7 @@ pub struct Server {
     pub mesh_queue_len: usize,
     pub io_memory_bytes: usize,
     pub io_ring_depth: usize,
-    pub write_delay_ms: u64,
+    pub write_delay_ms: u16,
     pub echo_path: String,
 }
 
@@ -280,7 +280,7 @@ pub const MAX_HISTORY_SIZE: usize = 10_000;
 /// The kernel's limit on io_uring submission queue entries.
 const MAX_IO_RING_DEPTH: usize = 32_768;
 /// Longest `server.write_delay_ms`: events a second late are not live any more.
-const MAX_WRITE_DELAY_MS: u64 = 1000;
+const MAX_WRITE_DELAY_MS: u16 = 1000;
 
 impl Default for History {
     fn default() -> Self {

@@ -30,6 +30,10 @@ pub struct ConnHandle {
     limit: u32,
     /// The close requested, once one is; written after what is queued.
     close: Cell<Option<CloseCode>>,
+    /// When frames were last taken to be written: the low 16 bits of [`clock_ms`], compared
+    /// only over spans up to `server.write_delay_ms` (at most a second), so that a wrap costs
+    /// at most one needless wait for a flush.
+    taken_ms: Cell<u16>,
     state: RefCell<State>,
     /// Last time anything arrived from the peer (heartbeat), in [`clock_ms32`].
     pub last_seen: Cell<u32>,
@@ -128,6 +132,7 @@ impl ConnHandle {
             user,
             limit,
             close: Cell::new(None),
+            taken_ms: Cell::new(clock_ms() as u16),
             state: RefCell::default(),
             last_seen: Cell::new(now),
             last_ping: Cell::new(now),
@@ -151,8 +156,8 @@ impl ConnHandle {
         self.push_kind(frame, Kind::Event, None)
     }
 
-    /// Queues `frame`; with `flush`, the writer is woken at the core's next flush instead of
-    /// now.
+    /// Queues `frame`. With `flush`, a writer that took frames less than the flush's delay ago
+    /// is woken at the core's next flush instead of now.
     pub fn push_kind(&self, frame: Bytes, kind: Kind, flush: Option<&Flush>) -> Pushed {
         let mut s = self.state.borrow_mut();
         if self.close.get().is_some() {
@@ -203,8 +208,8 @@ impl ConnHandle {
         s.queued_bytes += frame.len();
         s.queue.push_back((frame, kind, seq));
         match (flush, s.waker.take()) {
-            (Some(flush), Some(waker)) => flush.defer(waker),
-            (None, Some(waker)) => waker.wake(),
+            (Some(flush), Some(waker)) if self.taken_within(flush.delay_ms) => flush.defer(waker),
+            (_, Some(waker)) => waker.wake(),
             (_, None) => {}
         }
         if shed > 0 {
@@ -212,6 +217,15 @@ impl ConnHandle {
         } else {
             Pushed::Queued
         }
+    }
+
+    fn taken_within(&self, ms: u16) -> bool {
+        (clock_ms() as u16).wrapping_sub(self.taken_ms.get()) < ms
+    }
+
+    /// Records that frames were taken to be written, now.
+    fn taken(&self) {
+        self.taken_ms.set(clock_ms() as u16);
     }
 
     /// Asks for a close after what is queued now; the first request's code wins.
@@ -262,6 +276,7 @@ impl ConnHandle {
             // Drained: give the memory back, so that an idle connection holds no queue.
             s.queue = VecDeque::new();
         }
+        self.taken();
         Poll::Ready(next)
     }
 
@@ -297,6 +312,7 @@ impl ConnHandle {
                 }
             };
         }
+        self.taken();
         let cursor = frames
             .last()
             .map_or(s.numbers().gone_through, |(seq, _)| *seq);
@@ -351,24 +367,28 @@ fn wake(s: &mut State) {
     }
 }
 
-/// A core's writers woken together once every `server.write_delay_ms` (when it is not 0): the
-/// event frames queued to a connection in that time go out in one `send` instead of one each,
-/// which on a busy connection costs a fraction of the CPU (ARCHITECTURE.md: on loopback, 16
-/// frames per `send` cost about a tenth of 16 sends), for up to that much latency.
+/// A core's writers paced by `server.write_delay_ms` (when it is not 0): a frame for a
+/// connection whose frames were taken to be written less than the delay ago waits for the
+/// core's next flush, at most the delay after the first such frame; whatever is queued by then
+/// goes out in one `send`. On a connection that receives an event every few milliseconds that
+/// is a fraction of one `send` per event (ARCHITECTURE.md: on loopback, 16 frames per `send`
+/// cost about a tenth of 16 sends); one that receives fewer than one per delay is written at
+/// once, as without it.
 ///
 /// Invariant: a waker taken from a handle is either woken at once or kept here until the next
 /// flush, never lost; the flush wakes every waker it holds.
 pub struct Flush {
-    delay: std::time::Duration,
+    delay_ms: u16,
     due: RefCell<Vec<Waker>>,
     /// The flushing task, while it waits for a first waker.
     flusher: Cell<Option<Waker>>,
 }
 
 impl Flush {
-    pub fn new(delay: std::time::Duration) -> Flush {
+    /// `delay_ms` is at most a second (`config::MAX_WRITE_DELAY_MS`).
+    pub fn new(delay_ms: u16) -> Flush {
         Flush {
-            delay,
+            delay_ms,
             due: RefCell::default(),
             flusher: Cell::new(None),
         }
@@ -395,7 +415,7 @@ impl Flush {
                 }
             })
             .await;
-            glommio::timer::sleep(self.delay).await;
+            glommio::timer::sleep(std::time::Duration::from_millis(self.delay_ms.into())).await;
             // Swapped with a buffer of the same size: no allocation per flush.
             std::mem::swap(&mut woken, &mut *self.due.borrow_mut());
             for waker in woken.drain(..) {
@@ -455,24 +475,36 @@ mod tests {
     }
 
     #[test]
-    fn a_push_with_a_flush_leaves_the_wake_up_to_it_once() {
+    fn a_flush_wakes_a_writer_that_wrote_within_its_delay_once() {
         let o = handle(100);
         let counter = Arc::new(Counter(Default::default()));
         let waker = Waker::from(counter.clone());
-        assert!(o
-            .poll_next(&mut Context::from_waker(&waker), 100)
-            .is_pending());
-        let flush = Flush::new(std::time::Duration::from_millis(1));
+        let woken = || counter.0.load(std::sync::atomic::Ordering::Relaxed);
+        let mut cx = Context::from_waker(&waker);
+        let flush = Flush::new(1000);
+        // Its frames were last taken now (at creation): frames wait for the flush.
+        assert!(o.poll_next(&mut cx, 100).is_pending());
         for i in 0..3u8 {
             o.push_kind(Bytes::from(vec![i; 10]), Kind::Event, Some(&flush));
         }
-        let woken = || counter.0.load(std::sync::atomic::Ordering::Relaxed);
         assert_eq!(woken(), 0, "woken before the flush");
         let due = std::mem::take(&mut *flush.due.borrow_mut());
         assert_eq!(due.len(), 1, "one wake-up per writer, however many frames");
         due.into_iter().for_each(Waker::wake);
         assert_eq!(woken(), 1);
         assert!(matches!(next(&o, 100), Some(Next::Frames(f)) if f.len() == 30));
+        // Last taken longer ago than the delay: woken at once.
+        assert!(o.poll_next(&mut cx, 100).is_pending());
+        o.taken_ms.set(o.taken_ms.get().wrapping_sub(2000));
+        o.push_kind(Bytes::from(vec![4; 10]), Kind::Event, Some(&flush));
+        assert_eq!(woken(), 2);
+        assert!(flush.due.borrow().is_empty());
+    }
+
+    #[test]
+    fn a_handle_stays_in_its_allocation_class() {
+        // With its `Rc` counts, 160 bytes: mimalloc's 160-byte class (see `ConnHandle`).
+        assert!(std::mem::size_of::<ConnHandle>() <= 144);
     }
 
     #[test]

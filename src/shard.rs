@@ -126,7 +126,7 @@ impl Shard {
         });
         let id = mesh.id();
         let delay = config.server.write_delay_ms;
-        let flush = (delay > 0).then(|| Rc::new(Flush::new(Duration::from_millis(delay))));
+        let flush = (delay > 0).then(|| Rc::new(Flush::new(delay)));
         let history = RefCell::new(History::new(
             config.history.size,
             Duration::from_millis(config.history.ttl_ms),

@@ -54,14 +54,16 @@ fn every_subscriber_on_every_core_gets_every_event() {
     assert_eq!(server.metric("fanfare_mesh_overflow_total"), 0);
 }
 
-/// `server.write_delay_ms`: what is delivered to a connection within the delay goes out
-/// together, in order, once the delay after the first event has passed.
+/// `server.write_delay_ms`: events for a connection written to within the delay wait for the
+/// core's flush and go out together, in order; an event for a connection quiet for longer is
+/// written at once.
 #[test]
-fn a_write_delay_sends_the_events_of_its_window_in_one_write() {
+fn a_write_delay_paces_a_busy_connection_and_not_a_quiet_one() {
     let delay = std::time::Duration::from_millis(1000);
     let server = Server::start("[server]\nshards = 1\nwrite_delay_ms = 1000");
     let mut c = server.connect("t1", "u1");
     c.subscribe("room");
+    // Just written to (the subscribe's ack): the next events wait.
     let writes = server.metric("fanfare_writes_total");
     let first_published = std::time::Instant::now();
     for seq in 0..3 {
@@ -70,14 +72,25 @@ fn a_write_delay_sends_the_events_of_its_window_in_one_write() {
     for seq in 0..3 {
         assert_eq!(c.expect("conversation.updated")["seq"], seq);
     }
+    let delivered = std::time::Instant::now();
     assert!(
-        first_published.elapsed() >= delay,
+        delivered - first_published >= delay,
         "delivered {:?} after the first publish, within the delay",
-        first_published.elapsed()
+        delivered - first_published
     );
     assert_eq!(
         server.metric("fanfare_writes_total") - writes,
         1,
         "three events published one after another within the delay, written together"
+    );
+    // Quiet for longer than the delay: written at once.
+    std::thread::sleep((delivered + delay).saturating_duration_since(std::time::Instant::now()));
+    let published = std::time::Instant::now();
+    server.publish_ok("t1", vec![updated("room", 3)]);
+    assert_eq!(c.expect("conversation.updated")["seq"], 3);
+    assert!(
+        published.elapsed() < delay,
+        "a quiet connection's event waited {:?}",
+        published.elapsed()
     );
 }
