@@ -367,8 +367,8 @@ fn wake(s: &mut State) {
     }
 }
 
-/// A core's writers paced by `server.write_delay_ms` (when it is not 0): a frame for a
-/// connection whose frames were taken to be written less than the delay ago waits for the
+/// A core's writers paced by `server.write_delay_ms` (when it is not 0): an event or presence
+/// frame for a connection whose frames were taken to be written less than the delay ago waits for the
 /// core's next flush, at most the delay after the first such frame; whatever is queued by then
 /// goes out in one `send`. On a connection that receives an event every few milliseconds that
 /// is a fraction of one `send` per event (ARCHITECTURE.md: on loopback, 16 frames per `send`

@@ -62,7 +62,7 @@ pub struct Shard {
     /// The Redis bridge, with `broker.kind = "redis"`.
     pub broker: Option<Rc<Broker>>,
     rooms: RefCell<Rooms>,
-    /// With `server.write_delay_ms`: the writers of delivered events, woken together.
+    /// With `server.write_delay_ms`: the writers of delivered events and presence, paced.
     pub flush: Option<Rc<Flush>>,
     pub conns: Rc<Connections>,
     pub users: Rc<Users>,
@@ -108,7 +108,9 @@ impl Shard {
         broker: Option<Rc<Broker>>,
         instance: Arc<str>,
     ) -> Shard {
-        let conns = Rc::new(Connections::default());
+        let delay = config.server.write_delay_ms;
+        let flush = (delay > 0).then(|| Rc::new(Flush::new(delay)));
+        let conns = Rc::new(Connections::new(flush.clone()));
         let grace = Duration::from_millis(config.presence.offline_grace_ms);
         let watch = config.presence.mode == crate::config::PresenceMode::Watch;
         let users = Users::new(mesh.clone(), conns.clone(), registry.clone(), grace, watch);
@@ -125,8 +127,6 @@ impl Shard {
             )
         });
         let id = mesh.id();
-        let delay = config.server.write_delay_ms;
-        let flush = (delay > 0).then(|| Rc::new(Flush::new(delay)));
         let history = RefCell::new(History::new(
             config.history.size,
             Duration::from_millis(config.history.ttl_ms),

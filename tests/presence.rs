@@ -197,3 +197,23 @@ fn presence_crosses_cores() {
     let r = server.http("GET", "/v1/presence/t1", &[("Authorization", &auth)], b"");
     assert_eq!(r.json(), json!({"userIds": ["watcher"]}));
 }
+
+/// With `server.write_delay_ms`, presence frames are paced like events: for a connection just
+/// written to, they wait for the core's flush, in order.
+#[test]
+fn a_write_delay_paces_presence_frames_too() {
+    let server = Server::start("[server]\nshards = 1\nwrite_delay_ms = 1000");
+    let mut alice = server.connect("t1", "alice");
+    // Just written to (the answer to her ping): what comes next waits.
+    assert_eq!(alice.request(json!({"type": "ping"}), "p")["type"], "pong");
+    let first = Instant::now();
+    let _bob = server.connect("t1", "bob");
+    let _carol = server.connect("t1", "carol");
+    assert_eq!(alice.recv_any(), presence("online", "bob"));
+    assert_eq!(alice.recv_any(), presence("online", "carol"));
+    assert!(
+        first.elapsed() >= Duration::from_millis(1000),
+        "presence.online after {:?}, within the delay",
+        first.elapsed()
+    );
+}

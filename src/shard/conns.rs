@@ -10,7 +10,7 @@ use std::cell::RefCell;
 use std::rc::Rc;
 use std::sync::Arc;
 
-use crate::handle::ConnHandle;
+use crate::handle::{ConnHandle, Flush};
 use crate::mesh::Fanned;
 use crate::metrics::CoreStats;
 use crate::presence::UserKey;
@@ -43,13 +43,22 @@ impl std::borrow::Borrow<u64> for ById {
     }
 }
 
-#[derive(Default)]
 pub struct Connections {
     tenants: RefCell<Map<Arc<str>, Conns>>,
     watchers: RefCell<Map<UserKey, Conns>>,
+    /// With `server.write_delay_ms`: presence frames are paced like events.
+    flush: Option<Rc<Flush>>,
 }
 
 impl Connections {
+    pub fn new(flush: Option<Rc<Flush>>) -> Connections {
+        Connections {
+            tenants: RefCell::default(),
+            watchers: RefCell::default(),
+            flush,
+        }
+    }
+
     /// `tenant`, or the equal key this core already holds for it (its connections share one).
     pub fn tenant_key(&self, tenant: Box<str>) -> Arc<str> {
         held_key(&self.tenants.borrow(), &tenant).unwrap_or_else(|| tenant.into())
@@ -106,7 +115,12 @@ impl Connections {
     /// Queues `out` to every connection of `tenant` on this core; how many got it.
     pub fn push_to_tenant(&self, tenant: &str, out: &Fanned, stats: &CoreStats) -> u64 {
         match self.tenants.borrow().get(tenant) {
-            Some(conns) => crate::rooms::push_all(conns.iter().map(|c| &*c.0), out, stats, None),
+            Some(conns) => crate::rooms::push_all(
+                conns.iter().map(|c| &*c.0),
+                out,
+                stats,
+                self.flush.as_deref(),
+            ),
             None => 0,
         }
     }
@@ -136,7 +150,12 @@ impl Connections {
     /// Queues `out` to this core's watchers of `user`; how many got it.
     pub fn push_to_watchers(&self, user: &UserKey, out: &Fanned, stats: &CoreStats) -> u64 {
         match self.watchers.borrow().get(user) {
-            Some(conns) => crate::rooms::push_all(conns.iter().map(|c| &*c.0), out, stats, None),
+            Some(conns) => crate::rooms::push_all(
+                conns.iter().map(|c| &*c.0),
+                out,
+                stats,
+                self.flush.as_deref(),
+            ),
             None => 0,
         }
     }
