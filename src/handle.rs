@@ -368,12 +368,12 @@ fn wake(s: &mut State) {
 }
 
 /// A core's writers paced by `server.write_delay_ms` (when it is not 0): an event or presence
-/// frame for a connection whose frames were taken to be written less than the delay ago waits for the
-/// core's next flush, at most the delay after the first such frame; whatever is queued by then
-/// goes out in one `send`. On a connection that receives an event every few milliseconds that
-/// is a fraction of one `send` per event (ARCHITECTURE.md: on loopback, 16 frames per `send`
-/// cost about a tenth of 16 sends); one that receives fewer than one per delay is written at
-/// once, as without it.
+/// frame for a connection whose frames were taken to be written less than the delay ago waits
+/// for the core's next flush, at most the delay after the first such frame; whatever is queued
+/// by then goes out in one `send`. On a connection that receives an event every few
+/// milliseconds that is a fraction of one `send` per event (ARCHITECTURE.md: on loopback, 16
+/// frames per `send` cost about a tenth of 16 sends); one that receives fewer than one per
+/// delay is written at once, as without it.
 ///
 /// Invariant: a waker taken from a handle is either woken at once or kept here until the next
 /// flush, never lost; the flush wakes every waker it holds.

@@ -49,13 +49,22 @@ pub enum Joined {
     First(Rc<Latch>),
 }
 
-#[derive(Default)]
 pub struct Rooms {
     owned: Map<RoomKey, OwnedRoom>,
     local: Map<RoomKey, LocalRoom>,
+    /// With `server.write_delay_ms`: deliveries are paced.
+    flush: Option<Rc<Flush>>,
 }
 
 impl Rooms {
+    pub fn new(flush: Option<Rc<Flush>>) -> Rooms {
+        Rooms {
+            owned: Map::default(),
+            local: Map::default(),
+            flush,
+        }
+    }
+
     // ---- this core's subscribers --------------------------------------------------------
 
     /// `room`, or the equal key this core already holds for it (subscribers share one).
@@ -143,15 +152,10 @@ impl Rooms {
     }
 
     /// Queues `out` to this core's subscribers of `room`.
-    pub fn deliver(
-        &mut self,
-        room: &RoomKey,
-        out: &Fanned,
-        stats: &CoreStats,
-        flush: Option<&Flush>,
-    ) {
+    pub fn deliver(&mut self, room: &RoomKey, out: &Fanned, stats: &CoreStats) {
         if let Some(r) = self.local.get_mut(room) {
             r.at = out.at.or(r.at);
+            let flush = self.flush.as_deref();
             push_all(r.conns.iter().map(|c| &**c), out, stats, flush);
         }
     }

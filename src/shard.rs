@@ -62,7 +62,7 @@ pub struct Shard {
     /// The Redis bridge, with `broker.kind = "redis"`.
     pub broker: Option<Rc<Broker>>,
     rooms: RefCell<Rooms>,
-    /// With `server.write_delay_ms`: the writers of delivered events and presence, paced.
+    /// With `server.write_delay_ms`: the pacing of this core's writers (its task is the server's).
     pub flush: Option<Rc<Flush>>,
     pub conns: Rc<Connections>,
     pub users: Rc<Users>,
@@ -140,7 +140,7 @@ impl Shard {
             registry,
             mesh,
             broker,
-            rooms: RefCell::default(),
+            rooms: RefCell::new(Rooms::new(flush.clone())),
             flush,
             conns,
             users,
@@ -584,10 +584,7 @@ impl Shard {
             let core = cores.trailing_zeros() as usize;
             cores &= cores - 1;
             if core == self.id {
-                let flush = self.flush.as_deref();
-                self.rooms
-                    .borrow_mut()
-                    .deliver(room, &out, self.stats(), flush);
+                self.rooms.borrow_mut().deliver(room, &out, self.stats());
             } else if !self.mesh.deliver(core, room, &out) {
                 self.stats().mesh_overflow_total.inc();
             }
@@ -780,10 +777,7 @@ impl Shard {
             }
             Message::Published { req, offsets } => self.offsets.answer(req, offsets),
             Message::Deliver { room, out } => {
-                let flush = self.flush.as_deref();
-                self.rooms
-                    .borrow_mut()
-                    .deliver(&room, &out, self.stats(), flush)
+                self.rooms.borrow_mut().deliver(&room, &out, self.stats())
             }
             Message::Gap { room } => self.rooms.borrow().gap(&room),
             Message::Typing { room, user } => self.typing_at_owner(&room, user),
