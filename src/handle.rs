@@ -2,6 +2,7 @@
 //! of frames to write. A WebSocket connection's queue forgets a frame once it is taken to be
 //! written; an HTTP fallback session's ([`ConnHandle::retaining`]) numbers every frame and keeps
 //! it until the client acknowledges it or the bound pushes it out, so that a stream can resume.
+//! With `server.write_delay_ms`, a core's [`Flush`] paces the wake-ups of busy writers.
 //!
 //! Invariants: lives on one core (`Rc`, `RefCell`, never crosses threads); the queue never holds
 //! more than `limit` bytes. Over the limit, queued ephemeral frames (`presence.typing`) are shed
