@@ -387,8 +387,14 @@ impl Shard {
                         .map(|_| Vec::new());
                 }
                 let h = &self.config.history;
-                let packed = broker.publish_with_history(batch, h.size, h.ttl_ms);
-                match broker.command(&key, packed).await? {
+                let packed =
+                    |by_hash| broker.publish_with_history(batch.clone(), h.size, h.ttl_ms, by_hash);
+                let reply = match broker.command(&key, packed(true)).await {
+                    // Nothing ran: once with the text, which Redis then keeps for the hash.
+                    Err(BrokerError::NoScript) => broker.command(&key, packed(false)).await,
+                    reply => reply,
+                };
+                match reply? {
                     redis::Value::Array(given) => given
                         .iter()
                         .map(|o| match o {

@@ -267,3 +267,51 @@ fn replay_across_instances_while_publishing_yields_every_offset_once_in_order() 
     let reconnects = reconnect_while_publishing(Arc::new(servers), 1000, &epoch);
     assert!(reconnects > 5, "only {reconnects} reconnects");
 }
+
+/// The publish script runs by its hash (`EVALSHA`); a Redis that does not have it (new,
+/// restarted, or after `SCRIPT FLUSH`) is sent the text once, and no publish fails or loses its
+/// offset.
+#[test]
+fn publishes_go_on_after_redis_forgets_the_script() {
+    let redis = Redis::start();
+    let a = instance(&redis, 10);
+    // Calls of a command since the last reset (0 when Redis has not run it).
+    let calls = |command: &str| {
+        let stats = redis.command(&["INFO", "commandstats"]).unwrap();
+        let prefix = format!("cmdstat_{command}:calls=");
+        stats
+            .lines()
+            .find_map(|l| l.strip_prefix(&prefix)?.split(',').next()?.parse().ok())
+            .unwrap_or(0u64)
+    };
+    assert!(redis
+        .command(&["CONFIG", "RESETSTAT"])
+        .unwrap()
+        .starts_with("+OK"));
+    // A new Redis does not know the script yet: the text once, then its hash.
+    assert_eq!(publish(&a, "c1", 0..1), vec![1]);
+    assert_eq!(
+        (calls("evalsha"), calls("eval")),
+        (1, 1),
+        "NOSCRIPT, then the text"
+    );
+    assert_eq!(publish(&a, "c1", 1..2), vec![2]);
+    assert_eq!((calls("evalsha"), calls("eval")), (2, 1), "by its hash");
+    assert!(redis
+        .command(&["SCRIPT", "FLUSH"])
+        .unwrap()
+        .starts_with("+OK"));
+    assert_eq!(publish(&a, "c1", 2..3), vec![3]);
+    assert_eq!(
+        (calls("evalsha"), calls("eval")),
+        (3, 2),
+        "NOSCRIPT again, the text"
+    );
+    assert_eq!(publish(&a, "c1", 3..4), vec![4]);
+    assert_eq!(
+        (calls("evalsha"), calls("eval")),
+        (4, 2),
+        "by its hash again"
+    );
+    assert_eq!(position(&a).1, 4);
+}

@@ -62,6 +62,10 @@ pub enum BrokerError {
     /// Redis Cluster's `MOVED` or (`ask`) `ASK`: the key's slot is served at `to` (host:port).
     #[error("redis cluster: the slot is served at {to}")]
     Moved { ask: bool, to: String },
+    /// `NOSCRIPT`: Redis does not have a script sent by its hash (it restarted, or its scripts
+    /// were flushed): nothing ran; send it with its text.
+    #[error("redis does not have the script")]
+    NoScript,
     /// The memory broker's: a core of this instance did not confirm in time.
     #[error("a core of this server did not confirm in time")]
     Stalled,
@@ -101,6 +105,11 @@ for i = 1, #KEYS / 2 do
 end
 return offsets
 "#;
+
+/// [`PUBLISH_SCRIPT`]'s SHA-1, to run it with `EVALSHA`: Redis then neither reads its text
+/// (1 KB) nor hashes it per publish, which halves Redis's CPU per event (BENCHMARKS.md).
+static PUBLISH_SCRIPT_SHA: std::sync::LazyLock<String> =
+    std::sync::LazyLock::new(|| redis::Script::new(PUBLISH_SCRIPT).get_hash().to_string());
 
 /// Reads a conversation's history (KEYS: its hash and list; ARGV: ttl_ms, and "1" for the
 /// events too): `[epoch, offset, events...]`, a new epoch made where it is missing.
@@ -260,15 +269,20 @@ impl Broker {
     }
 
     /// The command that publishes `(room, payload)`s with history ([`PUBLISH_SCRIPT`]); with a
-    /// cluster, all of one [`Broker::group`].
+    /// cluster, all of one [`Broker::group`]. `by_hash`: `EVALSHA`, which Redis may answer
+    /// with [`BrokerError::NoScript`]; else `EVAL` with the script's text.
     pub fn publish_with_history<'a>(
         &self,
         events: impl ExactSizeIterator<Item = (&'a str, &'a [u8])>,
         size: usize,
         ttl_ms: u64,
+        by_hash: bool,
     ) -> Vec<u8> {
-        let mut cmd = redis::cmd("EVAL");
-        cmd.arg(PUBLISH_SCRIPT).arg(2 * events.len());
+        let mut cmd = match by_hash {
+            true => redis::cmd("EVALSHA").arg(&*PUBLISH_SCRIPT_SHA).to_owned(),
+            false => redis::cmd("EVAL").arg(PUBLISH_SCRIPT).to_owned(),
+        };
+        cmd.arg(2 * events.len());
         let mut args: Vec<(String, &[u8])> = Vec::with_capacity(events.len());
         for (room, payload) in events {
             cmd.arg(&self.history_keys(room));

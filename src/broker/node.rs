@@ -175,6 +175,7 @@ impl Node {
                         ask: code == "ASK",
                         to: details.rsplit(' ').next().unwrap_or_default().to_string(),
                     },
+                    ("NOSCRIPT", _) => BrokerError::NoScript,
                     _ => BrokerError::Server(e.to_string()),
                 }),
                 v => Ok(v),
