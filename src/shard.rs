@@ -62,7 +62,7 @@ pub struct Shard {
     /// The Redis bridge, with `broker.kind = "redis"`.
     pub broker: Option<Rc<Broker>>,
     rooms: RefCell<Rooms>,
-    /// With `server.write_delay_ms`: the pacing of this core's writers (its task is the server's).
+    /// With `server.write_delay_ms`: the pacing of this core's writers (run by `run_shard`).
     pub flush: Option<Rc<Flush>>,
     pub conns: Rc<Connections>,
     pub users: Rc<Users>,

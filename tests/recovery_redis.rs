@@ -1,7 +1,7 @@
 //! Missed-event recovery with the Redis broker: one offset sequence per conversation across
 //! instances, recovery on any instance and across an instance or a persistent Redis restart,
-//! history lost in Redis (a new epoch, `recovered:false`), concurrent recoveries answered by one Redis read, and
-//! replay while publishing goes on.
+//! history lost in Redis (a new epoch, `recovered:false`), concurrent recoveries answered by one Redis read,
+//! replay while publishing goes on, and publishing after Redis forgot the publish script.
 mod support;
 
 use std::sync::Arc;

@@ -107,7 +107,7 @@ return offsets
 "#;
 
 /// [`PUBLISH_SCRIPT`]'s SHA-1, to run it with `EVALSHA`: Redis then neither reads its text
-/// (1 KB) nor hashes it per publish, which halves Redis's CPU per event (BENCHMARKS.md).
+/// (1 KB) nor hashes it per publish, about half of Redis's CPU for the call (BENCHMARKS.md).
 static PUBLISH_SCRIPT_SHA: std::sync::LazyLock<String> =
     std::sync::LazyLock::new(|| redis::Script::new(PUBLISH_SCRIPT).get_hash().to_string());
 
