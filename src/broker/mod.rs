@@ -278,11 +278,12 @@ impl Broker {
         ttl_ms: u64,
         by_hash: bool,
     ) -> Vec<u8> {
-        let mut cmd = match by_hash {
-            true => redis::cmd("EVALSHA").arg(&*PUBLISH_SCRIPT_SHA).to_owned(),
-            false => redis::cmd("EVAL").arg(PUBLISH_SCRIPT).to_owned(),
+        let (verb, script) = match by_hash {
+            true => ("EVALSHA", PUBLISH_SCRIPT_SHA.as_str()),
+            false => ("EVAL", PUBLISH_SCRIPT),
         };
-        cmd.arg(2 * events.len());
+        let mut cmd = redis::cmd(verb);
+        cmd.arg(script).arg(2 * events.len());
         let mut args: Vec<(String, &[u8])> = Vec::with_capacity(events.len());
         for (room, payload) in events {
             cmd.arg(&self.history_keys(room));
