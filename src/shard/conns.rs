@@ -114,15 +114,7 @@ impl Connections {
 
     /// Queues `out` to every connection of `tenant` on this core; how many got it.
     pub fn push_to_tenant(&self, tenant: &str, out: &Fanned, stats: &CoreStats) -> u64 {
-        match self.tenants.borrow().get(tenant) {
-            Some(conns) => crate::rooms::push_all(
-                conns.iter().map(|c| &*c.0),
-                out,
-                stats,
-                self.flush.as_deref(),
-            ),
-            None => 0,
-        }
+        self.push_to(self.tenants.borrow().get(tenant), out, stats)
     }
 
     /// `conn` watches `user` of its tenant from now on.
@@ -149,14 +141,12 @@ impl Connections {
 
     /// Queues `out` to this core's watchers of `user`; how many got it.
     pub fn push_to_watchers(&self, user: &UserKey, out: &Fanned, stats: &CoreStats) -> u64 {
-        match self.watchers.borrow().get(user) {
-            Some(conns) => crate::rooms::push_all(
-                conns.iter().map(|c| &*c.0),
-                out,
-                stats,
-                self.flush.as_deref(),
-            ),
-            None => 0,
-        }
+        self.push_to(self.watchers.borrow().get(user), out, stats)
+    }
+
+    /// Queues `out` to `conns`, paced; how many got it.
+    fn push_to(&self, conns: Option<&Conns>, out: &Fanned, stats: &CoreStats) -> u64 {
+        let conns = conns.into_iter().flat_map(|c| c.iter().map(|c| &*c.0));
+        crate::rooms::push_all(conns, out, stats, self.flush.as_deref())
     }
 }
