@@ -599,8 +599,11 @@ fn fanout(
         (Some(b), Some(a)) if received > 0 => {
             let cpu = a.cpu_s - b.cpu_s;
             let per = cpu * 1e6 / received as f64;
+            // Per event too: what an event costs before its deliveries shows against room sizes.
+            let per_event = cpu * 1e6 / published.max(1) as f64;
             println!(
-                "server: {cpu:.2} CPU s, RSS {} KiB, {per:.3} CPU us per delivery",
+                "server: {cpu:.2} CPU s, RSS {} KiB, {per:.3} CPU us per delivery, \
+                 {per_event:.0} per event",
                 a.rss_kib
             );
             Some(per)
