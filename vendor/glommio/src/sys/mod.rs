@@ -14,7 +14,10 @@ use std::{
     net::{Shutdown, TcpStream},
     os::unix::io::{AsRawFd, FromRawFd, RawFd},
     rc::Rc,
-    sync::{atomic::Ordering, Arc, RwLock},
+    sync::{
+        atomic::{fence, Ordering},
+        Arc, RwLock,
+    },
     task::Waker,
     time::Duration,
 };
@@ -172,7 +175,6 @@ pub(crate) fn sendmsg_syscall(
 }
 
 mod dma_buffer;
-mod membarrier;
 pub(crate) mod source;
 pub(crate) mod sysfs;
 mod uring;
@@ -306,6 +308,10 @@ impl SleepNotifier {
     }
 
     pub(crate) fn notify(&self, force: bool) {
+        // Pairs with the fence after `prepare_to_sleep` in `Reactor::wait`: either this
+        // reads the flag the sleeper set, or the sleeper's last look at its channels finds
+        // what was queued before this call.
+        fence(Ordering::SeqCst);
         if self
             .should_notify
             .compare_exchange(true, false, Ordering::Relaxed, Ordering::Relaxed)
