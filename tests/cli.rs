@@ -164,7 +164,7 @@ fn token_refuses_bad_ids() {
 #[test]
 fn json_logs_are_one_object_per_line_without_tokens() {
     let f = TempFile::new(&base_config("[log]\nformat = \"json\""));
-    let (mut child, lines) =
+    let (mut child, lines, _readers) =
         spawn_logged(Command::new(bin()).args(["serve", "--config", f.0.to_str().unwrap()]));
     let parsed = |lines: &[String]| -> Vec<serde_json::Value> {
         lines

@@ -410,13 +410,21 @@ fn invalid_payloads_published_into_redis_reach_no_subscriber() {
         server.metric("fanfare_redis_invalid_total"),
         bad.len() as u64
     );
-    let warned = server
-        .logs()
-        .iter()
-        .filter(|l| l.contains("dropped an invalid message from redis") && l.contains("t1:c:c1"))
-        .count();
+    let warned = || {
+        server
+            .logs()
+            .iter()
+            .filter(|l| {
+                l.contains("dropped an invalid message from redis") && l.contains("t1:c:c1")
+            })
+            .count()
+    };
+    // The log lines reach the test through a pipe read by another thread: waited for.
+    wait_for("a warning per payload", || {
+        (warned() >= bad.len()).then_some(())
+    });
     assert_eq!(
-        warned,
+        warned(),
         bad.len(),
         "one warning with the channel per payload"
     );

@@ -58,8 +58,12 @@ pub fn cpus_allowed(pid: u32, tid: &str) -> Vec<usize> {
 /// Lines a child process printed, stdout and stderr together.
 pub type Logs = Arc<Mutex<Vec<String>>>;
 
+/// The threads that read a child's stdout and stderr: joined once it has exited, every line
+/// it wrote is in its [`Logs`].
+pub type Readers = Vec<std::thread::JoinHandle<()>>;
+
 /// Spawns `command` with its stdout and stderr collected line by line.
-pub fn spawn_logged(command: &mut Command) -> (Child, Logs) {
+pub fn spawn_logged(command: &mut Command) -> (Child, Logs, Readers) {
     let mut child = command
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -70,15 +74,18 @@ pub fn spawn_logged(command: &mut Command) -> (Child, Logs) {
         Box::new(child.stdout.take().expect("stdout")),
         Box::new(child.stderr.take().expect("stderr")),
     ];
-    for pipe in pipes {
-        let logs = logs.clone();
-        std::thread::spawn(move || {
-            for line in BufReader::new(pipe).lines().map_while(Result::ok) {
-                logs.lock().unwrap().push(line);
-            }
-        });
-    }
-    (child, logs)
+    let readers = pipes
+        .into_iter()
+        .map(|pipe| {
+            let logs = logs.clone();
+            std::thread::spawn(move || {
+                for line in BufReader::new(pipe).lines().map_while(Result::ok) {
+                    logs.lock().unwrap().push(line);
+                }
+            })
+        })
+        .collect();
+    (child, logs, readers)
 }
 
 /// A running `fanfare serve`, killed on drop.
@@ -86,6 +93,7 @@ pub struct Server {
     pub addr: SocketAddr,
     child: Child,
     logs: Logs,
+    readers: Readers,
     _config: Option<TempFile>,
 }
 
@@ -189,7 +197,7 @@ impl Server {
     }
 
     fn spawn(mut command: Command, config: Option<TempFile>) -> Server {
-        let (mut child, logs) = spawn_logged(&mut command);
+        let (mut child, logs, readers) = spawn_logged(&mut command);
         let addr = wait_for("the listening log line", || {
             if let Ok(Some(status)) = child.try_wait() {
                 panic!(
@@ -210,6 +218,7 @@ impl Server {
             addr,
             child,
             logs,
+            readers,
             _config: config,
         };
         wait_for("/healthz", || {
@@ -231,9 +240,14 @@ impl Server {
         unsafe { libc::kill(self.child.id() as i32, signal) };
     }
 
+    /// Waits for the process to exit; then [`Server::logs`] holds every line it wrote.
     pub fn wait_exit(&mut self) -> ExitStatus {
         let child = &mut self.child;
-        wait_for("fanfare to exit", || child.try_wait().ok().flatten())
+        let status = wait_for("fanfare to exit", || child.try_wait().ok().flatten());
+        for reader in self.readers.drain(..) {
+            let _ = reader.join();
+        }
+        status
     }
 
     pub fn url(&self, path_and_query: &str) -> String {
