@@ -25,7 +25,10 @@ use std::{
     pin::Pin,
     ptr,
     rc::Rc,
-    sync::Arc,
+    sync::{
+        atomic::{fence, Ordering},
+        Arc,
+    },
     time::{Duration, Instant},
 };
 
@@ -1883,7 +1886,7 @@ impl Reactor {
             // reads the flag just set, or the look at the channels below finds what it
             // queued. (Published: a `membarrier` system call here, which interrupts every
             // CPU that runs a thread of the process, and none on the notifier's side.)
-            std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
+            fence(Ordering::SeqCst);
             let events = process_remote_channels() + self.flush_syscall_thread();
             if events == 0 {
                 if self.eventfd_src.is_installed().unwrap() {
