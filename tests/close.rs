@@ -36,11 +36,8 @@ fn a_client_close_is_answered_logged_and_cleaned_up() {
     wait_for("the leaver's clean-up", || {
         (server.metric("fanfare_connections_open") == 1).then_some(())
     });
-    let line = wait_for("the disconnect line", || {
-        server
-            .logs()
-            .into_iter()
-            .find(|l| l.contains("disconnect") && l.contains("user=leaver"))
+    let line = server.wait_for_line("the disconnect line", |l| {
+        l.contains("disconnect") && l.contains("user=leaver")
     });
     assert!(line.contains("code=1000"), "{line}");
     assert!(line.contains("peer_code=1001"), "{line}");

@@ -14,14 +14,8 @@ fn on_the_embedded_defaults_the_demo_page_tokens_and_messages_work() {
         .unwrap_or("")
         .starts_with("text/html"));
     assert!(page.body.contains("Fanfare demo") && page.body.contains("development secret"));
-    // The log says where (a line after the listening one, read by another thread).
-    wait_for("the demo page's log line", || {
-        server
-            .logs()
-            .iter()
-            .any(|l| l.contains("/demo"))
-            .then_some(())
-    });
+    // The log says where.
+    server.wait_for_line("the demo page's log line", |l| l.contains("/demo"));
     let token = server.http("GET", "/demo/token?user=alice", &[], b"");
     assert_eq!(token.status, 200, "{}", token.body);
     let mut alice = connect_at(

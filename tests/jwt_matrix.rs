@@ -195,12 +195,8 @@ fn every_hostile_token_is_refused_before_the_upgrade_and_none_is_ever_printed() 
         assert_eq!(r.status, 401, "{case}: {}", r.body);
         let why = r.json()["reason"].as_str().unwrap_or_default().to_string();
         assert!(why.contains(reason), "{case}: the reason is {why:?}");
-        wait_for(&format!("{case}'s log line"), || {
-            server
-                .logs()
-                .iter()
-                .any(|l| l.contains("connection refused") && l.contains(&why))
-                .then_some(())
+        server.wait_for_line(&format!("{case}'s log line"), |l| {
+            l.contains("connection refused") && l.contains(&why)
         });
     }
     // Borderline ones that are good: inside the leeway.
@@ -230,13 +226,7 @@ fn every_hostile_token_is_refused_before_the_upgrade_and_none_is_ever_printed() 
         .map(|(t, ..)| upgrade(&server, t).body)
         .collect();
     let metrics = server.http("GET", "/metrics", &[], b"").body;
-    wait_for("the canary's connect line", || {
-        server
-            .logs()
-            .iter()
-            .any(|l| l.contains("user=canary"))
-            .then_some(())
-    });
+    server.wait_for_line("the canary's connect line", |l| l.contains("user=canary"));
     let logs = server.logs();
     for token in cases
         .iter()

@@ -418,10 +418,7 @@ fn the_whole_cluster_restarting_is_survived_without_client_action() {
     let mut seq = 0;
     publish_until_accepted(&a, "c1", &mut seq);
     assert_eq!(read_through(&mut reader, "c1", 0, seq - 1), 0);
-    wait_for("the lost subscriber connection's log line", || {
-        a.logs()
-            .iter()
-            .any(|l| l.contains("redis subscriber connection lost"))
-            .then_some(())
+    a.wait_for_line("the lost subscriber connection's log line", |l| {
+        l.contains("redis subscriber connection lost")
     });
 }

@@ -231,6 +231,13 @@ impl Server {
         self.logs.lock().unwrap().clone()
     }
 
+    /// Waits for a log line that `matches` and returns the first. Lines reach the test
+    /// through a pipe read by another thread: one just logged may not be in [`Server::logs`]
+    /// yet.
+    pub fn wait_for_line(&self, what: &str, matches: impl Fn(&str) -> bool) -> String {
+        wait_for(what, || self.logs().into_iter().find(|l| matches(l)))
+    }
+
     pub fn pid(&self) -> u32 {
         self.child.id()
     }
