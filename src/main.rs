@@ -3,8 +3,6 @@
 
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::sync::atomic::AtomicBool;
-use std::sync::Arc;
 
 use clap::{Parser, Subcommand};
 use fanfare::config::{Config, LogFormat};
@@ -82,14 +80,15 @@ fn main() -> ExitCode {
                 Err(code) => return code,
             };
             init_logging(&config);
-            let shutdown = Arc::new(AtomicBool::new(false));
-            for signal in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
-                if let Err(e) = signal_hook::flag::register(signal, shutdown.clone()) {
+            let signals = [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT];
+            let stop = match fanfare::server::Stop::on_signals(&signals) {
+                Ok(stop) => stop,
+                Err(e) => {
                     eprintln!("fanfare: cannot install signal handler: {e}");
                     return ExitCode::FAILURE;
                 }
-            }
-            match fanfare::server::run(config, shutdown, |_| {}) {
+            };
+            match fanfare::server::run(config, stop, |_| {}) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     tracing::error!(error = %e, "fanfare failed");

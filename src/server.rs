@@ -4,12 +4,12 @@
 //! Invariants: listeners are bound before any executor starts (so a bad address fails start-up
 //! and port 0 resolves to one port shared by every core); every request head is bounded in size
 //! and time; a connection attempt is rate-limited before any JWT work; the executors return when
-//! `shutdown` is raised and every connection has closed with `1001` (or the timeout passed).
+//! [`Stop`] is raised and every connection has closed with `1001` (or the timeout passed).
 
 use std::net::{IpAddr, SocketAddr};
 use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd, OwnedFd};
+use std::os::unix::net::UnixStream;
 use std::rc::Rc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -62,15 +62,31 @@ pub enum CoreError {
     Broker(String),
     #[error("mesh receive task: {0}")]
     Task(String),
+    #[error("the stop signal's socket: {0}")]
+    Stop(std::io::Error),
 }
 
-/// Runs the server until `shutdown` is raised. `on_bound` is told the bound address once every
+/// What stops the server: a socket that becomes readable once it should. Every core waits on
+/// it in the kernel, so stopping is immediate and costs nothing until then (no core wakes up
+/// to look at a flag).
+pub struct Stop(UnixStream);
+
+impl Stop {
+    /// Raised by the first of `signals` (e.g. `SIGTERM`, `SIGINT`).
+    pub fn on_signals(signals: &[i32]) -> std::io::Result<Stop> {
+        let (read, write) = UnixStream::pair()?;
+        read.set_nonblocking(true)?;
+        for &signal in signals {
+            // The handler writes one byte into `write`; nothing ever reads it (cores peek).
+            signal_hook::low_level::pipe::register(signal, write.try_clone()?)?;
+        }
+        Ok(Stop(read))
+    }
+}
+
+/// Runs the server until `stop` is raised. `on_bound` is told the bound address once every
 /// listener is ready (the port is the real one when the configured port is 0).
-pub fn run(
-    config: Config,
-    shutdown: Arc<AtomicBool>,
-    on_bound: impl FnOnce(SocketAddr),
-) -> Result<(), Error> {
+pub fn run(config: Config, stop: Stop, on_bound: impl FnOnce(SocketAddr)) -> Result<(), Error> {
     let verifier = Arc::new(Verifier::new(&config.auth)?);
     raise_fd_limit();
     let cpus = allowed_cpus();
@@ -103,7 +119,7 @@ pub fn run(
         registry,
         wiring,
         watchdog: watchdog.clone(),
-        shutdown,
+        stop: Arc::new(stop),
         instance,
     };
 
@@ -180,7 +196,7 @@ struct Start {
     registry: Registry,
     wiring: Arc<Wiring>,
     watchdog: Arc<Watchdog>,
-    shutdown: Arc<AtomicBool>,
+    stop: Arc<Stop>,
     instance: Arc<str>,
 }
 
@@ -191,7 +207,7 @@ async fn run_shard(start: Start, listener: socket2::Socket) -> Result<(), CoreEr
         registry,
         wiring,
         watchdog,
-        shutdown,
+        stop,
         instance,
     } = start;
     let ends = wiring.take().ok_or(CoreError::NoMesh)?;
@@ -272,7 +288,12 @@ async fn run_shard(start: Start, listener: socket2::Socket) -> Result<(), CoreEr
         .map_err(|e| CoreError::Task(e.to_string()))?
         .detach();
     }
-    glommio::spawn_local(housekeeping(shard.clone(), shutdown)).detach();
+    glommio::spawn_local(stopping(
+        shard.clone(),
+        stop.0.try_clone().map_err(CoreError::Stop)?,
+    ))
+    .detach();
+    glommio::spawn_local(housekeeping(shard.clone())).detach();
     if let Some(flush) = shard.flush.clone() {
         glommio::spawn_local(async move { flush.run().await }).detach();
     }
@@ -313,10 +334,22 @@ async fn run_shard(start: Start, listener: socket2::Socket) -> Result<(), CoreEr
     Ok(())
 }
 
-/// Periodic per-core work: the shutdown flag, heartbeats, token expiry, sessions' lifetimes,
-/// and pruning of idle rate buckets. Never awaits anything but its timer: the cluster work
-/// that waits on Redis has its own task (`Cluster::run`).
-async fn housekeeping(shard: Rc<Shard>, shutdown: Arc<AtomicBool>) {
+/// Starts stopping this core once `stop` (this core's copy of [`Stop`]) is raised.
+async fn stopping(shard: Rc<Shard>, stop: UnixStream) {
+    // SAFETY of from_raw_fd: the fd comes from a socket we own and give up here.
+    let stop = unsafe { glommio::net::UnixStream::from_raw_fd(stop.into_raw_fd()) };
+    // Data or an error alike: a server that cannot tell must not be left unstoppable.
+    if let Err(e) = stop.peek(&mut [0]).await {
+        warn!(error = %e, "cannot wait for the stop signal; stopping");
+    }
+    info!(core = shard.id, "stopping");
+    shard.stopping.set(Verdict::Granted);
+}
+
+/// Periodic per-core work: heartbeats, token expiry, sessions' lifetimes, and pruning of idle
+/// rate buckets. Never awaits anything but its timer: the cluster work that waits on Redis
+/// has its own task (`Cluster::run`).
+async fn housekeeping(shard: Rc<Shard>) {
     let hb = &shard.config.heartbeat;
     let (interval, timeout) = (
         Duration::from_millis(hb.interval_ms),
@@ -331,10 +364,6 @@ async fn housekeeping(shard: Rc<Shard>, shutdown: Arc<AtomicBool>) {
     let ping = crate::ws::frame(crate::ws::OP_PING, b"");
     loop {
         glommio::timer::sleep(TICK).await;
-        if shutdown.load(Ordering::Relaxed) && shard.stopping.get().is_none() {
-            info!(core = shard.id, "stopping");
-            shard.stopping.set(Verdict::Granted);
-        }
         let now = Instant::now();
         if now.duration_since(last_sweep) >= sweep_every {
             last_sweep = now;
