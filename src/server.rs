@@ -31,7 +31,7 @@ use crate::metrics::{self, Registry};
 use crate::protocol::{server_event, CloseCode};
 use crate::session::{self, Served};
 use crate::shard::Shard;
-use crate::watchdog::{Watchdog, TICK};
+use crate::watchdog::{self, Watchdog};
 use crate::{conn, demo, publish};
 
 #[derive(Debug, thiserror::Error)]
@@ -65,6 +65,9 @@ pub enum CoreError {
     #[error("the stop signal's socket: {0}")]
     Stop(std::io::Error),
 }
+
+/// The shortest period of a core's housekeeping (for heartbeats of a fraction of a second).
+const SWEEP_MIN: Duration = Duration::from_millis(50);
 
 /// What stops the server: a socket that becomes readable once it should. Every core waits on
 /// it in the kernel, so stopping is immediate and costs nothing until then (no core wakes up
@@ -213,20 +216,6 @@ async fn run_shard(start: Start, listener: socket2::Socket) -> Result<(), CoreEr
     let ends = wiring.take().ok_or(CoreError::NoMesh)?;
     let core = ends.core();
     let _seated = watchdog.sit(core);
-    let stats = registry.clone();
-    glommio::spawn_local(async move {
-        loop {
-            glommio::timer::sleep(TICK).await;
-            if watchdog.tick(core) {
-                warn!(
-                    core,
-                    "this core slept through a wake-up; the watchdog woke it"
-                );
-                stats[core].core_stalls_total.inc();
-            }
-        }
-    })
-    .detach();
     let (mesh, inbound) = Mesh::connect(ends, config.server.mesh_queue_len).await;
     let broker = match config.broker.kind {
         BrokerKind::Memory => None,
@@ -293,7 +282,7 @@ async fn run_shard(start: Start, listener: socket2::Socket) -> Result<(), CoreEr
         stop.0.try_clone().map_err(CoreError::Stop)?,
     ))
     .detach();
-    glommio::spawn_local(housekeeping(shard.clone())).detach();
+    glommio::spawn_local(housekeeping(shard.clone(), watchdog)).detach();
     if let Some(flush) = shard.flush.clone() {
         glommio::spawn_local(async move { flush.run().await }).detach();
     }
@@ -314,7 +303,7 @@ async fn run_shard(start: Start, listener: socket2::Socket) -> Result<(), CoreEr
             Some(Err(e)) => {
                 // Typically out of file descriptors: back off instead of spinning.
                 warn!(error = %e, "accept failed");
-                glommio::timer::sleep(TICK).await;
+                glommio::timer::sleep(Duration::from_millis(50)).await;
             }
         }
     }
@@ -346,53 +335,56 @@ async fn stopping(shard: Rc<Shard>, stop: UnixStream) {
     shard.stopping.set(Verdict::Granted);
 }
 
-/// Periodic per-core work: heartbeats, token expiry, sessions' lifetimes, and pruning of idle
-/// rate buckets. Never awaits anything but its timer: the cluster work that waits on Redis
-/// has its own task (`Cluster::run`).
-async fn housekeeping(shard: Rc<Shard>) {
+/// Periodic per-core work: the watchdog's tick, heartbeats, token expiry, sessions' lifetimes,
+/// and pruning of idle rate buckets. The core's one timer: it wakes an idle core a few times a
+/// second, and nothing else does. Never awaits anything but its timer: the cluster work that
+/// waits on Redis has its own task (`Cluster::run`).
+async fn housekeeping(shard: Rc<Shard>, watchdog: Arc<Watchdog>) {
     let hb = &shard.config.heartbeat;
     let (interval, timeout) = (
         Duration::from_millis(hb.interval_ms),
         Duration::from_millis(hb.timeout_ms),
     );
     // Fine enough that a ping, a timeout or a token expiry is at most a quarter of its period
-    // (and never more than 250 ms) late.
-    let sweep_every =
-        (interval.min(timeout - interval) / 4).clamp(TICK, Duration::from_millis(250));
+    // (and never more than a watchdog tick) late.
+    let sweep_every = (interval.min(timeout - interval) / 4).clamp(SWEEP_MIN, watchdog::TICK);
     let prune_every = Duration::from_secs(10);
-    let (mut last_sweep, mut last_prune) = (Instant::now(), Instant::now());
+    let mut last_prune = Instant::now();
     let ping = crate::ws::frame(crate::ws::OP_PING, b"");
     loop {
-        glommio::timer::sleep(TICK).await;
-        let now = Instant::now();
-        if now.duration_since(last_sweep) >= sweep_every {
-            last_sweep = now;
-            let stats = shard.stats();
-            let now_ms = crate::auth::now_ms();
-            let clock = crate::handle::clock_ms32();
-            shard.conns.for_each(|c| {
-                // A session has no heartbeat; its expiry is the sessions' sweep's.
-                if c.close_code().is_some() || c.is_session() {
-                    return;
-                }
-                if now_ms >= c.expires_at_ms.get() {
-                    let expired = server_event::token_expired("reconnect with a fresh one");
-                    c.push(crate::ws::text(expired.as_bytes()));
-                    c.close(CloseCode::TokenExpired);
-                } else if u64::from(clock.wrapping_sub(c.last_seen.get())) > hb.timeout_ms {
-                    stats.heartbeat_closes_total.inc();
-                    c.close(CloseCode::HeartbeatTimeout);
-                } else if u64::from(clock.wrapping_sub(c.last_ping.get())) >= hb.interval_ms {
-                    c.last_ping.set(clock);
-                    if c.push(ping.clone()) == crate::handle::Pushed::Overflowed {
-                        stats.slow_consumer_closes_total.inc();
-                    }
-                }
-            });
-            shard.sessions.sweep(&shard);
+        glommio::timer::sleep(sweep_every).await;
+        let stats = shard.stats();
+        if watchdog.tick(shard.id) {
+            warn!(
+                core = shard.id,
+                "this core slept through a wake-up; the watchdog woke it"
+            );
+            stats.core_stalls_total.inc();
         }
-        if now.duration_since(last_prune) >= prune_every {
-            last_prune = now;
+        let now_ms = crate::auth::now_ms();
+        let clock = crate::handle::clock_ms32();
+        shard.conns.for_each(|c| {
+            // A session has no heartbeat; its expiry is the sessions' sweep's.
+            if c.close_code().is_some() || c.is_session() {
+                return;
+            }
+            if now_ms >= c.expires_at_ms.get() {
+                let expired = server_event::token_expired("reconnect with a fresh one");
+                c.push(crate::ws::text(expired.as_bytes()));
+                c.close(CloseCode::TokenExpired);
+            } else if u64::from(clock.wrapping_sub(c.last_seen.get())) > hb.timeout_ms {
+                stats.heartbeat_closes_total.inc();
+                c.close(CloseCode::HeartbeatTimeout);
+            } else if u64::from(clock.wrapping_sub(c.last_ping.get())) >= hb.interval_ms {
+                c.last_ping.set(clock);
+                if c.push(ping.clone()) == crate::handle::Pushed::Overflowed {
+                    stats.slow_consumer_closes_total.inc();
+                }
+            }
+        });
+        shard.sessions.sweep(&shard);
+        if last_prune.elapsed() >= prune_every {
+            last_prune = Instant::now();
             shard.prune_buckets();
             shard.prune_typing();
             shard.prune_history();
@@ -405,8 +397,8 @@ async fn drain(shard: &Shard, limit: Duration) {
     shard.conns.for_each(|c| c.close(CloseCode::GoingAway));
     let deadline = Instant::now() + limit;
     while !shard.conns.is_empty() && Instant::now() < deadline {
-        // Finer than the tick: a deploy waits on this, and it runs only while stopping.
-        glommio::timer::sleep(TICK / 5).await;
+        // Fine: a deploy waits on this, and it runs only while stopping.
+        glommio::timer::sleep(Duration::from_millis(10)).await;
     }
     if !shard.conns.is_empty() {
         warn!(

@@ -5,8 +5,9 @@
 //! then lost (seen in about one start in 3,000 on a loaded 2-core machine, always within the
 //! first tens of milliseconds of a process): the core sleeps for ever with its timers due and
 //! messages waiting, and every request that needs it times out. Nothing inside the core can
-//! notice, so a plain thread watches: every core ticks every [`TICK`]; a core whose tick has
-//! not moved for [`STALE`] while its thread sleeps gets a signal, which makes `io_uring_enter`
+//! notice, so a plain thread watches: every core ticks at least every [`TICK`] (from its
+//! housekeeping, its one periodic timer); a core whose tick has not moved for [`STALE`] while
+//! its thread sleeps gets a signal, which makes `io_uring_enter`
 //! return `EINTR` (glommio treats it as a wake-up) and the core runs again. The core itself
 //! logs and counts the stall at its next tick (`fanfare_core_stalls_total`).
 //!
@@ -15,15 +16,16 @@
 //! tick, so a starved core is left to the scheduler.
 
 use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, Once};
+use std::sync::{Arc, Condvar, Mutex, Once};
 use std::time::{Duration, Instant};
 
-/// How often every core ticks.
-pub const TICK: Duration = Duration::from_millis(50);
-/// A tick this old on a sleeping core means a lost wake-up.
-const STALE: Duration = Duration::from_millis(250);
+/// The longest a core goes between ticks. Every wake-up of an idle core costs ~0.1 ms of CPU
+/// on a VM, so ticks are rare: four a second.
+pub const TICK: Duration = Duration::from_millis(250);
+/// A tick this old on a sleeping core means a lost wake-up: four ticks missed.
+const STALE: Duration = Duration::from_secs(1);
 /// How often the watchdog looks.
-const WATCH: Duration = Duration::from_millis(50);
+const WATCH: Duration = TICK;
 
 /// One core, as the watchdog sees it.
 #[derive(Default)]
@@ -38,7 +40,8 @@ struct Seat {
 
 pub struct Watchdog {
     seats: Box<[Seat]>,
-    stop: AtomicBool,
+    /// Raised by [`Watchdog::stop`]; the condition variable ends the watchdog's wait at once.
+    stop: (Mutex<bool>, Condvar),
     /// Held while a thread is signalled and while a seat is released: a thread that left
     /// its seat is never signalled.
     signalling: Mutex<()>,
@@ -48,7 +51,7 @@ impl Watchdog {
     pub fn new(cores: usize) -> Arc<Watchdog> {
         Arc::new(Watchdog {
             seats: (0..cores).map(|_| Seat::default()).collect(),
-            stop: AtomicBool::new(false),
+            stop: (Mutex::new(false), Condvar::new()),
             signalling: Mutex::new(()),
         })
     }
@@ -64,7 +67,7 @@ impl Watchdog {
         Seated(self.clone(), core)
     }
 
-    /// On `core`, every [`TICK`]: true once after the watchdog had to wake it.
+    /// On `core`, at least every [`TICK`]: true once after the watchdog had to wake it.
     pub fn tick(&self, core: usize) -> bool {
         let seat = &self.seats[core];
         seat.ticks.fetch_add(1, Ordering::Relaxed);
@@ -81,14 +84,29 @@ impl Watchdog {
     }
 
     pub fn stop(&self) {
-        self.stop.store(true, Ordering::Relaxed);
+        let (stopped, wake) = &self.stop;
+        if let Ok(mut stopped) = stopped.lock() {
+            *stopped = true;
+        }
+        wake.notify_all();
+    }
+
+    /// Waits for [`WATCH`]; false once stopped.
+    fn wait(&self) -> bool {
+        let (stopped, wake) = &self.stop;
+        let Ok(guard) = stopped.lock() else {
+            return false;
+        };
+        match wake.wait_timeout_while(guard, WATCH, |stopped| !*stopped) {
+            Ok((stopped, _)) => !*stopped,
+            Err(_) => false,
+        }
     }
 
     fn watch(&self) {
         let now = Instant::now();
         let mut seen: Vec<(u64, Instant)> = self.seats.iter().map(|_| (0, now)).collect();
-        while !self.stop.load(Ordering::Relaxed) {
-            std::thread::sleep(WATCH);
+        while self.wait() {
             for (seat, (ticks, since)) in self.seats.iter().zip(seen.iter_mut()) {
                 let now = Instant::now();
                 let current = seat.ticks.load(Ordering::Relaxed);

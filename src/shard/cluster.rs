@@ -37,7 +37,7 @@ use crate::metrics::{CoreStats, Registry};
 use crate::presence::UserKey;
 
 /// How often the cluster task looks at the broker's state.
-const CLUSTER_POLL: Duration = crate::watchdog::TICK;
+const CLUSTER_POLL: Duration = Duration::from_millis(50);
 
 /// The presence channel, prefix stripped.
 pub const PRESENCE_CHANNEL: &str = "presence";
