@@ -130,6 +130,10 @@ pub fn run(config: Config, stop: Stop, on_bound: impl FnOnce(SocketAddr)) -> Res
         .name("fanfare")
         .io_memory(config.server.io_memory_bytes)
         .ring_depth(config.server.io_ring_depth)
+        // No shorter than housekeeping's period: the latency ring's one timer then stays the
+        // next user timer from turn to turn instead of being swapped for the preemption
+        // timer on every wake-up and back before every sleep (vendor/glommio/PATCHES.md).
+        .preempt_timer(watchdog::TICK)
         .on_all_shards(move || {
             let start = start.clone();
             // One listener per executor; each takes one at start-up, so none is left over.

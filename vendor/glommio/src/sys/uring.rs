@@ -1820,16 +1820,16 @@ impl Reactor {
 
         // Patched (see PATCHES.md): the latency ring's timer is kept while it is pending and
         // fires no later than the one this wait wants: the preemption timer's deadline if it
-        // will not sleep, the next user timer's if it may. Published, it was cancelled and
-        // armed again on every wait (two submissions and a kernel entry per executor turn).
-        // One that would fire too late is cancelled as before, and so is any when there is
-        // nothing to wait for, so that a sleep without a timer is not cut short.
+        // will not sleep; if it may, exactly the next user timer's, so that a sleep is not
+        // cut short by a preemption timer either. Published, it was cancelled and armed
+        // again on every wait (two submissions and a kernel entry per executor turn). Any
+        // other is cancelled as before, and so is any when there is nothing to wait for.
         let preempt = preempt_timer();
         let wanted = preempt.map(|d| Instant::now() + d).or(user_timer);
-        let kept = self
-            .latency_preemption_timeout_src
-            .take()
-            .filter(|(timer, when)| timer.result().is_none() && wanted.is_some_and(|w| *when <= w));
+        let kept = self.latency_preemption_timeout_src.take().filter(|(timer, when)| {
+            timer.result().is_none()
+                && wanted.is_some_and(|w| *when == w || (preempt.is_some() && *when < w))
+        });
         let latency_armed = kept.is_some();
         self.latency_preemption_timeout_src.set(kept);
 
