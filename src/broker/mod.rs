@@ -175,6 +175,23 @@ pub struct Broker {
     dropped: RefCell<Vec<String>>,
     wanted: RefCell<Option<Wanted>>,
     on_push: RefCell<Option<OnPush>>,
+    changes: Rc<Changes>,
+}
+
+/// Tells whoever waits that the broker's state may have changed: a node's connection came up
+/// or went down, or the masters came to serve every slot or stopped to.
+#[derive(Default)]
+pub struct Changes(RefCell<Rc<Latch>>);
+
+impl Changes {
+    /// Set at the next change: taken before the state is read, it misses none.
+    pub fn next(&self) -> Rc<Latch> {
+        self.0.borrow().clone()
+    }
+
+    pub fn note(&self) {
+        std::mem::take(&mut *self.0.borrow_mut()).set(Verdict::Granted);
+    }
 }
 
 impl Broker {
@@ -203,6 +220,7 @@ impl Broker {
             dropped: RefCell::default(),
             wanted: RefCell::default(),
             on_push: RefCell::default(),
+            changes: Rc::default(),
         })
     }
 
@@ -225,6 +243,11 @@ impl Broker {
                 ranges: vec![(0, SLOTS - 1)],
             }]);
         }
+    }
+
+    /// What [`Broker::is_up`] waits on to change.
+    pub fn changes(&self) -> &Changes {
+        &self.changes
     }
 
     /// True while every node's connections are up and (with a cluster) every slot is served.
@@ -650,6 +673,7 @@ impl Broker {
             })
             .collect();
         self.covered.set(complete(nodes.iter().map(|(m, _)| m)));
+        self.changes.note();
         *self.nodes.borrow_mut() = nodes;
         for node in new {
             let tasks = [
@@ -675,7 +699,13 @@ impl Broker {
             port: master.port,
             ..self.seeds[0].clone()
         };
-        Rc::new(Node::new(id, target, self.timeout, self.cluster))
+        Rc::new(Node::new(
+            id,
+            target,
+            self.timeout,
+            self.cluster,
+            self.changes.clone(),
+        ))
     }
 
     /// Hands the dropped channels back to the shard, each once, and gives each node whose

@@ -24,7 +24,7 @@ use tracing::{info, warn};
 
 use super::resp::{connect, pump, Backoff, Target};
 use super::topology::slot;
-use super::{Broker, BrokerError, Push, PROBE_EVERY, PROBE_TIMEOUT};
+use super::{Broker, BrokerError, Changes, Push, PROBE_EVERY, PROBE_TIMEOUT};
 use crate::deadline::within;
 use crate::mesh::Latch;
 use crate::route::Map;
@@ -89,10 +89,18 @@ pub(super) struct Node {
     probe: RefCell<String>,
     probe_moved: Cell<bool>,
     last_probe_seen: Cell<Instant>,
+    /// The broker's: told when either connection comes up or goes down.
+    changes: Rc<Changes>,
 }
 
 impl Node {
-    pub fn new(id: usize, target: Target, timeout: Duration, sharded: bool) -> Node {
+    pub fn new(
+        id: usize,
+        target: Target,
+        timeout: Duration,
+        sharded: bool,
+        changes: Rc<Changes>,
+    ) -> Node {
         Node {
             id,
             target,
@@ -110,6 +118,7 @@ impl Node {
             probe: RefCell::default(),
             probe_moved: Cell::new(false),
             last_probe_seen: Cell::new(Instant::now()),
+            changes,
         }
     }
 
@@ -214,6 +223,7 @@ impl Node {
                 Err(e) => warn!(node = %self.target, error = %e, "redis command connection lost"),
             }
             self.command_up.set(false);
+            self.changes.note();
             for (_, slot) in self.inflight.borrow_mut().drain(..) {
                 slot.fill(Err(BrokerError::Down));
             }
@@ -227,6 +237,7 @@ impl Node {
     async fn command_session(&self) -> io::Result<()> {
         let stream = RefCell::new(connect(&self.target, false).await?);
         self.command_up.set(true);
+        self.changes.note();
         info!(node = %self.target, "redis command connection up");
         let queued = |cx: &mut Context<'_>| {
             let mut unsent = self.unsent.borrow_mut();
@@ -357,7 +368,9 @@ impl Node {
         self.sub_out.borrow_mut().clear();
         self.sent.borrow_mut().clear();
         self.unconfirmed.borrow_mut().clear();
-        (self.sub_up.replace(false), result)
+        let was_up = self.sub_up.replace(false);
+        self.changes.note();
+        (was_up, result)
     }
 
     /// The probe's slot moved: `probe` replaces it (the last one is given up on).
@@ -455,6 +468,7 @@ impl Node {
                 if is_probe {
                     self.last_probe_seen.set(Instant::now());
                     if !self.sub_up.replace(true) {
+                        self.changes.note();
                         let channels = broker.wanted_on(self);
                         info!(node = %self.target, channels = channels.len(), "redis subscriber connection up");
                         self.send_sub(true, channels);

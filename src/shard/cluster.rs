@@ -36,8 +36,8 @@ use crate::mesh::{Latch, Mesh, Message, Verdict};
 use crate::metrics::{CoreStats, Registry};
 use crate::presence::UserKey;
 
-/// How often the cluster task looks at the broker's state.
-const CLUSTER_POLL: Duration = Duration::from_millis(50);
+/// How soon a reload that Redis cut short is tried again.
+const RETRY: Duration = Duration::from_millis(50);
 
 /// The presence channel, prefix stripped.
 pub const PRESENCE_CHANNEL: &str = "presence";
@@ -134,13 +134,15 @@ impl Cluster {
 
     /// The presence channel's SUBSCRIBE is confirmed.
     pub fn presence_subscribed(&self) {
-        self.presence_live.set(true)
+        self.presence_live.set(true);
+        self.broker.changes().note();
     }
 
     /// The subscriber connection went down.
     pub fn link_lost(&self) {
         self.set_ready(false);
         self.presence_live.set(false);
+        self.broker.changes().note();
     }
 
     // ---- presence news -----------------------------------------------------------------
@@ -215,25 +217,40 @@ impl Cluster {
     /// On every core until the server stops: the cluster work, on a task of its own so that
     /// heartbeats, closes and shutdown never wait on Redis. Runs `tick` after each
     /// (re)connect and every `broker.instance_ttl_ms / 3`, and keeps the core's readiness
-    /// (ready only once the reload after a (re)connect is done).
+    /// (ready only once the reload after a (re)connect is done). Wakes for those and for
+    /// changes of the link (see [`Changes`](crate::broker::Changes)), never to look.
     pub async fn run(self: Rc<Self>) {
         // Well inside the TTL, so that one missed refresh does not expire this instance.
         let every = Duration::from_millis(self.ttl_ms / 3);
         let mut last = Instant::now() - every;
         let mut was_ready = false;
         while self.stopping.get().is_none() {
-            glommio::timer::sleep(CLUSTER_POLL).await;
+            let changed = self.broker.changes().next();
             let ready = self.link_ready();
             let reconnected = ready && !was_ready;
             was_ready = ready;
-            if reconnected || last.elapsed() >= every {
+            let mut wait = every.saturating_sub(last.elapsed());
+            if reconnected || wait.is_zero() {
                 last = Instant::now();
-                // A reload that Redis cut short is tried again at the next poll.
+                wait = every;
+                // A reload that Redis cut short is tried again shortly.
                 if !self.tick(reconnected).await && reconnected {
                     was_ready = false;
+                    wait = RETRY;
                 }
             }
             self.set_ready(was_ready && self.link_ready());
+            let woken = async {
+                changed.wait().await;
+            };
+            let stopped = async {
+                self.stopping.wait().await;
+            };
+            futures_lite::future::or(
+                futures_lite::future::or(woken, stopped),
+                glommio::timer::sleep(wait),
+            )
+            .await;
         }
     }
 
