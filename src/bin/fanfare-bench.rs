@@ -212,6 +212,25 @@ fn server_usage(pid: Option<u32>) -> Option<ProcessUsage> {
     ProcessUsage::of(pid?)
 }
 
+/// The server's CPU time in ns and its wake-ups (voluntary context switches), summed over its
+/// threads: finer than `ProcessUsage`'s clock ticks, for a server at rest.
+fn server_threads(pid: Option<u32>) -> Option<(u64, u64)> {
+    let mut totals = (0, 0);
+    for task in std::fs::read_dir(format!("/proc/{}/task", pid?)).ok()? {
+        let path = task.ok()?.path();
+        let schedstat = std::fs::read_to_string(path.join("schedstat")).ok()?;
+        totals.0 += schedstat.split_whitespace().next()?.parse::<u64>().ok()?;
+        let status = std::fs::read_to_string(path.join("status")).ok()?;
+        totals.1 += status.lines().find_map(|l| {
+            l.strip_prefix("voluntary_ctxt_switches:")?
+                .trim()
+                .parse::<u64>()
+                .ok()
+        })?;
+    }
+    Some(totals)
+}
+
 /// The value of counter `fanfare_<name>` in the server's `/metrics`.
 fn server_counter(addr: SocketAddr, name: &str) -> Option<u64> {
     let mut http = TcpStream::connect(addr).ok()?;
@@ -1193,6 +1212,11 @@ fn idle(cli: &Cli, connections: usize, shape: (usize, usize), watch: usize) {
     // Give the server a moment to settle its allocator before reading RSS.
     std::thread::sleep(Duration::from_millis(500));
     let after = server_usage(cli.pid);
+    // At rest with every client subscribed: what the server's own timers cost.
+    let rest = Duration::from_secs(5);
+    let rest_before = server_threads(cli.pid);
+    std::thread::sleep(rest);
+    let rest_after = server_threads(cli.pid);
     let presence_after = server_counter(cli.addr, "presence_frames_total");
     release.store(true, Ordering::Relaxed);
     let _ = holder.join();
@@ -1213,6 +1237,14 @@ fn idle(cli: &Cli, connections: usize, shape: (usize, usize), watch: usize) {
     }
     if let (Some(b), Some(a)) = (before, after) {
         println!("server CPU: {:.2} s while connecting", a.cpu_s - b.cpu_s);
+        if let (Some((cpu0, wakes0)), Some((cpu1, wakes1))) = (rest_before, rest_after) {
+            let secs = rest.as_secs_f64();
+            println!(
+                "server at rest: {:.2} ms of CPU and {:.1} wake-ups a second (over {secs:.0} s)",
+                (cpu1 - cpu0) as f64 / 1e6 / secs,
+                (wakes1 - wakes0) as f64 / secs
+            );
+        }
         println!(
             "server RSS: {} KiB -> {} KiB, {:.0} bytes per idle subscribed client",
             b.rss_kib,
