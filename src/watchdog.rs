@@ -7,8 +7,8 @@
 //! messages waiting, and every request that needs it times out. Nothing inside the core can
 //! notice, so a plain thread watches: every core ticks at least every [`TICK`] (from its
 //! housekeeping, its one periodic timer); a core whose tick has not moved for [`STALE`] while
-//! its thread sleeps gets a signal, which makes `io_uring_enter`
-//! return `EINTR` (glommio treats it as a wake-up) and the core runs again. The core itself
+//! its thread sleeps gets a signal, which makes `io_uring_enter` return `EINTR` (glommio
+//! treats it as a wake-up) and the core runs again. The core itself
 //! logs and counts the stall at its next tick (`fanfare_core_stalls_total`).
 //!
 //! Invariants: the watchdog thread never touches a core's state but its seat's `nudged` flag
