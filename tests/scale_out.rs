@@ -197,6 +197,22 @@ fn a_stopping_instance_removes_its_presence_at_once() {
 }
 
 #[test]
+fn readiness_follows_the_redis_link_without_waiting_for_the_instance_refresh() {
+    // The instance's liveness is refreshed every instance_ttl_ms / 3: 200 s here, far past
+    // any wait below. Readiness must follow the link itself, both ways.
+    let mut redis = Redis::start();
+    let server = Server::start(
+        &config(&redis.url()).replace("instance_ttl_ms = 1000", "instance_ttl_ms = 600000"),
+    );
+    wait_readyz(&server, 200);
+    redis.kill();
+    wait_readyz(&server, 503);
+    redis.restart();
+    wait_readyz(&server, 200);
+    server.publish_ok("t1", vec![updated("c1", 0)]);
+}
+
+#[test]
 fn redis_outage_then_recovery_without_client_action() {
     let mut redis = Redis::start();
     let (a, b) = (instance(&redis), instance(&redis));
