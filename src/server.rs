@@ -28,7 +28,7 @@ use crate::history::{Epoch, Position};
 use crate::http::{self, Request, Response};
 use crate::mesh::{Mesh, Message, Verdict, Wiring};
 use crate::metrics::{self, Registry};
-use crate::protocol::{server_event, CloseCode};
+use crate::protocol::CloseCode;
 use crate::session::{self, Served};
 use crate::shard::Shard;
 use crate::watchdog::{self, Watchdog};
@@ -65,9 +65,6 @@ pub enum CoreError {
     #[error("the stop signal's socket: {0}")]
     Stop(std::io::Error),
 }
-
-/// The shortest period of a core's housekeeping (for heartbeats of a fraction of a second).
-const SWEEP_MIN: Duration = Duration::from_millis(50);
 
 /// What stops the server: a socket that becomes readable once it should. Every core waits on
 /// it in the kernel, so stopping is immediate and costs nothing until then (no core wakes up
@@ -344,19 +341,10 @@ async fn stopping(shard: Rc<Shard>, stop: UnixStream) {
 /// second, and nothing else does. Never awaits anything but its timer: the cluster work that
 /// waits on Redis has its own task (`Cluster::run`).
 async fn housekeeping(shard: Rc<Shard>, watchdog: Arc<Watchdog>) {
-    let hb = &shard.config.heartbeat;
-    let (interval, timeout) = (
-        Duration::from_millis(hb.interval_ms),
-        Duration::from_millis(hb.timeout_ms),
-    );
-    // Fine enough that a ping, a timeout or a token expiry is at most a quarter of its period
-    // (and never more than a watchdog tick) late.
-    let sweep_every = (interval.min(timeout - interval) / 4).clamp(SWEEP_MIN, watchdog::TICK);
     let prune_every = Duration::from_secs(10);
     let mut last_prune = Instant::now();
-    let ping = crate::ws::frame(crate::ws::OP_PING, b"");
     loop {
-        glommio::timer::sleep(sweep_every).await;
+        glommio::timer::sleep(shard.sweep.tick()).await;
         let stats = shard.stats();
         if watchdog.tick(shard.id) {
             warn!(
@@ -365,27 +353,7 @@ async fn housekeeping(shard: Rc<Shard>, watchdog: Arc<Watchdog>) {
             );
             stats.core_stalls_total.inc();
         }
-        let now_ms = crate::auth::now_ms();
-        let clock = crate::handle::clock_ms32();
-        shard.conns.for_each(|c| {
-            // A session has no heartbeat; its expiry is the sessions' sweep's.
-            if c.close_code().is_some() || c.is_session() {
-                return;
-            }
-            if now_ms >= c.expires_at_ms.get() {
-                let expired = server_event::token_expired("reconnect with a fresh one");
-                c.push(crate::ws::text(expired.as_bytes()));
-                c.close(CloseCode::TokenExpired);
-            } else if u64::from(clock.wrapping_sub(c.last_seen.get())) > hb.timeout_ms {
-                stats.heartbeat_closes_total.inc();
-                c.close(CloseCode::HeartbeatTimeout);
-            } else if u64::from(clock.wrapping_sub(c.last_ping.get())) >= hb.interval_ms {
-                c.last_ping.set(clock);
-                if c.push(ping.clone()) == crate::handle::Pushed::Overflowed {
-                    stats.slow_consumer_closes_total.inc();
-                }
-            }
-        });
+        shard.sweep.run(&shard.conns, stats);
         shard.sessions.sweep(&shard);
         if last_prune.elapsed() >= prune_every {
             last_prune = Instant::now();

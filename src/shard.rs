@@ -25,6 +25,7 @@
 mod cluster;
 mod conns;
 mod from_redis;
+mod sweep;
 mod users;
 
 use std::cell::{Cell, RefCell};
@@ -50,6 +51,7 @@ use tracing::warn;
 
 pub use cluster::Cluster;
 pub use conns::Connections;
+pub use sweep::Sweep;
 pub use users::Users;
 
 pub struct Shard {
@@ -65,6 +67,8 @@ pub struct Shard {
     /// With `server.write_delay_ms`: the pacing of this core's writers (run by `run_shard`).
     pub flush: Option<Rc<Flush>>,
     pub conns: Rc<Connections>,
+    /// Heartbeats and token expiry of this core's connections.
+    pub sweep: Sweep,
     pub users: Rc<Users>,
     /// With Redis.
     pub cluster: Option<Rc<Cluster>>,
@@ -127,6 +131,7 @@ impl Shard {
             )
         });
         let id = mesh.id();
+        let sweep = Sweep::new(&config.heartbeat);
         let history = RefCell::new(History::new(
             config.history.size,
             Duration::from_millis(config.history.ttl_ms),
@@ -143,6 +148,7 @@ impl Shard {
             rooms: RefCell::new(Rooms::new(flush.clone())),
             flush,
             conns,
+            sweep,
             users,
             cluster,
             sessions: Default::default(),
@@ -180,6 +186,7 @@ impl Shard {
     /// user's presence.
     pub async fn register(self: &Rc<Self>, conn: Rc<ConnHandle>) {
         let user = (conn.tenant.clone(), conn.user.clone());
+        self.sweep.schedule(&conn, self.stats());
         self.conns.insert(conn);
         self.route_connection(user, true).await;
     }

@@ -1,5 +1,5 @@
 //! Token lifecycle on a live connection: expiry closes with 4001 after `token_expired`, unless
-//! the client refreshed its token with `auth` first.
+//! the client refreshed its token with `auth` first; a refresh moves the expiry either way.
 mod support;
 
 use std::time::Instant;
@@ -51,6 +51,26 @@ fn a_refresh_outlives_the_first_token() {
         (now_ms() > exp * 1000 + 800).then_some(())
     });
     assert_eq!(c.request(json!({"type": "ping"}), "alive")["type"], "pong");
+}
+
+#[test]
+fn a_refresh_to_a_shorter_token_expires_with_it() {
+    let server = Server::start("");
+    let (t, _) = short_token("u1", 3600);
+    let mut c = server.connect_raw(&format!("/ws?token={t}")).unwrap();
+    c.expect("session.ready");
+    let (shorter, exp) = short_token("u1", 2);
+    assert_eq!(
+        c.request(json!({"type": "auth", "token": shorter}), "r")["type"],
+        "ack"
+    );
+    assert_eq!(c.expect("error")["code"], "token_expired");
+    assert_eq!(c.expect_close().code, 4001);
+    let late_ms = now_ms() - exp * 1000;
+    assert!(
+        (0..1500).contains(&late_ms),
+        "closed {late_ms} ms after the fresh token's exp"
+    );
 }
 
 #[test]

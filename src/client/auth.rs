@@ -9,6 +9,10 @@ pub(super) fn refresh(client: &Client<'_>, token: &str, id: Option<&str>) {
     match client.shard.verifier.verify(token, now_ms()) {
         Ok(fresh) if *fresh.tenant == *client.out.tenant && *fresh.user == *client.out.user => {
             client.out.expires_at_ms.set(fresh.expires_at_ms);
+            client
+                .shard
+                .sweep
+                .schedule(client.out, client.shard.stats());
             client.ack(id);
         }
         Ok(_) => client.error(

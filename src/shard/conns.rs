@@ -101,7 +101,7 @@ impl Connections {
     }
 
     /// Calls `f` on every connection of this core.
-    pub fn for_each(&self, mut f: impl FnMut(&ConnHandle)) {
+    pub fn for_each(&self, mut f: impl FnMut(&Rc<ConnHandle>)) {
         for c in self
             .tenants
             .borrow()
