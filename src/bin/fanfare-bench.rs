@@ -231,6 +231,15 @@ fn server_threads(pid: Option<u32>) -> Option<(u64, u64)> {
     Some(totals)
 }
 
+/// How many TCP sockets of this machine are in TIME_WAIT (`/proc/net/sockstat`).
+fn time_wait_sockets() -> Option<u64> {
+    let sockstat = std::fs::read_to_string("/proc/net/sockstat").ok()?;
+    let tcp = sockstat.lines().find_map(|l| l.strip_prefix("TCP:"))?;
+    let mut fields = tcp.split_whitespace();
+    fields.find(|&f| f == "tw")?;
+    fields.next()?.parse().ok()
+}
+
 /// The value of counter `fanfare_<name>` in the server's `/metrics`.
 fn server_counter(addr: SocketAddr, name: &str) -> Option<u64> {
     let mut http = TcpStream::connect(addr).ok()?;
@@ -1212,8 +1221,10 @@ fn idle(cli: &Cli, connections: usize, shape: (usize, usize), watch: usize) {
     // Give the server a moment to settle its allocator before reading RSS.
     std::thread::sleep(Duration::from_millis(500));
     let after = server_usage(cli.pid);
-    // At rest with every client subscribed: what the server's own timers cost.
-    let rest = Duration::from_secs(5);
+    // At rest with every client subscribed: what the server's own timers cost, over two of its
+    // heartbeat sweeps' visits (7.5 s apart with the defaults).
+    let rest = Duration::from_secs(15);
+    let reaping = time_wait_sockets().filter(|&n| n > 1000);
     let rest_before = server_threads(cli.pid);
     std::thread::sleep(rest);
     let rest_after = server_threads(cli.pid);
@@ -1244,6 +1255,13 @@ fn idle(cli: &Cli, connections: usize, shape: (usize, usize), watch: usize) {
                 (cpu1 - cpu0) as f64 / 1e6 / secs,
                 (wakes1 - wakes0) as f64 / secs
             );
+            if let Some(n) = reaping {
+                println!(
+                    "  (not at rest: the kernel was reaping {n} TIME_WAIT sockets of earlier runs, \
+                     counted in whatever thread it interrupts; wait net.ipv4.tcp_fin_timeout \
+                     between runs)"
+                );
+            }
         }
         println!(
             "server RSS: {} KiB -> {} KiB, {:.0} bytes per idle subscribed client",
