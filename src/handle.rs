@@ -15,7 +15,7 @@ use std::cell::{Cell, RefCell};
 use std::collections::VecDeque;
 use std::sync::{Arc, OnceLock};
 use std::task::{Context, Poll, Waker};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 
@@ -352,8 +352,13 @@ impl ConnHandle {
 /// Milliseconds on a monotonic clock, counted from its first reading in this process: the
 /// connection's timestamps in 8 bytes each instead of an `Instant`'s 16.
 pub fn clock_ms() -> u64 {
+    clock().as_millis() as u64
+}
+
+/// The monotonic clock of [`clock_ms`], at full precision.
+pub fn clock() -> Duration {
     static START: OnceLock<Instant> = OnceLock::new();
-    START.get_or_init(Instant::now).elapsed().as_millis() as u64
+    START.get_or_init(Instant::now).elapsed()
 }
 
 /// [`clock_ms`] in 32 bits, for timestamps that are only compared over spans far shorter than

@@ -344,7 +344,10 @@ async fn housekeeping(shard: Rc<Shard>, watchdog: Arc<Watchdog>) {
     let prune_every = Duration::from_secs(10);
     let mut last_prune = Instant::now();
     loop {
-        glommio::timer::sleep(shard.sweep.tick()).await;
+        // On the grid that long timers (a stream's keepalive) are rounded to: they fall due
+        // in the wake-up of this tick.
+        let tick = shard.sweep.tick();
+        glommio::timer::sleep(crate::deadline::on_grid(tick / 2, tick)).await;
         let stats = shard.stats();
         if watchdog.tick(shard.id) {
             warn!(

@@ -20,7 +20,7 @@ use glommio::net::TcpStream;
 use tracing::debug;
 
 use super::{Attached, Session, Transport};
-use crate::deadline::within;
+use crate::deadline::{on_grid, within};
 use crate::handle::Read;
 use crate::http::Response;
 use crate::shard::Shard;
@@ -108,7 +108,10 @@ pub(super) trait Source {
 
 impl Source for Frames<'_> {
     async fn next(&mut self) -> Option<Vec<u8>> {
-        let quiet = Duration::from_millis(self.shard.config.heartbeat.interval_ms);
+        // A tick late at most, on the housekeeping's grid: quiet streams cost their core no
+        // wake-ups of their own.
+        let interval = Duration::from_millis(self.shard.config.heartbeat.interval_ms);
+        let quiet = on_grid(interval, self.shard.sweep.tick());
         match self.chunk(quiet).await {
             Chunk::Data(bytes) => Some(bytes),
             Chunk::Quiet => Some(KEEPALIVE.to_vec()),
