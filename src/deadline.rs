@@ -24,3 +24,31 @@ pub fn on_grid(wait: Duration, grid: Duration) -> Duration {
     let at = (now + wait).as_nanos().div_ceil(step) * step;
     Duration::from_nanos(at as u64) - now
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::handle::clock;
+
+    #[test]
+    fn a_wait_on_the_grid_is_at_least_the_wait_and_ends_on_a_step() {
+        let grid = Duration::from_millis(250);
+        for ms in [0, 1, 249, 250, 251, 30_000] {
+            let wait = Duration::from_millis(ms);
+            let before = clock();
+            let rounded = on_grid(wait, grid);
+            let after = clock();
+            assert!(
+                rounded >= wait && rounded < wait + grid,
+                "{wait:?} -> {rounded:?}"
+            );
+            // It was computed between `before` and `after`: its end is a step in that span.
+            let step = grid.as_nanos();
+            let last_step = (after + rounded).as_nanos() / step * step;
+            assert!(
+                last_step >= (before + rounded).as_nanos(),
+                "{wait:?} -> {rounded:?} does not end on a step"
+            );
+        }
+    }
+}
