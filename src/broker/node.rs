@@ -25,7 +25,7 @@ use tracing::{info, warn};
 use super::resp::{connect, pump, Backoff, Target};
 use super::topology::slot;
 use super::{Broker, BrokerError, Changes, Push, PROBE_EVERY, PROBE_TIMEOUT};
-use crate::deadline::within;
+use crate::deadline::{on_grid, within};
 use crate::mesh::Latch;
 use crate::route::Map;
 
@@ -406,7 +406,8 @@ impl Node {
         };
         let watchdog = async {
             loop {
-                glommio::timer::sleep(PROBE_EVERY).await;
+                // On the housekeeping's grid (with the default heartbeat): in its wake-up.
+                glommio::timer::sleep(on_grid(PROBE_EVERY, crate::watchdog::TICK)).await;
                 if self.last_probe_seen.get().elapsed() > PROBE_TIMEOUT {
                     return Err(io::Error::new(
                         io::ErrorKind::TimedOut,
