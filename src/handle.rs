@@ -642,6 +642,17 @@ mod tests {
     }
 
     #[test]
+    fn a_session_numbers_typing_frames_like_events() {
+        let o = handle(100).retaining();
+        o.push(Bytes::from(vec![1; 10]));
+        o.push_kind(Bytes::from(vec![2; 10]), Kind::Ephemeral, None);
+        o.push(Bytes::from(vec![3; 10]));
+        assert_eq!(read(&o, 0, 1000), Some((false, vec![1, 2, 3], 3)));
+        o.acknowledge(2);
+        assert_eq!(read(&o, 2, 1000), Some((false, vec![3], 3)));
+    }
+
+    #[test]
     fn a_full_session_sheds_typing_then_its_oldest_frames() {
         let o = handle(30).retaining();
         o.push(Bytes::from(vec![1; 10]));
