@@ -337,9 +337,10 @@ async fn stopping(shard: Rc<Shard>, stop: UnixStream) {
 }
 
 /// Periodic per-core work: the watchdog's tick, heartbeats, token expiry, sessions' lifetimes,
-/// and pruning of idle rate buckets. The core's one timer: it wakes an idle core a few times a
-/// second, and nothing else does. Never awaits anything but its timer: the cluster work that
-/// waits on Redis has its own task (`Cluster::run`).
+/// and pruning of idle rate buckets. The core's periodic timer: it wakes an idle core a few
+/// times a second, and the other long timers (a stream's keepalive, the Redis probe) are
+/// rounded onto its grid so that they fall due in its wake-ups. Never awaits anything but its
+/// timer: the cluster work that waits on Redis has its own task (`Cluster::run`).
 async fn housekeeping(shard: Rc<Shard>, watchdog: Arc<Watchdog>) {
     let prune_every = Duration::from_secs(10);
     let mut last_prune = Instant::now();

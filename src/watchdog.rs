@@ -5,10 +5,10 @@
 //! then lost (seen in about one start in 3,000 on a loaded 2-core machine, always within the
 //! first tens of milliseconds of a process): the core sleeps for ever with its timers due and
 //! messages waiting, and every request that needs it times out. Nothing inside the core can
-//! notice, so a plain thread watches: every core ticks at least every [`TICK`] (from its
-//! housekeeping, its one periodic timer); a core whose tick has not moved for [`STALE`] while
-//! its thread sleeps gets a signal, which makes `io_uring_enter` return `EINTR` (glommio
-//! treats it as a wake-up) and the core runs again. The core itself
+//! notice, so a plain thread watches: every core ticks about every [`TICK`] (its housekeeping
+//! sleeps to the next step of a grid that fine, at most 1.5 ticks); a core whose tick has not
+//! moved for [`STALE`] while its thread sleeps gets a signal, which makes `io_uring_enter`
+//! return `EINTR` (glommio treats it as a wake-up) and the core runs again. The core itself
 //! logs and counts the stall at its next tick (`fanfare_core_stalls_total`).
 //!
 //! Invariants: the watchdog thread never touches a core's state but its seat's `nudged` flag
@@ -67,7 +67,7 @@ impl Watchdog {
         Seated(self.clone(), core)
     }
 
-    /// On `core`, at least every [`TICK`]: true once after the watchdog had to wake it.
+    /// On `core`, about every [`TICK`]: true once after the watchdog had to wake it.
     pub fn tick(&self, core: usize) -> bool {
         let seat = &self.seats[core];
         seat.ticks.fetch_add(1, Ordering::Relaxed);
