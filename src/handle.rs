@@ -103,17 +103,24 @@ struct State {
 }
 
 /// A session's last sequence number given out, and the highest one of an event that left the
-/// queue unread or was acknowledged: a reader from before it missed something.
-#[derive(Default, Clone, Copy)]
+/// queue unread or was acknowledged: a reader from before it missed something. And the
+/// session's task, woken when the close is requested (it then leaves the rules).
+#[derive(Default)]
 struct Numbers {
     last_seq: u64,
     gone_through: u64,
+    task: Option<Waker>,
 }
 
 impl State {
-    /// A session's numbers; a connection's are all 0.
-    fn numbers(&self) -> Numbers {
-        self.numbers.as_deref().copied().unwrap_or_default()
+    /// A session's last number given out; a connection's is 0.
+    fn last_seq(&self) -> u64 {
+        self.numbers.as_deref().map_or(0, |n| n.last_seq)
+    }
+
+    /// A session's highest number that is gone; a connection's is 0.
+    fn gone(&self) -> u64 {
+        self.numbers.as_deref().map_or(0, |n| n.gone_through)
     }
 
     /// Records that frames through `seq` are gone (a session's only).
@@ -268,7 +275,11 @@ impl ConnHandle {
     pub fn close(&self, code: CloseCode) {
         if self.close.get().is_none() {
             self.close.set(Some(code));
-            wake(&mut self.state.borrow_mut());
+            let mut s = self.state.borrow_mut();
+            wake(&mut s);
+            if let Some(task) = s.numbers.as_deref_mut().and_then(|n| n.task.take()) {
+                task.wake();
+            }
         }
     }
 
@@ -320,7 +331,7 @@ impl ConnHandle {
     /// or for the close once everything is read. Frames stay queued until acknowledged.
     pub fn poll_after(&self, cx: &mut Context<'_>, cursor: u64, max_bytes: usize) -> Poll<Read> {
         let mut s = self.state.borrow_mut();
-        let missed = cursor < s.numbers().gone_through;
+        let missed = cursor < s.gone();
         let (mut frames, mut taken) = (Vec::new(), 0);
         // Numbers grow along the queue: the frames after the cursor are at its end, and a
         // reader that keeps up has one or two of them. Counted from the end, touching only
@@ -349,9 +360,7 @@ impl ConnHandle {
             };
         }
         self.taken();
-        let cursor = frames
-            .last()
-            .map_or(s.numbers().gone_through, |(seq, _)| *seq);
+        let cursor = frames.last().map_or(s.gone(), |(seq, _)| *seq);
         Poll::Ready(Read::Frames {
             missed,
             frames,
@@ -375,7 +384,19 @@ impl ConnHandle {
 
     /// A session's last sequence number given out: a cursor past it is not one it gave.
     pub fn last_seq(&self) -> u64 {
-        self.state.borrow().numbers().last_seq
+        self.state.borrow().last_seq()
+    }
+
+    /// A session's task: ready with the close code once a close is requested (by anyone:
+    /// `DELETE`, token expiry, shutdown), else woken when one is.
+    pub fn poll_closed(&self, cx: &mut Context<'_>) -> Poll<CloseCode> {
+        if let Some(code) = self.close.get() {
+            return Poll::Ready(code);
+        }
+        if let Some(n) = self.state.borrow_mut().numbers.as_deref_mut() {
+            n.task = Some(cx.waker().clone());
+        }
+        Poll::Pending
     }
 
     /// Wakes the reader waiting on this handle (a session's, when another one takes over).

@@ -118,6 +118,11 @@ fn delete_ends_the_session_everywhere_and_its_stream() {
     assert!(r.body.is_empty());
     sse.until_end();
     every_endpoint_answers(&s, 404, "not_found", "after DELETE");
+    // Gone while its stream was attached: it counts as open nowhere, not as detached.
+    for transport in ["sse", "poll", "none"] {
+        let gauge = format!("fanfare_sessions_open{{transport=\"{transport}\"}}");
+        assert_eq!(server.metric(&gauge), 0, "{gauge}");
+    }
 }
 
 #[test]
@@ -147,6 +152,10 @@ fn a_session_with_nothing_attached_ends_after_its_ttl() {
         (r.status == 404).then_some(())
     });
     assert_eq!(server.metric("fanfare_session_expiries_total"), 2);
+    assert_eq!(
+        server.metric("fanfare_sessions_open{transport=\"none\"}"),
+        0
+    );
 }
 
 #[test]

@@ -49,7 +49,7 @@ pub async fn create(shard: &Rc<Shard>, req: &Request, peer: SocketAddr) -> Respo
     .await;
     info!(session = %name, tenant = %out.tenant, user = %out.user, %peer, core = shard.id, "session created");
     let session = Rc::new(Session::new(name, out));
-    shard.sessions.insert(session.clone());
+    shard.sessions.insert(session.clone(), shard);
     shard.stats().sessions_total.inc();
     let answer = serde_json::json!({ "sessionId": session.name, "heartbeatMs": heartbeat_ms });
     glommio::spawn_local(run(shard.clone(), session, state)).detach();

@@ -26,7 +26,8 @@ pub mod relay;
 pub mod sse;
 
 use std::cell::{Cell, RefCell};
-use std::collections::VecDeque;
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, VecDeque};
 use std::future::poll_fn;
 use std::net::SocketAddr;
 use std::rc::Rc;
@@ -38,10 +39,10 @@ use futures_lite::AsyncReadExt;
 use glommio::net::TcpStream;
 use tracing::info;
 
-use crate::auth::now_ms;
 use crate::client::{self, Client};
 use crate::handle::{clock_ms, ConnHandle, Read};
 use crate::http::{Request, Response};
+use crate::metrics::{CoreStats, Counter};
 use crate::protocol::{server_event, CloseCode, ErrorCode};
 use crate::route::Map;
 use crate::shard::Shard;
@@ -67,6 +68,8 @@ pub struct Session {
     detached_at: Cell<u64>,
     /// The highest cursor handed to the client: a cursor before it is a resume.
     handed_through: Cell<u64>,
+    /// Out of the table: counted in no gauge any more.
+    gone: Cell<bool>,
     started: Instant,
 }
 
@@ -76,8 +79,6 @@ struct Inbox {
     events: VecDeque<Vec<u8>>,
     bytes: usize,
     waker: Option<Waker>,
-    /// The session is closing: its task stops taking events.
-    ended: bool,
 }
 
 impl Session {
@@ -89,19 +90,31 @@ impl Session {
             attached: Cell::new((Transport::None, 0)),
             detached_at: Cell::new(clock_ms()),
             handed_through: Cell::new(0),
+            gone: Cell::new(false),
             started: Instant::now(),
         }
     }
 
     /// Attaches a reader; the one attached before ends (it is woken and sees it is not the
     /// current one any more). Detached when the guard drops.
-    pub fn attach(&self, transport: Transport) -> Attached<'_> {
+    pub fn attach<'a>(&'a self, transport: Transport, stats: &'a CoreStats) -> Attached<'a> {
         let number = self.attached.get().1 + 1;
-        self.attached.set((transport, number));
+        self.set_attached((transport, number), stats);
         self.out.wake_reader();
         Attached {
             session: self,
             number,
+            stats,
+        }
+    }
+
+    /// The reader attached now becomes `to` (a transport and an attach number), counted in
+    /// `fanfare_sessions_open` while the session is in the table.
+    fn set_attached(&self, to: (Transport, u64), stats: &CoreStats) {
+        let (from, _) = self.attached.replace(to);
+        if !self.gone.get() {
+            open_gauge(stats, from).dec();
+            open_gauge(stats, to.0).inc();
         }
     }
 
@@ -120,22 +133,11 @@ impl Session {
     }
 
     /// Detaches reader `number` if it is still the attached one: it ends.
-    fn release(&self, number: u64) {
+    fn release(&self, number: u64, stats: &CoreStats) {
         if self.attached.get().1 == number {
-            self.attached.set((Transport::None, number + 1));
+            self.set_attached((Transport::None, number + 1), stats);
             self.detached_at.set(clock_ms());
             self.out.wake_reader();
-        }
-    }
-
-    /// Requests the close: the task leaves the rules, readers get what is queued, then end.
-    pub fn end(&self, code: CloseCode) {
-        self.out.close(code);
-        let mut inbox = self.inbox.borrow_mut();
-        inbox.ended = true;
-        inbox.events.clear();
-        if let Some(w) = inbox.waker.take() {
-            w.wake();
         }
     }
 
@@ -155,21 +157,18 @@ impl Session {
         true
     }
 
+    /// The next posted event; `None` once the session's close is requested.
     fn poll_event(&self, cx: &mut Context<'_>) -> Poll<Option<Vec<u8>>> {
-        let mut inbox = self.inbox.borrow_mut();
-        if inbox.ended || self.out.close_code().is_some() {
+        if self.out.close_code().is_some() {
             return Poll::Ready(None);
         }
-        match inbox.events.pop_front() {
-            Some(event) => {
-                inbox.bytes -= event.len();
-                Poll::Ready(Some(event))
-            }
-            None => {
-                inbox.waker = Some(cx.waker().clone());
-                Poll::Pending
-            }
+        let mut inbox = self.inbox.borrow_mut();
+        if let Some(event) = inbox.events.pop_front() {
+            inbox.bytes -= event.len();
+            return Poll::Ready(Some(event));
         }
+        inbox.waker = Some(cx.waker().clone());
+        self.out.poll_closed(cx).map(|_| None)
     }
 }
 
@@ -177,6 +176,7 @@ impl Session {
 pub struct Attached<'a> {
     session: &'a Session,
     number: u64,
+    stats: &'a CoreStats,
 }
 
 impl Attached<'_> {
@@ -203,7 +203,7 @@ impl Drop for Attached<'_> {
     fn drop(&mut self) {
         let s = self.session;
         if s.attached.get().1 == self.number {
-            s.attached.set((Transport::None, self.number));
+            s.set_attached((Transport::None, self.number), self.stats);
             s.detached_at.set(clock_ms());
         }
     }
@@ -213,6 +213,10 @@ impl Drop for Attached<'_> {
 #[derive(Default)]
 pub struct Sessions {
     by_id: RefCell<Map<u64, Rc<Session>>>,
+    /// When each session in the table is next looked at for `fallback.session_ttl_ms`, in
+    /// [`clock_ms`], by id: a min-heap with one entry per session (a deleted one's stays until
+    /// it falls due, then goes).
+    due: RefCell<BinaryHeap<Reverse<(u64, u64)>>>,
     pub relay: relay::Relay,
 }
 
@@ -221,50 +225,69 @@ impl Sessions {
         self.by_id.borrow().get(&id).cloned()
     }
 
-    fn insert(&self, session: Rc<Session>) {
-        self.by_id.borrow_mut().insert(session.out.id, session);
-    }
-
-    /// The session is gone: its task leaves the rules (if it has not yet), and every endpoint
-    /// answers `404` from now on.
-    fn remove(&self, session: &Session) {
-        session.end(session.out.close_code().unwrap_or(CloseCode::Normal));
-        self.by_id.borrow_mut().remove(&session.out.id);
-    }
-
-    /// Periodic work (`server::housekeeping`): closes sessions whose token expired
-    /// (`token_expired` first), ends the ones whose close was requested elsewhere (shutdown),
-    /// forgets the ones detached for `fallback.session_ttl_ms`, and counts the rest by
-    /// transport.
-    pub fn sweep(&self, shard: &Shard) {
-        let (now, clock) = (now_ms(), clock_ms());
+    fn insert(&self, session: Rc<Session>, shard: &Shard) {
         let ttl = shard.config.fallback.session_ttl_ms;
-        let stats = shard.stats();
-        let mut open = [0u64; 3];
-        self.by_id.borrow_mut().retain(|_, s| {
-            let out = &s.out;
-            if out.close_code().is_none() && now >= out.expires_at_ms.get() {
-                let expired = server_event::token_expired("create a session with a fresh one");
-                out.push(crate::ws::text(expired.as_bytes()));
-                s.end(CloseCode::TokenExpired);
-            } else if let Some(code) = out.close_code() {
-                s.end(code);
-            }
-            let (transport, _) = s.attached.get();
-            if transport == Transport::None && clock.saturating_sub(s.detached_at.get()) >= ttl {
-                if out.close_code().is_none() {
-                    stats.session_expiries_total.inc();
-                    info!(session = %s.name, "session expired: nothing attached for fallback.session_ttl_ms");
+        let id = session.out.id;
+        self.due
+            .borrow_mut()
+            .push(Reverse((session.detached_at.get() + ttl, id)));
+        open_gauge(shard.stats(), session.attached.get().0).inc();
+        self.by_id.borrow_mut().insert(id, session);
+    }
+
+    /// The session is gone: its close is requested (if it was not yet), and every endpoint
+    /// answers `404` from now on.
+    fn remove(&self, session: &Session, stats: &CoreStats) {
+        session.out.close(CloseCode::Normal);
+        if self.by_id.borrow_mut().remove(&session.out.id).is_some() {
+            session.gone.set(true);
+            open_gauge(stats, session.attached.get().0).dec();
+        }
+    }
+
+    /// Periodic work (`server::housekeeping`): forgets the sessions detached for
+    /// `fallback.session_ttl_ms`, at a cost that follows what is due. Each entry of `due` is a
+    /// reminder checked against the session: one with a reader attached is looked at again a
+    /// TTL later (the earliest it could expire, were its reader to detach now), a detached one
+    /// a TTL after its detach. (Token expiry is the shard's sweep's, as for a connection: it
+    /// requests the close, which ends the session's task.)
+    pub fn sweep(&self, shard: &Shard) {
+        let clock = clock_ms();
+        let ttl = shard.config.fallback.session_ttl_ms;
+        loop {
+            let id = {
+                let mut due = self.due.borrow_mut();
+                match due.peek() {
+                    Some(Reverse((at, _))) if *at <= clock => due.pop().map(|Reverse(d)| d.1),
+                    _ => None,
                 }
-                s.end(CloseCode::Normal);
-                return false;
+            };
+            let Some(id) = id else { return };
+            // Absent: deleted or ended by its reader, and its entry goes with it.
+            let Some(s) = self.get(id) else { continue };
+            let next = match s.attached.get().0 {
+                Transport::None => s.detached_at.get() + ttl,
+                _ => clock + ttl,
+            };
+            if next > clock {
+                self.due.borrow_mut().push(Reverse((next, id)));
+                continue;
             }
-            open[transport as usize] += 1;
-            true
-        });
-        stats.sessions_open_none.set(open[Transport::None as usize]);
-        stats.sessions_open_sse.set(open[Transport::Sse as usize]);
-        stats.sessions_open_poll.set(open[Transport::Poll as usize]);
+            if s.out.close_code().is_none() {
+                shard.stats().session_expiries_total.inc();
+                info!(session = %s.name, "session expired: nothing attached for fallback.session_ttl_ms");
+            }
+            self.remove(&s, shard.stats());
+        }
+    }
+}
+
+/// The gauge of sessions open with `transport` attached.
+fn open_gauge(stats: &CoreStats, transport: Transport) -> &Counter {
+    match transport {
+        Transport::None => &stats.sessions_open_none,
+        Transport::Sse => &stats.sessions_open_sse,
+        Transport::Poll => &stats.sessions_open_poll,
     }
 }
 
@@ -291,6 +314,8 @@ async fn run(shard: Rc<Shard>, session: Rc<Session>, mut state: client::State) {
     }
     .leave()
     .await;
+    // Events posted before the close are not handled.
+    session.inbox.take();
     let code = out.close_code().unwrap_or(CloseCode::Normal);
     let duration_ms = session.started.elapsed().as_millis() as u64;
     info!(session = %session.name, tenant = %out.tenant, user = %out.user, code = code.code(), reason = code.reason(), duration_ms, "session closed");
@@ -455,7 +480,7 @@ async fn closed_by_client(shard: &Shard, stream: &mut TcpStream, buf: &mut Bytes
 
 /// `DELETE /v1/sessions/<id>`: the session ends at once (`204`).
 fn delete(shard: &Shard, session: &Session) -> Response {
-    shard.sessions.remove(session);
+    shard.sessions.remove(session, shard.stats());
     info!(session = %session.name, "session deleted");
     Response::empty(204)
 }

@@ -354,7 +354,7 @@ pub fn on_message(shard: &Rc<Shard>, payload: &[u8]) {
             let remote = relay.remote.borrow().get(&key).cloned();
             match (remote, *verb) {
                 (Some(remote), "alive") => remote.last_alive.set(clock_ms()),
-                (Some(remote), _) => remote.session.release(remote.number.get()),
+                (Some(remote), _) => remote.session.release(remote.number.get(), shard.stats()),
                 // A stream this core no longer serves: the forwarding side ends it (its client
                 // resumes) instead of waiting for frames that will not come.
                 (None, "alive") => {
@@ -469,7 +469,7 @@ async fn stream_to(
     reply: String,
     n: u64,
 ) {
-    let reader = session.attach(Transport::Sse);
+    let reader = session.attach(Transport::Sse, shard.stats());
     let remote = Rc::new(Remote {
         session: session.clone(),
         number: Cell::new(reader.number),

@@ -1,7 +1,8 @@
 //! Heartbeats and token expiry: a ping every `heartbeat.interval_ms`, a `4009` close after
 //! `heartbeat.timeout_ms` of silence, `token_expired` and a `4001` close once the token's `exp`
-//! passes, each within one housekeeping tick of falling due, at a cost that follows the work
-//! due rather than the connections held.
+//! passes (for an HTTP fallback session too, whose close then ends its task; its keepalives
+//! are its stream's), each within one housekeeping tick of falling due, at a cost that follows
+//! the work due rather than the clients held.
 //!
 //! Two levels. A visit looks at every connection once per visit period (a quarter of the
 //! heartbeat's shortest span, 7.5 s with the defaults) and keeps the ones due before the next
@@ -9,7 +10,7 @@
 //! arrives, or whose token changes, between two visits is scheduled at once.
 //!
 //! Invariants: lives on one core. Every WebSocket connection due before `horizon` is in the
-//! heap (a session is not: its expiry is the sessions' sweep's). An entry is a reminder, never
+//! heap. An entry is a reminder, never
 //! trusted: a popped connection is checked against its own state (it may have closed, been
 //! heard from, or had its token refreshed), and may be in the heap twice. The heap is rebuilt
 //! at every visit, so a stale entry lives one visit period at most. Deadlines are on the
@@ -150,18 +151,25 @@ impl Sweep {
         }
     }
 
-    /// Pings, closes or expires `c` if that is due; when it is next due, unless it is closing
-    /// or a session.
+    /// Pings, closes or expires `c` if that is due; when it is next due, unless it is closing.
     fn check(&self, c: &ConnHandle, now: Now, stats: &CoreStats) -> Option<u64> {
-        if c.close_code().is_some() || c.is_session() {
+        if c.close_code().is_some() {
             return None;
         }
         let expires = c.expires_at_ms.get();
+        let session = c.is_session();
         if now.wall >= expires {
-            let expired = server_event::token_expired("reconnect with a fresh one");
+            let expired = server_event::token_expired(if session {
+                "create a session with a fresh one"
+            } else {
+                "reconnect with a fresh one"
+            });
             c.push(crate::ws::text(expired.as_bytes()));
             c.close(CloseCode::TokenExpired);
             return None;
+        }
+        if session {
+            return Some(now.clock + (expires - now.wall));
         }
         let clock32 = now.clock as u32;
         let silent = u64::from(clock32.wrapping_sub(c.last_seen.get()));
