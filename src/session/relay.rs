@@ -38,7 +38,7 @@ use tracing::{debug, warn};
 use super::sse::{self, Chunk, Frames, Source};
 use super::{events, poll, Session, Transport};
 use crate::broker::Broker;
-use crate::deadline::within;
+use crate::deadline::{on_grid, within};
 use crate::handle::clock_ms;
 use crate::http::Response;
 use crate::route::Map;
@@ -226,10 +226,12 @@ impl Source for Relayed<'_> {
         }
         // The home ends a stream it hears nothing of for `heartbeat.timeout_ms` (two intervals):
         // told every half interval, busy or quiet, it still hears in time when a message is
-        // late by more than an interval. The client gets a keepalive each quiet interval.
+        // late by more than an interval. The client gets a keepalive each quiet interval. The
+        // waits end on the housekeeping's grid, as a stream's own keepalives do (`sse`).
         let every = quiet / 2;
         loop {
-            let next = within(every, self.sent.next()).await;
+            let wait = on_grid(every, self.shard.sweep.tick());
+            let next = within(wait, self.sent.next()).await;
             if self.told_alive.elapsed() >= every {
                 self.told_alive = Instant::now();
                 let alive = format!("alive {} {}", self.sent.reply, self.sent.n);
@@ -490,7 +492,7 @@ async fn stream_to(
     let hb = &shard.config.heartbeat;
     let quiet = Duration::from_millis(hb.interval_ms);
     loop {
-        let chunk = frames.chunk(quiet).await;
+        let chunk = frames.chunk(on_grid(quiet, shard.sweep.tick())).await;
         if clock_ms().saturating_sub(remote.last_alive.get()) > hb.timeout_ms {
             // The forwarding instance stopped saying its client is there: if it still serves
             // the stream, it ends it, and the client resumes.
