@@ -48,7 +48,7 @@ pub async fn create(shard: &Rc<Shard>, req: &Request, peer: SocketAddr) -> Respo
     .join()
     .await;
     info!(session = %name, tenant = %out.tenant, user = %out.user, %peer, core = shard.id, "session created");
-    let session = Rc::new(Session::new(name, out));
+    let session = Rc::new(Session::new(name, out, shard.registry.clone()));
     shard.sessions.insert(session.clone(), shard);
     shard.stats().sessions_total.inc();
     let answer = serde_json::json!({ "sessionId": session.name, "heartbeatMs": heartbeat_ms });

@@ -42,7 +42,7 @@ use tracing::info;
 use crate::client::{self, Client};
 use crate::handle::{clock_ms, ConnHandle, Read};
 use crate::http::{Request, Response};
-use crate::metrics::{CoreStats, Counter};
+use crate::metrics::{Counter, Registry};
 use crate::protocol::{server_event, CloseCode, ErrorCode};
 use crate::route::Map;
 use crate::shard::Shard;
@@ -70,6 +70,9 @@ pub struct Session {
     handed_through: Cell<u64>,
     /// Out of the table: counted in no gauge any more.
     gone: Cell<bool>,
+    /// Every core's counters, for its own core's gauges (kept here rather than in each
+    /// reader: an SSE stream's task is at the edge of its allocator size class).
+    registry: Registry,
     started: Instant,
 }
 
@@ -82,7 +85,7 @@ struct Inbox {
 }
 
 impl Session {
-    fn new(name: String, out: Rc<ConnHandle>) -> Session {
+    fn new(name: String, out: Rc<ConnHandle>, registry: Registry) -> Session {
         Session {
             name,
             out,
@@ -91,30 +94,41 @@ impl Session {
             detached_at: Cell::new(clock_ms()),
             handed_through: Cell::new(0),
             gone: Cell::new(false),
+            registry,
             started: Instant::now(),
         }
     }
 
     /// Attaches a reader; the one attached before ends (it is woken and sees it is not the
     /// current one any more). Detached when the guard drops.
-    pub fn attach<'a>(&'a self, transport: Transport, stats: &'a CoreStats) -> Attached<'a> {
+    pub fn attach(&self, transport: Transport) -> Attached<'_> {
         let number = self.attached.get().1 + 1;
-        self.set_attached((transport, number), stats);
+        self.set_attached((transport, number));
         self.out.wake_reader();
         Attached {
             session: self,
             number,
-            stats,
         }
     }
 
     /// The reader attached now becomes `to` (a transport and an attach number), counted in
     /// `fanfare_sessions_open` while the session is in the table.
-    fn set_attached(&self, to: (Transport, u64), stats: &CoreStats) {
+    fn set_attached(&self, to: (Transport, u64)) {
         let (from, _) = self.attached.replace(to);
         if !self.gone.get() {
-            open_gauge(stats, from).dec();
-            open_gauge(stats, to.0).inc();
+            self.open_gauge(from).dec();
+            self.open_gauge(to.0).inc();
+        }
+    }
+
+    /// The gauge of this core's sessions open with `transport` attached.
+    fn open_gauge(&self, transport: Transport) -> &Counter {
+        // The core is in the id's top bits.
+        let stats = &self.registry[(self.out.id >> 48) as usize];
+        match transport {
+            Transport::None => &stats.sessions_open_none,
+            Transport::Sse => &stats.sessions_open_sse,
+            Transport::Poll => &stats.sessions_open_poll,
         }
     }
 
@@ -133,9 +147,9 @@ impl Session {
     }
 
     /// Detaches reader `number` if it is still the attached one: it ends.
-    fn release(&self, number: u64, stats: &CoreStats) {
+    fn release(&self, number: u64) {
         if self.attached.get().1 == number {
-            self.set_attached((Transport::None, number + 1), stats);
+            self.set_attached((Transport::None, number + 1));
             self.detached_at.set(clock_ms());
             self.out.wake_reader();
         }
@@ -176,7 +190,6 @@ impl Session {
 pub struct Attached<'a> {
     session: &'a Session,
     number: u64,
-    stats: &'a CoreStats,
 }
 
 impl Attached<'_> {
@@ -203,7 +216,7 @@ impl Drop for Attached<'_> {
     fn drop(&mut self) {
         let s = self.session;
         if s.attached.get().1 == self.number {
-            s.set_attached((Transport::None, self.number), self.stats);
+            s.set_attached((Transport::None, self.number));
             s.detached_at.set(clock_ms());
         }
     }
@@ -231,17 +244,17 @@ impl Sessions {
         self.due
             .borrow_mut()
             .push(Reverse((session.detached_at.get() + ttl, id)));
-        open_gauge(shard.stats(), session.attached.get().0).inc();
+        session.open_gauge(session.attached.get().0).inc();
         self.by_id.borrow_mut().insert(id, session);
     }
 
     /// The session is gone: its close is requested (if it was not yet), and every endpoint
     /// answers `404` from now on.
-    fn remove(&self, session: &Session, stats: &CoreStats) {
+    fn remove(&self, session: &Session) {
         session.out.close(CloseCode::Normal);
         if self.by_id.borrow_mut().remove(&session.out.id).is_some() {
             session.gone.set(true);
-            open_gauge(stats, session.attached.get().0).dec();
+            session.open_gauge(session.attached.get().0).dec();
         }
     }
 
@@ -277,17 +290,8 @@ impl Sessions {
                 shard.stats().session_expiries_total.inc();
                 info!(session = %s.name, "session expired: nothing attached for fallback.session_ttl_ms");
             }
-            self.remove(&s, shard.stats());
+            self.remove(&s);
         }
-    }
-}
-
-/// The gauge of sessions open with `transport` attached.
-fn open_gauge(stats: &CoreStats, transport: Transport) -> &Counter {
-    match transport {
-        Transport::None => &stats.sessions_open_none,
-        Transport::Sse => &stats.sessions_open_sse,
-        Transport::Poll => &stats.sessions_open_poll,
     }
 }
 
@@ -480,7 +484,7 @@ async fn closed_by_client(shard: &Shard, stream: &mut TcpStream, buf: &mut Bytes
 
 /// `DELETE /v1/sessions/<id>`: the session ends at once (`204`).
 fn delete(shard: &Shard, session: &Session) -> Response {
-    shard.sessions.remove(session, shard.stats());
+    shard.sessions.remove(session);
     info!(session = %session.name, "session deleted");
     Response::empty(204)
 }

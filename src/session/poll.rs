@@ -37,7 +37,7 @@ pub async fn poll(
         Ok(false) => {}
         Err(refused) => return refused,
     }
-    let reader = session.attach(Transport::Poll, shard.stats());
+    let reader = session.attach(Transport::Poll);
     let limit = Duration::from_millis(shard.config.fallback.poll_timeout_ms);
     let read = async { Some(reader.read(cursor, POLL_BATCH_BYTES).await) };
     let left = async {
@@ -54,7 +54,7 @@ pub async fn poll(
             cursor,
         })) => (missed, frames, cursor),
         Some(Some(Read::Closed(_))) => {
-            shard.sessions.remove(session, shard.stats());
+            shard.sessions.remove(session);
             return Response::error(404, "not_found", "the session has ended");
         }
     };

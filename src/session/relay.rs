@@ -356,7 +356,7 @@ pub fn on_message(shard: &Rc<Shard>, payload: &[u8]) {
             let remote = relay.remote.borrow().get(&key).cloned();
             match (remote, *verb) {
                 (Some(remote), "alive") => remote.last_alive.set(clock_ms()),
-                (Some(remote), _) => remote.session.release(remote.number.get(), shard.stats()),
+                (Some(remote), _) => remote.session.release(remote.number.get()),
                 // A stream this core no longer serves: the forwarding side ends it (its client
                 // resumes) instead of waiting for frames that will not come.
                 (None, "alive") => {
@@ -471,7 +471,7 @@ async fn stream_to(
     reply: String,
     n: u64,
 ) {
-    let reader = session.attach(Transport::Sse, shard.stats());
+    let reader = session.attach(Transport::Sse);
     let remote = Rc::new(Remote {
         session: session.clone(),
         number: Cell::new(reader.number),

@@ -78,7 +78,7 @@ impl Frames<'_> {
         match read {
             None => Chunk::End,
             Some(Read::Closed(_)) => {
-                self.shard.sessions.remove(self.session, self.shard.stats());
+                self.shard.sessions.remove(self.session);
                 Chunk::End
             }
             Some(Read::Frames {
@@ -145,7 +145,7 @@ impl Stream {
             let frames = Frames {
                 shard: &shard,
                 session: &session,
-                reader: session.attach(Transport::Sse, shard.stats()),
+                reader: session.attach(Transport::Sse),
                 cursor,
             };
             if pump(&shard, &mut stream, &cors, frames).await == Ended::Client {
