@@ -9,12 +9,12 @@
 //! visit in a heap by deadline; each tick in between pops only what is due. A connection that
 //! arrives, or whose token changes, between two visits is scheduled at once.
 //!
-//! Invariants: lives on one core. Every WebSocket connection due before `horizon` is in the
-//! heap. An entry is a reminder, never
-//! trusted: a popped connection is checked against its own state (it may have closed, been
-//! heard from, or had its token refreshed), and may be in the heap twice. The heap is rebuilt
-//! at every visit, so a stale entry lives one visit period at most. Deadlines are on the
-//! monotonic clock; a jump of the wall clock moves token expiries by at most a visit period.
+//! Invariants: lives on one core. Every client (connection or session) due before `horizon`
+//! is in the heap. An entry is a reminder, never trusted: a popped client is checked against
+//! its own state (it may have closed, been heard from, or had its token refreshed), and may be
+//! in the heap twice. The heap is rebuilt at every visit, so a stale entry lives one visit
+//! period at most. Deadlines are on the monotonic clock; a jump of the wall clock moves token
+//! expiries by at most a visit period.
 
 use std::cell::{Cell, RefCell};
 use std::cmp::Ordering;
@@ -169,6 +169,8 @@ impl Sweep {
             return None;
         }
         if session {
+            // Due for its token only: its stream's keepalives are its heartbeat, and a session
+            // without a reader ends by its TTL, not by silence.
             return Some(now.clock + (expires - now.wall));
         }
         let clock32 = now.clock as u32;
