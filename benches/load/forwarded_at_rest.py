@@ -73,6 +73,9 @@ async def main():
             if s.done():
                 s.result()
         after = [usage(a.pid), usage(b.pid)]
+        for s in streams:
+            s.cancel()
+        await asyncio.gather(*streams, return_exceptions=True)
         for name, (c0, w0), (c1, w1) in zip(["home (A)", "forwarding (B)"], before, after):
             print("%s: %.2f ms of CPU and %.1f wake-ups a second (%d streams at rest, %g s)"
                   % (name, (c1 - c0) * 1000 / SECONDS, (w1 - w0) / SECONDS, SESSIONS, SECONDS))
