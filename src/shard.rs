@@ -54,6 +54,14 @@ pub use conns::Connections;
 pub use sweep::Sweep;
 pub use users::Users;
 
+/// Where the core sits in an id given out by [`Shard::next_id`].
+const CORE_SHIFT: u32 = 48;
+
+/// The core that gave out `id` (a connection's or a session's).
+pub fn core_of(id: u64) -> usize {
+    (id >> CORE_SHIFT) as usize
+}
+
 pub struct Shard {
     pub id: usize,
     pub count: usize,
@@ -173,11 +181,11 @@ impl Shard {
         &self.registry[self.id]
     }
 
-    /// A server-unique id: the core in the top bits, a counter below.
+    /// A server-unique id: the core in the top bits ([`core_of`]), a counter below.
     pub fn next_id(&self) -> u64 {
         let n = self.next_id.get() + 1;
         self.next_id.set(n);
-        (self.id as u64) << 48 | n
+        (self.id as u64) << CORE_SHIFT | n
     }
 
     // ---- connections -------------------------------------------------------------------

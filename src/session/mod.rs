@@ -123,8 +123,7 @@ impl Session {
 
     /// The gauge of this core's sessions open with `transport` attached.
     fn open_gauge(&self, transport: Transport) -> &Counter {
-        // The core is in the id's top bits.
-        let stats = &self.registry[(self.out.id >> 48) as usize];
+        let stats = &self.registry[crate::shard::core_of(self.out.id)];
         match transport {
             Transport::None => &stats.sessions_open_none,
             Transport::Sse => &stats.sessions_open_sse,
@@ -519,7 +518,7 @@ enum Found {
 /// instance, or another instance. `404` for a name that is no session's.
 fn find(shard: &Shard, name: &str, token: &str) -> Result<Found, Response> {
     let (instance, id) = parse(name).ok_or_else(not_found)?;
-    let core = (id >> 48) as usize;
+    let core = crate::shard::core_of(id);
     if instance != &*shard.instance {
         return Ok(Found::Instance(instance.to_string(), core));
     }
