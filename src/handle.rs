@@ -104,7 +104,8 @@ struct State {
 
 /// A session's last sequence number given out, and the highest one of an event that left the
 /// queue unread or was acknowledged: a reader from before it missed something. And the
-/// session's task, woken when the close is requested (it then leaves the rules).
+/// session's task, woken when the close is requested (it then leaves the rules) or an event
+/// is posted to it.
 #[derive(Default)]
 struct Numbers {
     last_seq: u64,
@@ -275,11 +276,8 @@ impl ConnHandle {
     pub fn close(&self, code: CloseCode) {
         if self.close.get().is_none() {
             self.close.set(Some(code));
-            let mut s = self.state.borrow_mut();
-            wake(&mut s);
-            if let Some(task) = s.numbers.as_deref_mut().and_then(|n| n.task.take()) {
-                task.wake();
-            }
+            wake(&mut self.state.borrow_mut());
+            self.wake_task();
         }
     }
 
@@ -388,7 +386,7 @@ impl ConnHandle {
     }
 
     /// A session's task: ready with the close code once a close is requested (by anyone:
-    /// `DELETE`, token expiry, shutdown), else woken when one is.
+    /// `DELETE`, token expiry, shutdown), else woken when one is or by [`Self::wake_task`].
     pub fn poll_closed(&self, cx: &mut Context<'_>) -> Poll<CloseCode> {
         if let Some(code) = self.close.get() {
             return Poll::Ready(code);
@@ -397,6 +395,19 @@ impl ConnHandle {
             n.task = Some(cx.waker().clone());
         }
         Poll::Pending
+    }
+
+    /// Wakes a session's task waiting in [`Self::poll_closed`] (an event was posted to it).
+    pub fn wake_task(&self) {
+        let task = self
+            .state
+            .borrow_mut()
+            .numbers
+            .as_deref_mut()
+            .and_then(|n| n.task.take());
+        if let Some(task) = task {
+            task.wake();
+        }
     }
 
     /// Wakes the reader waiting on this handle (a session's, when another one takes over).

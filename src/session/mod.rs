@@ -31,7 +31,7 @@ use std::collections::{BinaryHeap, VecDeque};
 use std::future::poll_fn;
 use std::net::SocketAddr;
 use std::rc::Rc;
-use std::task::{Context, Poll, Waker};
+use std::task::{Context, Poll};
 use std::time::Instant;
 
 use bytes::BytesMut;
@@ -76,12 +76,12 @@ pub struct Session {
     started: Instant,
 }
 
-/// Posted client events not handled yet.
+/// Posted client events not handled yet (the task waits for them on its handle:
+/// [`ConnHandle::poll_closed`], [`ConnHandle::wake_task`]).
 #[derive(Default)]
 struct Inbox {
     events: VecDeque<Vec<u8>>,
     bytes: usize,
-    waker: Option<Waker>,
 }
 
 impl Session {
@@ -164,9 +164,7 @@ impl Session {
         }
         inbox.bytes += bytes;
         inbox.events.extend(events);
-        if let Some(w) = inbox.waker.take() {
-            w.wake();
-        }
+        self.out.wake_task();
         true
     }
 
@@ -180,7 +178,7 @@ impl Session {
             inbox.bytes -= event.len();
             return Poll::Ready(Some(event));
         }
-        inbox.waker = Some(cx.waker().clone());
+        // Pending until the close or the next post wakes the task.
         self.out.poll_closed(cx).map(|_| None)
     }
 }
