@@ -219,3 +219,70 @@ fn a_forwarded_stream_ends_when_a_redis_link_drops_and_resumes_without_loss() {
     let mut resumed = away.sse(Some("3"));
     assert_eq!(resumed.event(), (Some(4), updated("c1", 1)));
 }
+
+/// Enough sessions that two of them share a home core and a forwarding core (two of each per
+/// instance): their streams' liveness then travels in one message.
+const STREAMS: usize = 5;
+
+/// `STREAMS` sessions of `home`, the `i`th of tenant `t<i>` (so that no presence comes), each
+/// with a stream through `away` subscribed to `c1`.
+fn forwarded_streams(home: &Server, away: &Server) -> Vec<Sse> {
+    (0..STREAMS)
+        .map(|i| {
+            let session = home.session(&format!("t{i}"), "u1");
+            session.at(away.addr).subscribed_stream("c1")
+        })
+        .collect()
+}
+
+#[test]
+fn forwarded_streams_end_when_their_home_dies() {
+    let redis = Redis::start();
+    let hb = "[heartbeat]\ninterval_ms = 200\ntimeout_ms = 400";
+    let (mut a, b) = (instance(&redis, hb), instance(&redis, hb));
+    let mut streams = forwarded_streams(&a, &b);
+    a.signal(libc::SIGKILL);
+    a.wait_exit();
+    for sse in &mut streams {
+        let rest = sse.until_end();
+        assert!(
+            rest.iter().all(|m| m.data.is_empty()),
+            "only keepalives, then the end: {rest:?}"
+        );
+    }
+}
+
+#[test]
+fn a_home_ends_the_forwarded_streams_of_a_frozen_instance_and_they_end_when_it_thaws() {
+    let redis = Redis::start();
+    let hb = "[heartbeat]\ninterval_ms = 200\ntimeout_ms = 400";
+    let (a, b) = (instance(&redis, hb), instance(&redis, hb));
+    let mut streams = forwarded_streams(&a, &b);
+    // Quiet for twice the heartbeat timeout: the home still hears that every client is there.
+    let quiet = Instant::now();
+    while quiet.elapsed() < Duration::from_millis(800) {
+        let m = streams[0].next().expect("the stream lives");
+        assert_eq!(m.comment.as_deref(), Some("keepalive"), "{m:?}");
+    }
+    for (i, sse) in streams.iter_mut().enumerate() {
+        a.publish_ok(&format!("t{i}"), vec![updated("c1", 1)]);
+        assert_eq!(sse.event().1, updated("c1", 1), "every stream lives");
+    }
+    assert_eq!(
+        a.metric("fanfare_sessions_open{transport=\"sse\"}"),
+        STREAMS as u64
+    );
+    b.signal(libc::SIGSTOP);
+    wait_for(
+        "the home to detach every stream of the frozen instance",
+        || (a.metric("fanfare_sessions_open{transport=\"none\"}") == STREAMS as u64).then_some(()),
+    );
+    b.signal(libc::SIGCONT);
+    for sse in &mut streams {
+        let rest = sse.until_end();
+        assert!(
+            rest.iter().all(|m| m.data.is_empty()),
+            "only keepalives, then the end: {rest:?}"
+        );
+    }
+}

@@ -7,17 +7,21 @@
 //! and a body:
 //! - `req <reply channel> <n>` + a JSON [`Call`]: a request to serve (the home's side);
 //! - `answer <n> <status> <retry-after or ->` + the JSON body: its answer;
-//! - `frames <n>` + SSE bytes, then `end <n>`: a forwarded stream's frames, and its end;
-//! - `alive <reply> <n>` every half heartbeat interval while a forwarded stream's client is there,
-//!   `detach <reply> <n>` when the stream ended. A home that hears no `alive` for
-//!   `heartbeat.timeout_ms` stops the stream (and says `end`); an `alive` for a stream the home
-//!   no longer serves is answered `end`; a forwarding core whose subscriber connection drops
-//!   ends its forwarded streams. A stream never goes silent: it ends, and its client resumes
-//!   from its `Last-Event-ID`, which the home still retains.
+//! - `frames <n>` + SSE bytes: a forwarded stream's frames; `end <n>...`: the end of one or
+//!   more streams;
+//! - `alive <reply> <n>...` every half heartbeat interval: the forwarded streams of one home
+//!   core whose clients are still there, all of a forwarding core's in one message (up to
+//!   [`ALIVE_BATCH`] numbers); `detach <reply> <n>` when a stream ended. A home that hears no
+//!   `alive` of a stream for `heartbeat.timeout_ms` stops it (and says `end`); an `alive` of
+//!   streams the home no longer serves is answered `end`; an `alive` nobody hears (the home is
+//!   gone) ends the streams it named; a forwarding core whose subscriber connection drops ends
+//!   its forwarded streams. A stream never goes silent: it ends, and its client resumes from
+//!   its `Last-Event-ID`, which the home still retains.
 //!
 //! Cost per session: a poll, a post or a `DELETE` is two PUBLISHes (request, answer); a
 //! forwarded stream is one PUBLISH per batch of frames (each wake of the home's reader, at
-//! most 64 KiB) and two `alive` per heartbeat interval.
+//! most 64 KiB). Its liveness costs nothing per stream: two `alive` per heartbeat interval
+//! from each forwarding core to each home core it forwards to, whatever the number of streams.
 //!
 //! Failure: `PUBLISH` says how many subscribers got the request. None: the home's liveness key
 //! decides, gone → `404` (its sessions died with it), still there → `503` with `Retry-After`.
@@ -95,11 +99,18 @@ struct Remote {
     last_alive: Cell<u64>,
 }
 
+/// The most stream numbers one `alive` names (about 20 B each).
+const ALIVE_BATCH: usize = 1000;
+
 /// This core's forwarded requests, both ways.
 #[derive(Default)]
 pub struct Relay {
     /// Requests this core forwarded, by number.
     waiting: RefCell<Map<u64, Rc<Waiting>>>,
+    /// The streams among them, by number: the channel of the home core that serves each.
+    streams: RefCell<Map<u64, String>>,
+    /// Whether [`tell_alive`] runs (while there are streams).
+    telling: Cell<bool>,
     /// Streams this core serves for other instances, by their reply channel and number.
     remote: RefCell<Map<(String, u64), Rc<Remote>>>,
 }
@@ -145,11 +156,14 @@ pub async fn stream(
         _ => return Some(unavailable("the session's instance did not answer in time")),
     }
     let home = channel(instance, core);
+    let relay = &shard.sessions.relay;
+    relay.streams.borrow_mut().insert(sent.n, home.clone());
+    if !relay.telling.replace(true) {
+        glommio::spawn_local(tell_alive(shard.clone(), sent.broker.clone())).detach();
+    }
     let source = Relayed {
         shard,
         sent: &sent,
-        home: &home,
-        told_alive: Instant::now(),
         wrote: Instant::now(),
     };
     // However it ended (the client left, it fell behind, the home ended it), the home stops.
@@ -195,22 +209,55 @@ impl Sent<'_> {
 
 impl Drop for Sent<'_> {
     fn drop(&mut self) {
-        self.shard
-            .sessions
-            .relay
-            .waiting
-            .borrow_mut()
-            .remove(&self.n);
+        let relay = &self.shard.sessions.relay;
+        relay.waiting.borrow_mut().remove(&self.n);
+        relay.streams.borrow_mut().remove(&self.n);
     }
+}
+
+/// Tells each home core, every half heartbeat interval, which of its streams this core still
+/// serves, until it serves none. The home ends a stream it hears nothing of for
+/// `heartbeat.timeout_ms` (two intervals): told every half interval, it still hears in time
+/// when a message is late by more than an interval. The waits end on the housekeeping's grid.
+async fn tell_alive(shard: Rc<Shard>, broker: Rc<Broker>) {
+    let every = Duration::from_millis(shard.config.heartbeat.interval_ms) / 2;
+    let relay = &shard.sessions.relay;
+    let reply = channel(&shard.instance, shard.id);
+    loop {
+        glommio::timer::sleep(on_grid(every, shard.sweep.tick())).await;
+        let mut homes: Map<String, Vec<u64>> = Map::default();
+        for (&n, home) in relay.streams.borrow().iter() {
+            homes.entry(home.clone()).or_default().push(n);
+        }
+        if homes.is_empty() {
+            relay.telling.set(false);
+            return;
+        }
+        for (home, numbers) in homes {
+            for batch in numbers.chunks(ALIVE_BATCH) {
+                let alive = format!("alive {reply} {}", line(batch));
+                if !publish(&broker, &home, alive.into_bytes()).await {
+                    // Nobody heard it: the home is gone. Its streams end; each client's next
+                    // request learns more.
+                    for &n in batch {
+                        deliver(relay, n, Reply::End);
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// `numbers` as one line's words.
+fn line(numbers: &[u64]) -> String {
+    let words: Vec<String> = numbers.iter().map(u64::to_string).collect();
+    words.join(" ")
 }
 
 /// A forwarded stream's frames, as they come back.
 struct Relayed<'a> {
     shard: &'a Shard,
     sent: &'a Sent<'a>,
-    home: &'a str,
-    /// When the home last heard that the client is still there.
-    told_alive: Instant,
     /// When the client was last sent something (frames or a keepalive).
     wrote: Instant,
 }
@@ -224,34 +271,18 @@ impl Source for Relayed<'_> {
             debug!("a forwarded stream fell behind; ending it");
             return None;
         }
-        // The home ends a stream it hears nothing of for `heartbeat.timeout_ms` (two intervals):
-        // told every half interval, busy or quiet, it still hears in time when a message is
-        // late by more than an interval. The client gets a keepalive each quiet interval. The
-        // waits end on the housekeeping's grid, as a stream's own keepalives do (`sse`).
-        let every = quiet / 2;
-        loop {
-            let wait = on_grid(every, self.shard.sweep.tick());
-            let next = within(wait, self.sent.next()).await;
-            if self.told_alive.elapsed() >= every {
-                self.told_alive = Instant::now();
-                let alive = format!("alive {} {}", self.sent.reply, self.sent.n);
-                if !self.sent.publish(self.home, alive.into_bytes()).await {
-                    // Nobody heard it: the home is gone; the client's next request learns more.
-                    return None;
-                }
-            }
-            match next {
-                Some(Reply::Frames(bytes)) => {
-                    self.wrote = Instant::now();
-                    return Some(bytes);
-                }
-                Some(Reply::End | Reply::Answer(_)) => return None,
-                None if self.wrote.elapsed() >= quiet => {
-                    self.wrote = Instant::now();
-                    return Some(sse::KEEPALIVE.to_vec());
-                }
-                None => {}
-            }
+        // The client gets a keepalive each quiet interval. The wait ends on the housekeeping's
+        // grid, as a stream's own keepalives do (`sse`).
+        let wait = on_grid(
+            quiet.saturating_sub(self.wrote.elapsed()),
+            self.shard.sweep.tick(),
+        );
+        let next = within(wait, self.sent.next()).await;
+        self.wrote = Instant::now();
+        match next {
+            Some(Reply::Frames(bytes)) => Some(bytes),
+            Some(Reply::End | Reply::Answer(_)) => None,
+            None => Some(sse::KEEPALIVE.to_vec()),
         }
     }
 }
@@ -324,6 +355,7 @@ pub fn on_message(shard: &Rc<Shard>, payload: &[u8]) {
     let words: Vec<&str> = head.split(' ').collect();
     let relay = &shard.sessions.relay;
     let n = |w: &str| w.parse::<u64>().ok();
+    let numbers = |ws: &[&str]| ws.iter().map(|w| n(w)).collect::<Option<Vec<u64>>>();
     match words.as_slice() {
         ["req", reply, number] if n(number).is_some() => {
             match serde_json::from_slice::<Call>(body) {
@@ -348,25 +380,38 @@ pub fn on_message(shard: &Rc<Shard>, payload: &[u8]) {
         ["frames", number] if n(number).is_some() => {
             deliver(relay, n(number).unwrap_or(0), Reply::Frames(body.to_vec()))
         }
-        ["end", number] if n(number).is_some() => {
-            deliver(relay, n(number).unwrap_or(0), Reply::End)
+        ["end", ws @ ..] if !ws.is_empty() => match numbers(ws) {
+            Some(ended) => ended
+                .into_iter()
+                .for_each(|n| deliver(relay, n, Reply::End)),
+            None => invalid(shard, &head, "bad end"),
+        },
+        ["alive", reply, ws @ ..] if !ws.is_empty() => {
+            let Some(alive) = numbers(ws) else {
+                return invalid(shard, &head, "bad alive");
+            };
+            let now = clock_ms();
+            let mut key = (reply.to_string(), 0);
+            let mut gone = Vec::new();
+            for n in alive {
+                key.1 = n;
+                match relay.remote.borrow().get(&key) {
+                    Some(remote) => remote.last_alive.set(now),
+                    None => gone.push(n),
+                }
+            }
+            // Streams this core no longer serves: the forwarding side ends them (their clients
+            // resume) instead of waiting for frames that will not come.
+            if let (false, Some(broker)) = (gone.is_empty(), shard.broker.clone()) {
+                let end = format!("end {}", line(&gone)).into_bytes();
+                glommio::spawn_local(async move { publish(&broker, &key.0, end).await }).detach();
+            }
         }
-        [verb @ ("alive" | "detach"), reply, number] if n(number).is_some() => {
+        ["detach", reply, number] if n(number).is_some() => {
             let key = (reply.to_string(), n(number).unwrap_or(0));
             let remote = relay.remote.borrow().get(&key).cloned();
-            match (remote, *verb) {
-                (Some(remote), "alive") => remote.last_alive.set(clock_ms()),
-                (Some(remote), _) => remote.session.release(remote.number.get()),
-                // A stream this core no longer serves: the forwarding side ends it (its client
-                // resumes) instead of waiting for frames that will not come.
-                (None, "alive") => {
-                    if let Some(broker) = shard.broker.clone() {
-                        let end = format!("end {}", key.1).into_bytes();
-                        glommio::spawn_local(async move { publish(&broker, &key.0, end).await })
-                            .detach();
-                    }
-                }
-                (None, _) => {}
+            if let Some(remote) = remote {
+                remote.session.release(remote.number.get());
             }
         }
         _ => invalid(shard, &head, "unknown message"),
@@ -452,8 +497,8 @@ async fn serve(shard: Rc<Shard>, reply: String, n: u64, call: Call) {
         Op::Delete => super::delete(&shard, &session),
         Op::Sse => match sse::open(&shard, &session, call.arg.as_deref()) {
             Ok(cursor) => {
-                publish(&broker, &reply, answer(Response::json(200, String::new()))).await;
-                return stream_to(&shard, &broker, &session, cursor, reply, n).await;
+                let ready = answer(Response::json(200, String::new()));
+                return stream_to(&shard, &broker, &session, cursor, (reply, n), ready).await;
             }
             Err(refused) => refused,
         },
@@ -461,15 +506,17 @@ async fn serve(shard: Rc<Shard>, reply: String, n: u64, call: Call) {
     publish(&broker, &reply, answer(response)).await;
 }
 
-/// Streams a session's frames to the instance that forwarded its stream, until the session
-/// ends, another reader takes over, or that instance stops saying its client is there.
+/// Streams a session's frames to the instance that forwarded its stream (`key`: its reply
+/// channel and number), until the session ends, another reader takes over, or that instance
+/// stops saying its client is there. The stream is known here before `ready` (its `200`) is
+/// sent: the first `alive` may follow at once.
 async fn stream_to(
     shard: &Rc<Shard>,
     broker: &Broker,
     session: &Rc<Session>,
     cursor: u64,
-    reply: String,
-    n: u64,
+    key: (String, u64),
+    ready: Vec<u8>,
 ) {
     let reader = session.attach(Transport::Sse);
     let remote = Rc::new(Remote {
@@ -477,12 +524,13 @@ async fn stream_to(
         number: Cell::new(reader.number),
         last_alive: Cell::new(clock_ms()),
     });
-    let key = (reply.clone(), n);
     let relay = &shard.sessions.relay;
     relay
         .remote
         .borrow_mut()
         .insert(key.clone(), remote.clone());
+    let (reply, n) = (&key.0, key.1);
+    publish(broker, reply, ready).await;
     let mut frames = Frames {
         shard,
         session,
@@ -496,20 +544,20 @@ async fn stream_to(
         if clock_ms().saturating_sub(remote.last_alive.get()) > hb.timeout_ms {
             // The forwarding instance stopped saying its client is there: if it still serves
             // the stream, it ends it, and the client resumes.
-            publish(broker, &reply, format!("end {n}").into_bytes()).await;
+            publish(broker, reply, format!("end {n}").into_bytes()).await;
             break;
         }
         match chunk {
             Chunk::Data(bytes) => {
                 let mut payload = format!("frames {n}\n").into_bytes();
                 payload.extend_from_slice(&bytes);
-                if !publish(broker, &reply, payload).await {
+                if !publish(broker, reply, payload).await {
                     break;
                 }
             }
             Chunk::Quiet => {}
             Chunk::End => {
-                publish(broker, &reply, format!("end {n}").into_bytes()).await;
+                publish(broker, reply, format!("end {n}").into_bytes()).await;
                 break;
             }
         }

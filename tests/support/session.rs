@@ -263,8 +263,17 @@ impl Sse {
         (id, v)
     }
 
-    /// Reads until the server ends the stream; what came before is returned.
+    /// Reads until the server ends the stream, within `DEADLINE` (keepalives do not extend
+    /// it); what came before is returned.
     pub fn until_end(&mut self) -> Vec<SseMessage> {
-        std::iter::from_fn(|| self.next()).collect()
+        let end = std::time::Instant::now() + DEADLINE;
+        std::iter::from_fn(|| {
+            assert!(
+                std::time::Instant::now() < end,
+                "the stream did not end in time"
+            );
+            self.next()
+        })
+        .collect()
     }
 }
