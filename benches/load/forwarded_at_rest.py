@@ -1,7 +1,7 @@
 """What SSE streams forwarded between instances cost at rest (BENCHMARKS.md, "Issue 14, ninth
 session"): N sessions created on instance A, each with its SSE stream opened on instance B
-(forwarded through Redis), then each server's CPU and wake-ups a second over a window while
-nothing is published. Starts its own redis-server and two release-built instances on free
+(forwarded through Redis), then each server's and Redis's CPU and wake-ups a second, and the
+PUBLISHes a second Redis ran, over a window while nothing is published. Starts its own redis-server and two release-built instances on free
 loopback ports, with a 5 s heartbeat so that the window holds several keepalives per stream.
 Run from anywhere after `cargo build --release`:
 python3 benches/load/forwarded_at_rest.py [SESSIONS] [SECONDS] (SERVER=path: another build)"""
@@ -67,18 +67,20 @@ async def main():
             for s in done:
                 s.result()  # raises what ended a stream early
             await asyncio.sleep(0.05)
-        before = [usage(a.pid), usage(b.pid)]
+        pids = [a.pid, b.pid, redis.process.pid]
+        before, published = [usage(p) for p in pids], redis.calls("publish")
         await asyncio.sleep(SECONDS)
         for s in streams:
             if s.done():
                 s.result()
-        after = [usage(a.pid), usage(b.pid)]
+        after, published = [usage(p) for p in pids], redis.calls("publish") - published
         for s in streams:
             s.cancel()
         await asyncio.gather(*streams, return_exceptions=True)
-        for name, (c0, w0), (c1, w1) in zip(["home (A)", "forwarding (B)"], before, after):
+        for name, (c0, w0), (c1, w1) in zip(["home (A)", "forwarding (B)", "redis"], before, after):
             print("%s: %.2f ms of CPU and %.1f wake-ups a second (%d streams at rest, %g s)"
                   % (name, (c1 - c0) * 1000 / SECONDS, (w1 - w0) / SECONDS, SESSIONS, SECONDS))
+        print("redis ran %.1f PUBLISHes a second" % (published / SECONDS))
     finally:
         for p in (a, b):
             p.terminate()
