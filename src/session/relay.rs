@@ -39,7 +39,7 @@ use glommio::net::TcpStream;
 use serde::{Deserialize, Serialize};
 use tracing::{debug, warn};
 
-use super::sse::{self, Chunk, Frames, Source};
+use super::sse::{self, Frames, Source};
 use super::{events, poll, Session, Transport};
 use crate::broker::Broker;
 use crate::deadline::{on_grid, within};
@@ -109,10 +109,19 @@ pub struct Relay {
     waiting: RefCell<Map<u64, Rc<Waiting>>>,
     /// The streams among them, by number: the channel of the home core that serves each.
     streams: RefCell<Map<u64, String>>,
-    /// Whether [`tell_alive`] runs (while there are streams).
-    telling: Cell<bool>,
     /// Streams this core serves for other instances, by their reply channel and number.
     remote: RefCell<Map<(String, u64), Rc<Remote>>>,
+    /// Whether [`liveness`] runs (while there are streams either way).
+    live: Cell<bool>,
+}
+
+impl Relay {
+    /// Makes sure [`liveness`] runs: a stream was just added, one way or the other.
+    fn watch(&self, shard: &Rc<Shard>, broker: &Rc<Broker>) {
+        if !self.live.replace(true) {
+            glommio::spawn_local(liveness(shard.clone(), broker.clone())).detach();
+        }
+    }
 }
 
 // ---- the forwarding side ---------------------------------------------------------------
@@ -158,9 +167,7 @@ pub async fn stream(
     let home = channel(instance, core);
     let relay = &shard.sessions.relay;
     relay.streams.borrow_mut().insert(sent.n, home.clone());
-    if !relay.telling.replace(true) {
-        glommio::spawn_local(tell_alive(shard.clone(), sent.broker.clone())).detach();
-    }
+    relay.watch(shard, sent.broker);
     let source = Relayed {
         shard,
         sent: &sent,
@@ -215,22 +222,35 @@ impl Drop for Sent<'_> {
     }
 }
 
-/// Tells each home core, every half heartbeat interval, which of its streams this core still
-/// serves, until it serves none. The home ends a stream it hears nothing of for
-/// `heartbeat.timeout_ms` (two intervals): told every half interval, it still hears in time
-/// when a message is late by more than an interval. The waits end on the housekeeping's grid.
-async fn tell_alive(shard: Rc<Shard>, broker: Rc<Broker>) {
-    let every = Duration::from_millis(shard.config.heartbeat.interval_ms) / 2;
+/// Every half heartbeat interval, while this core forwards or serves a stream: ends the
+/// streams it serves whose forwarding instance stopped saying their clients are there, and
+/// tells each home core which of its streams this core still forwards. A home ends a stream it
+/// hears nothing of for `heartbeat.timeout_ms` (two intervals): told every half interval, it
+/// still hears in time when a message is late by more than an interval. The waits end on the
+/// housekeeping's grid.
+async fn liveness(shard: Rc<Shard>, broker: Rc<Broker>) {
+    let hb = &shard.config.heartbeat;
+    let every = Duration::from_millis(hb.interval_ms) / 2;
     let relay = &shard.sessions.relay;
     let reply = channel(&shard.instance, shard.id);
     loop {
         glommio::timer::sleep(on_grid(every, shard.sweep.tick())).await;
+        let now = clock_ms();
+        let unheard: Vec<Rc<Remote>> = (relay.remote.borrow().values())
+            .filter(|r| now.saturating_sub(r.last_alive.get()) > hb.timeout_ms)
+            .cloned()
+            .collect();
+        // Their streams end and say `end`: if that instance still serves one, it ends it, and
+        // the client resumes.
+        for remote in unheard {
+            remote.session.release(remote.number.get());
+        }
         let mut homes: Map<String, Vec<u64>> = Map::default();
         for (&n, home) in relay.streams.borrow().iter() {
             homes.entry(home.clone()).or_default().push(n);
         }
-        if homes.is_empty() {
-            relay.telling.set(false);
+        if homes.is_empty() && relay.remote.borrow().is_empty() {
+            relay.live.set(false);
             return;
         }
         for (home, numbers) in homes {
@@ -498,7 +518,8 @@ async fn serve(shard: Rc<Shard>, reply: String, n: u64, call: Call) {
         Op::Sse => match sse::open(&shard, &session, call.arg.as_deref()) {
             Ok(cursor) => {
                 let ready = answer(Response::json(200, String::new()));
-                return stream_to(&shard, &broker, &session, cursor, (reply, n), ready).await;
+                let key = (reply, n);
+                return stream_to(&shard, &broker, &session, cursor, key, ready).await;
             }
             Err(refused) => refused,
         },
@@ -508,11 +529,11 @@ async fn serve(shard: Rc<Shard>, reply: String, n: u64, call: Call) {
 
 /// Streams a session's frames to the instance that forwarded its stream (`key`: its reply
 /// channel and number), until the session ends, another reader takes over, or that instance
-/// stops saying its client is there. The stream is known here before `ready` (its `200`) is
-/// sent: the first `alive` may follow at once.
+/// stops saying its client is there ([`liveness`] then releases the reader). The stream is
+/// known here before `ready` (its `200`) is sent: the first `alive` may follow at once.
 async fn stream_to(
     shard: &Rc<Shard>,
-    broker: &Broker,
+    broker: &Rc<Broker>,
     session: &Rc<Session>,
     cursor: u64,
     key: (String, u64),
@@ -525,10 +546,8 @@ async fn stream_to(
         last_alive: Cell::new(clock_ms()),
     });
     let relay = &shard.sessions.relay;
-    relay
-        .remote
-        .borrow_mut()
-        .insert(key.clone(), remote.clone());
+    relay.remote.borrow_mut().insert(key.clone(), remote);
+    relay.watch(shard, broker);
     let (reply, n) = (&key.0, key.1);
     publish(broker, reply, ready).await;
     let mut frames = Frames {
@@ -537,29 +556,15 @@ async fn stream_to(
         reader,
         cursor,
     };
-    let hb = &shard.config.heartbeat;
-    let quiet = Duration::from_millis(hb.interval_ms);
     loop {
-        let chunk = frames.chunk(on_grid(quiet, shard.sweep.tick())).await;
-        if clock_ms().saturating_sub(remote.last_alive.get()) > hb.timeout_ms {
-            // The forwarding instance stopped saying its client is there: if it still serves
-            // the stream, it ends it, and the client resumes.
+        let Some(bytes) = frames.chunk().await else {
             publish(broker, reply, format!("end {n}").into_bytes()).await;
             break;
-        }
-        match chunk {
-            Chunk::Data(bytes) => {
-                let mut payload = format!("frames {n}\n").into_bytes();
-                payload.extend_from_slice(&bytes);
-                if !publish(broker, reply, payload).await {
-                    break;
-                }
-            }
-            Chunk::Quiet => {}
-            Chunk::End => {
-                publish(broker, reply, format!("end {n}").into_bytes()).await;
-                break;
-            }
+        };
+        let mut payload = format!("frames {n}\n").into_bytes();
+        payload.extend_from_slice(&bytes);
+        if !publish(broker, reply, payload).await {
+            break;
         }
     }
     relay.remote.borrow_mut().remove(&key);

@@ -51,16 +51,6 @@ pub fn open(
     Ok(cursor)
 }
 
-/// What a stream writes next.
-pub(super) enum Chunk {
-    /// SSE messages.
-    Data(Vec<u8>),
-    /// Nothing for a keepalive interval.
-    Quiet,
-    /// The stream is over: the session ended, or another reader took over.
-    End,
-}
-
 /// A session's frames as SSE messages, for a stream attached as `reader`.
 pub(super) struct Frames<'a> {
     pub shard: &'a Shard,
@@ -70,16 +60,14 @@ pub(super) struct Frames<'a> {
 }
 
 impl Frames<'_> {
-    /// The frames after the cursor as SSE messages, waiting at most `quiet` for them.
-    pub async fn chunk(&mut self, quiet: Duration) -> Chunk {
-        let Some(read) = within(quiet, self.reader.read(self.cursor, SSE_BATCH_BYTES)).await else {
-            return Chunk::Quiet;
-        };
-        match read {
-            None => Chunk::End,
+    /// The frames after the cursor as SSE messages, once there are some; `None` once the
+    /// stream is over (the session ended, or another reader took over).
+    pub async fn chunk(&mut self) -> Option<Vec<u8>> {
+        match self.reader.read(self.cursor, SSE_BATCH_BYTES).await {
+            None => None,
             Some(Read::Closed(_)) => {
                 self.shard.sessions.remove(self.session);
-                Chunk::End
+                None
             }
             Some(Read::Frames {
                 missed,
@@ -95,7 +83,7 @@ impl Frames<'_> {
                 }
                 self.cursor = cursor;
                 self.reader.handed(cursor);
-                Chunk::Data(out)
+                Some(out)
             }
         }
     }
@@ -112,11 +100,9 @@ impl Source for Frames<'_> {
         // wake-ups of their own.
         let interval = Duration::from_millis(self.shard.config.heartbeat.interval_ms);
         let quiet = on_grid(interval, self.shard.sweep.tick());
-        match self.chunk(quiet).await {
-            Chunk::Data(bytes) => Some(bytes),
-            Chunk::Quiet => Some(KEEPALIVE.to_vec()),
-            Chunk::End => None,
-        }
+        within(quiet, self.chunk())
+            .await
+            .unwrap_or_else(|| Some(KEEPALIVE.to_vec()))
     }
 }
 
