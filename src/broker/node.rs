@@ -268,7 +268,8 @@ impl Node {
         // unanswered past the timeout ends this connection, and the next one starts afresh.
         let watchdog = async {
             loop {
-                glommio::timer::sleep(self.timeout / 4).await;
+                // On the housekeeping's grid, as the subscriber's probe: in its wake-up.
+                glommio::timer::sleep(on_grid(self.timeout / 4, crate::watchdog::TICK)).await;
                 let oldest = self.inflight.borrow().front().map(|(at, _)| at.elapsed());
                 if oldest.is_some_and(|age| age > self.timeout) {
                     return Err(io::Error::new(
