@@ -512,7 +512,7 @@ fn a_frozen_redis_link_heals_and_nothing_acknowledged_is_lost() {
         assert_eq!(r, 503, "a publish through a frozen link");
         wait_readyz(&server, 503);
         // Noticed within the command timeout (broker.subscribe_timeout_ms = 1 s) plus the
-        // watchdog's quarter-timeout granularity.
+        // watchdog's quarter-timeout granularity, rounded up to the 250 ms grid.
         assert!(
             frozen.elapsed() < Duration::from_millis(2500),
             "noticed after {:?}",
