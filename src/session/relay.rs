@@ -94,7 +94,7 @@ struct Waiting {
 /// A stream served here for another instance.
 struct Remote {
     session: Rc<Session>,
-    /// The reader's attach number (for `detach`).
+    /// The reader's attach number (to release it: on `detach`, or when not heard of).
     number: Cell<u64>,
     last_alive: Cell<u64>,
 }
@@ -236,7 +236,10 @@ async fn liveness(shard: Rc<Shard>, broker: Rc<Broker>) {
     loop {
         glommio::timer::sleep(on_grid(every, shard.sweep.tick())).await;
         let now = clock_ms();
-        let unheard: Vec<Rc<Remote>> = (relay.remote.borrow().values())
+        let unheard: Vec<Rc<Remote>> = relay
+            .remote
+            .borrow()
+            .values()
             .filter(|r| now.saturating_sub(r.last_alive.get()) > hb.timeout_ms)
             .cloned()
             .collect();
