@@ -42,9 +42,9 @@ pub struct ConnHandle {
     pub last_ping: Cell<u32>,
     /// When the connection's token expires (ms since the Unix epoch, leeway included).
     pub expires_at_ms: Cell<u64>,
-    /// Until when, in [`clock_ms`], the connection is not told again that it missed events
-    /// (`overloaded`): once a second at most.
-    pub overload_quiet_until: Cell<u64>,
+    /// When the connection was last told that it missed events (`overloaded`), in
+    /// [`clock_ms32`]: once a second at most.
+    pub overload_told: Cell<u32>,
 }
 
 /// Whether a frame may be shed under backpressure.
@@ -65,6 +65,9 @@ struct Queued {
 }
 
 const EPHEMERAL: u64 = 1 << 63;
+
+/// How long a connection told that it missed events is not told again.
+pub const OVERLOAD_QUIET_MS: u32 = 1000;
 
 impl Queued {
     fn new(frame: Bytes, kind: Kind, seq: u64) -> Queued {
@@ -181,7 +184,7 @@ impl ConnHandle {
             last_seen: Cell::new(now),
             last_ping: Cell::new(now),
             expires_at_ms: Cell::new(expires_at_ms),
-            overload_quiet_until: Cell::new(0),
+            overload_told: Cell::new(now.wrapping_sub(OVERLOAD_QUIET_MS)),
         }
     }
 

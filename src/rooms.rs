@@ -166,14 +166,14 @@ impl Rooms {
         let Some(r) = self.local.get(room) else {
             return;
         };
-        let now = crate::handle::clock_ms();
+        let now = crate::handle::clock_ms32();
         let conversation = room.split_once(":c:").map_or("", |(_, c)| c);
         let message = format!("events of conversation {conversation} were dropped: reload it");
         let error =
             crate::ws::text(server_event::error(ErrorCode::Overloaded, &message, None).as_bytes());
         for conn in &r.conns {
-            if now >= conn.overload_quiet_until.get() {
-                conn.overload_quiet_until.set(now + 1000);
+            if now.wrapping_sub(conn.overload_told.get()) >= crate::handle::OVERLOAD_QUIET_MS {
+                conn.overload_told.set(now);
                 conn.push(error.clone());
             }
         }
