@@ -40,6 +40,8 @@ pub struct ConnHandle {
     pub last_seen: Cell<u32>,
     /// Last time the server queued a ping, in [`clock_ms32`].
     pub last_ping: Cell<u32>,
+    /// The tick of the shard's sweep that holds this client's live reminder (its low 32 bits).
+    pub sweep_due: Cell<u32>,
     /// When the connection's token expires (ms since the Unix epoch, leeway included).
     pub expires_at_ms: Cell<u64>,
     /// When the connection was last told that it missed events (`overloaded`), in
@@ -183,6 +185,7 @@ impl ConnHandle {
             state: RefCell::default(),
             last_seen: Cell::new(now),
             last_ping: Cell::new(now),
+            sweep_due: Cell::new(0),
             expires_at_ms: Cell::new(expires_at_ms),
             overload_told: Cell::new(now.wrapping_sub(OVERLOAD_QUIET_MS)),
         }

@@ -357,7 +357,7 @@ async fn housekeeping(shard: Rc<Shard>, watchdog: Arc<Watchdog>) {
             );
             stats.core_stalls_total.inc();
         }
-        shard.sweep.run(&shard.conns, stats);
+        shard.sweep.run(stats);
         shard.sessions.sweep(&shard);
         if last_prune.elapsed() >= prune_every {
             last_prune = Instant::now();

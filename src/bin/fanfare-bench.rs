@@ -1221,8 +1221,9 @@ fn idle(cli: &Cli, connections: usize, shape: (usize, usize), watch: usize) {
     // Give the server a moment to settle its allocator before reading RSS.
     std::thread::sleep(Duration::from_millis(500));
     let after = server_usage(cli.pid);
-    // At rest with every client subscribed: what the server's own timers cost, over two of its
-    // heartbeat sweeps' visits (7.5 s apart with the defaults).
+    // At rest with every client subscribed: what the server's own timers cost over 15 s. With
+    // the default heartbeat that is less than an interval: the clients' first pings (30 s after
+    // they connected) fall after it; a shorter `heartbeat.interval_ms` puts them in it.
     let rest = Duration::from_secs(15);
     let reaping = time_wait_sockets().filter(|&n| n > 1000);
     let rest_before = server_threads(cli.pid);

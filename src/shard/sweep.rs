@@ -4,27 +4,27 @@
 //! are its stream's), each within one housekeeping tick of falling due, at a cost that follows
 //! the work due rather than the clients held.
 //!
-//! Two levels. A visit looks at every connection once per visit period (a quarter of the
-//! heartbeat's shortest span, 7.5 s with the defaults) and keeps the ones due before the next
-//! visit in a heap by deadline; each tick in between pops only what is due. A connection that
-//! arrives, or whose token changes, between two visits is scheduled at once.
+//! A timing wheel: one slot per tick, spanning a heartbeat interval. Every client has one live
+//! reminder, in the slot of the tick it is next due in (or, when that is further off than the
+//! span, the span's last tick, where it is looked at again). Each tick runs the slots whose
+//! time has come: what is due is done, and each client looked at gets its next reminder. A
+//! client that arrives, or whose token changes, is scheduled at once. So the work follows
+//! the deadlines: a client costs a look when it is due (at least once an interval, for its
+//! ping), spread over the ticks as the deadlines are, and no tick looks at every client.
 //!
-//! Invariants: lives on one core. Every client (connection or session) due before `horizon`
-//! is in the heap. An entry is a reminder, never trusted: a popped client is checked against
-//! its own state (it may have closed, been heard from, or had its token refreshed), and may be
-//! in the heap twice. The heap is rebuilt at every visit, so a stale entry lives one visit
-//! period at most. Deadlines are on the monotonic clock; a jump of the wall clock moves token
-//! expiries by at most a visit period.
+//! Invariants: lives on one core. A client not closing has exactly one live reminder: the
+//! one whose tick is the client's `sweep_due`, at most a span ahead. Any other reminder of it
+//! is stale (it was rescheduled since) and is dropped when its slot runs. Reminders are weak:
+//! they never keep a closed client's state alive, only its allocation until its slot runs (at
+//! most a span). Deadlines are on the monotonic clock, handled within a tick of falling due; a
+//! jump of the wall clock moves token expiries by at most a span.
 
 use std::cell::{Cell, RefCell};
-use std::cmp::Ordering;
-use std::collections::BinaryHeap;
-use std::rc::Rc;
+use std::rc::{Rc, Weak};
 use std::time::Duration;
 
 use bytes::Bytes;
 
-use super::Connections;
 use crate::auth::now_ms;
 use crate::config::Heartbeat;
 use crate::handle::{clock_ms, ConnHandle, Pushed};
@@ -38,40 +38,16 @@ pub struct Sweep {
     interval_ms: u64,
     timeout_ms: u64,
     tick: Duration,
-    visit_every_ms: u64,
-    /// The next visit, in [`clock_ms`]: the heap holds every deadline before it.
-    horizon: Cell<u64>,
-    due: RefCell<BinaryHeap<Due>>,
+    tick_ms: u64,
+    /// Slot `t % len` holds the reminders of tick `t` (ticks of [`clock_ms`]); one slot more
+    /// than the span, so that the slot being run is never one a reminder is added to.
+    slots: RefCell<Vec<Vec<Weak<ConnHandle>>>>,
+    /// The last tick whose slot ran.
+    ran: Cell<u64>,
     ping: Bytes,
 }
 
-/// A connection and when it is next due (a min-heap entry).
-struct Due {
-    at: u64,
-    conn: Rc<ConnHandle>,
-}
-
-impl Ord for Due {
-    fn cmp(&self, other: &Self) -> Ordering {
-        other.at.cmp(&self.at)
-    }
-}
-
-impl PartialOrd for Due {
-    fn partial_cmp(&self, other: &Self) -> Option<Ordering> {
-        Some(self.cmp(other))
-    }
-}
-
-impl PartialEq for Due {
-    fn eq(&self, other: &Self) -> bool {
-        self.at == other.at
-    }
-}
-
-impl Eq for Due {}
-
-/// Both clocks, read once for a whole visit.
+/// Both clocks, read once for a whole tick.
 #[derive(Clone, Copy)]
 struct Now {
     clock: u64,
@@ -92,15 +68,15 @@ impl Sweep {
         let (interval_ms, timeout_ms) = (heartbeat.interval_ms, heartbeat.timeout_ms);
         let quarter = Duration::from_millis(interval_ms.min(timeout_ms - interval_ms) / 4);
         let tick = quarter.clamp(TICK_MIN, crate::watchdog::TICK);
-        let visit_every_ms = quarter.max(tick).as_millis() as u64;
+        let tick_ms = tick.as_millis() as u64;
+        let span = interval_ms.div_ceil(tick_ms).max(1) as usize;
         Sweep {
             interval_ms,
             timeout_ms,
             tick,
-            visit_every_ms,
-            // No connection yet: none is due before the first visit.
-            horizon: Cell::new(clock_ms() + visit_every_ms),
-            due: RefCell::default(),
+            tick_ms,
+            slots: RefCell::new((0..=span).map(|_| Vec::new()).collect()),
+            ran: Cell::new(clock_ms() / tick_ms),
             ping: crate::ws::frame(crate::ws::OP_PING, b""),
         }
     }
@@ -110,45 +86,50 @@ impl Sweep {
         self.tick
     }
 
-    /// Schedules a connection that is new, or whose token changed, between two visits.
+    /// Schedules a client that is new, or whose token changed.
     pub fn schedule(&self, conn: &Rc<ConnHandle>, stats: &CoreStats) {
-        self.check_and_keep(conn, Now::read(), stats);
-    }
-
-    /// One tick: a visit of every connection when one is due, else what the heap holds that is
-    /// due now.
-    pub fn run(&self, conns: &Connections, stats: &CoreStats) {
         let now = Now::read();
-        if now.clock >= self.horizon.get() {
-            self.horizon.set(now.clock + self.visit_every_ms);
-            self.due.borrow_mut().clear();
-            conns.for_each(|c| self.check_and_keep(c, now, stats));
-            return;
-        }
-        while let Some(Due { conn, .. }) = self.pop_due(now.clock) {
-            self.check_and_keep(&conn, now, stats);
-        }
+        self.check_and_remind(conn, now, now.clock / self.tick_ms, stats);
     }
 
-    fn pop_due(&self, clock: u64) -> Option<Due> {
-        let mut due = self.due.borrow_mut();
-        if due.peek()?.at > clock {
-            return None;
-        }
-        due.pop()
-    }
-
-    /// Does what `conn` is due for now, and keeps it in the heap if it is next due before the
-    /// next visit.
-    fn check_and_keep(&self, conn: &Rc<ConnHandle>, now: Now, stats: &CoreStats) {
-        if let Some(at) = self.check(conn, now, stats) {
-            if at < self.horizon.get() {
-                self.due.borrow_mut().push(Due {
-                    at,
-                    conn: conn.clone(),
-                });
+    /// One tick: runs the slots of the ticks that have come since the last run (one, unless the
+    /// core was late).
+    pub fn run(&self, stats: &CoreStats) {
+        let now = Now::read();
+        let tick = now.clock / self.tick_ms;
+        let len = self.slots.borrow().len() as u64;
+        // After a stall longer than the wheel, each slot runs once.
+        let first = (self.ran.get() + 1).max((tick + 1).saturating_sub(len));
+        for t in first..=tick {
+            let slot = (t % len) as usize;
+            let mut reminders = std::mem::take(&mut self.slots.borrow_mut()[slot]);
+            for conn in reminders.iter().filter_map(Weak::upgrade) {
+                if conn.sweep_due.get() == t as u32 {
+                    self.check_and_remind(&conn, now, tick, stats);
+                }
+            }
+            // Its capacity is kept for the slot's next turn, unless a reminder landed in it
+            // meanwhile (only after a stall).
+            reminders.clear();
+            let mut slots = self.slots.borrow_mut();
+            if slots[slot].is_empty() {
+                slots[slot] = reminders;
             }
         }
+        self.ran.set(tick);
+    }
+
+    /// Does what `conn` is due for now and, unless it is closing, puts its reminder in the slot
+    /// of the tick it is next due in (at most a span after `tick`, the current one).
+    fn check_and_remind(&self, conn: &Rc<ConnHandle>, now: Now, tick: u64, stats: &CoreStats) {
+        let Some(at) = self.check(conn, now, stats) else {
+            return;
+        };
+        let mut slots = self.slots.borrow_mut();
+        let len = slots.len() as u64;
+        let due = at.div_ceil(self.tick_ms).clamp(tick + 1, tick + len - 1);
+        conn.sweep_due.set(due as u32);
+        slots[(due % len) as usize].push(Rc::downgrade(conn));
     }
 
     /// Pings, closes or expires `c` if that is due; when it is next due, unless it is closing.
@@ -193,5 +174,60 @@ impl Sweep {
             .min(self.timeout_ms + 1 - silent)
             .min(self.interval_ms - since_ping);
         Some(now.clock + wait)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Instant;
+
+    fn reminders(sweep: &Sweep) -> usize {
+        sweep.slots.borrow().iter().map(Vec::len).sum()
+    }
+
+    /// Runs the sweep once a tick (as the housekeeping does, on the real clock) until `done`,
+    /// for at most two seconds.
+    fn run_until(sweep: &Sweep, stats: &CoreStats, what: &str, done: impl Fn() -> bool) {
+        let end = Instant::now() + Duration::from_secs(2);
+        while !done() {
+            assert!(
+                Instant::now() < end,
+                "{what}: {} reminders",
+                reminders(sweep)
+            );
+            std::thread::sleep(sweep.tick());
+            sweep.run(stats);
+        }
+    }
+
+    #[test]
+    fn a_client_scheduled_again_and_again_keeps_one_reminder_and_none_once_gone() {
+        let sweep = Sweep::new(&Heartbeat {
+            interval_ms: 200,
+            timeout_ms: 400,
+        });
+        let stats = CoreStats::default();
+        let conn = Rc::new(ConnHandle::new(
+            1,
+            "t".into(),
+            "u".into(),
+            1 << 20,
+            u64::MAX,
+        ));
+        for _ in 0..5 {
+            sweep.schedule(&conn, &stats);
+        }
+        assert_eq!(reminders(&sweep), 5);
+        let created = conn.last_ping.get();
+        // All five fall due in the slot of its first ping: four are dropped, one renewed.
+        run_until(&sweep, &stats, "the stale reminders dropped", || {
+            reminders(&sweep) == 1
+        });
+        assert_ne!(conn.last_ping.get(), created, "pinged when due");
+        drop(conn);
+        run_until(&sweep, &stats, "the gone client's reminder dropped", || {
+            reminders(&sweep) == 0
+        });
     }
 }
